@@ -1,0 +1,58 @@
+"""CommissionChainActor: the Ray shell around one CommissionEngine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import ray
+
+from dailydoco.cluster.config import EngineConfig
+from dailydoco.protocol import RefundRequest, RefundResult, TransactionRequest
+from dailydoco.storage.ledger import Ledger
+from dailydoco.storage.pool import open_pool
+
+from .commission_core import CommissionEngine
+from .refs import RayShardRouter
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
+class CommissionChainActor:
+    """Writes purchases for the transaction ids that hash to it (see
+    storage/sharding.py), so concurrent deliveries of one id meet here."""
+
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str):
+        self.index = index
+        self.config = config
+        self.postgres_url = postgres_url
+        self.engine: CommissionEngine | None = None
+        self._init_lock = asyncio.Lock()
+        # Per instance: Ray pickles actor classes by value, and Decoders do not pickle.
+        self._requests = msgspec.msgpack.Decoder(list[TransactionRequest])
+
+    async def _engine(self) -> CommissionEngine:
+        async with self._init_lock:
+            if self.engine is None:
+                pool = await open_pool(self.postgres_url, min_size=2, max_size=4)
+                self.engine = CommissionEngine(
+                    Ledger(pool, self.config.hold_period_s),
+                    RayShardRouter(self.config.namespace, self.config.shard_actors),
+                )
+        return self.engine
+
+    async def submit(self, encoded_requests: bytes) -> list:
+        """msgpack list[TransactionRequest] in (cheaper across Ray than pickled
+        Structs); a list of (TransactionResult | None, EngineError | None) out."""
+        engine = await self._engine()
+        outcomes = await engine.submit(self._requests.decode(encoded_requests))
+        return [(o.result, o.error) for o in outcomes]
+
+    async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
+        return await (await self._engine()).refund(transaction_id, request)
+
+    async def ready(self) -> bool:
+        await self._engine()
+        return True
+
+    def ping(self) -> int:
+        return self.index

@@ -1,0 +1,138 @@
+"""SupervisorActor: creates the engine's actors, watches them, restarts the dead.
+
+A reconcile loop: the target is one live shard actor per index and one chain
+actor per index; whatever is missing is created (and recovers its state from
+the ledger itself). After any restart every shard reloads, because a writer
+that died between its commit and its delivery left a shard behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from dailydoco.cluster.config import EngineConfig
+from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult
+from dailydoco.storage.ledger import Ledger
+from dailydoco.storage.migrations import ensure_ledger_partitions
+from dailydoco.storage.pool import open_pool
+from dailydoco.storage.sharding import VSHARDS
+
+from . import lifecycle
+from .commission_chain import CommissionChainActor
+from .recovery import checkpoint_all
+from .refs import RayShardRouter, chain_actor_name, shard_actor_name
+from .user_shard import UserShardActor
+
+WATCH_INTERVAL_S = 0.5
+PING_TIMEOUT_S = 5.0
+APPROVAL_INTERVAL_S = 10.0
+CHECKPOINT_INTERVAL_S = 30.0
+ACTOR_START_TIMEOUT_S = 120.0
+
+log = logging.getLogger("dailydoco.supervisor")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
+class SupervisorActor:
+    def __init__(self, config: EngineConfig, postgres_url: str):
+        self.config = config
+        self.postgres_url = postgres_url
+        self.restarts: dict[str, int] = {}
+        self.handles: dict[str, ray.actor.ActorHandle] = {}
+        self._loops: list[asyncio.Task] = []
+        self._heal_lock = asyncio.Lock()
+
+    def _specs(self):
+        for i in range(self.config.shard_actors):
+            yield shard_actor_name(i), UserShardActor, i
+        for i in range(self.config.chain_actors):
+            yield chain_actor_name(i), CommissionChainActor, i
+
+    def _create(self, name, cls, index):
+        return cls.options(
+            name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True
+        ).remote(index, self.config, self.postgres_url)
+
+    async def start(self) -> dict[str, int]:
+        """Create (or adopt) every actor and wait until each has recovered."""
+        self.pool = await open_pool(self.postgres_url, max_size=3)
+        self.ledger = Ledger(self.pool, self.config.hold_period_s)
+        self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
+        async with self.pool.acquire() as conn:
+            await ensure_ledger_partitions(conn)
+        for name, cls, index in self._specs():
+            self.handles[name] = self._create(name, cls, index)
+        await asyncio.wait_for(
+            asyncio.gather(*(h.ready.remote() for h in self.handles.values())), ACTOR_START_TIMEOUT_S
+        )
+        if not self._loops:
+            self._loops = [
+                asyncio.create_task(self._every(WATCH_INTERVAL_S, self.heal)),
+                asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.approve_due)),
+                asyncio.create_task(self._every(CHECKPOINT_INTERVAL_S, self.checkpoint)),
+            ]
+        return {name: 0 for name in self.handles}
+
+    async def _every(self, interval_s: float, step) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await step()
+            except Exception:  # noqa: BLE001 - a failed step is retried next tick
+                log.exception("supervisor step %s failed", step.__name__)
+
+    async def heal(self) -> list[str]:
+        """Recreate every actor that does not answer; return their names."""
+        async with self._heal_lock:
+            dead = []
+            for name, cls, index in self._specs():
+                try:
+                    await asyncio.wait_for(self.handles[name].ping.remote(), PING_TIMEOUT_S)
+                except (RayActorError, GetTimeoutError, asyncio.TimeoutError):
+                    dead.append(name)
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    log.warning("actor %s is dead; restarting (restart #%d)", name, self.restarts[name])
+                    try:
+                        ray.kill(self.handles[name], no_restart=True)
+                    except Exception:  # noqa: BLE001 - it may be gone already
+                        pass
+                    self.handles[name] = self._create(name, cls, index)
+            if dead:
+                await asyncio.gather(*(self.handles[n].ready.remote() for n in dead))
+                # A writer that died mid-delivery left shards behind the ledger.
+                survivors = [
+                    self.handles[shard_actor_name(i)]
+                    for i in range(self.config.shard_actors)
+                    if shard_actor_name(i) not in dead
+                ]
+                await asyncio.gather(*(h.reload.remote() for h in survivors))
+            return dead
+
+    async def approve_due(self) -> int:
+        return await lifecycle.approve_due(self.ledger, self.router)
+
+    async def checkpoint(self) -> int:
+        return await checkpoint_all(self.pool, list(range(VSHARDS)))
+
+    async def payout(self, request: PayoutRequest) -> PayoutResult:
+        return await lifecycle.payout(self.ledger, self.router, request)
+
+    async def advance_clock(self, seconds: int) -> ClockView:
+        if not self.config.clock_adjustable:
+            raise ClockLocked("this deployment runs on wall-clock time (set DD_CLOCK_ADJUSTABLE=1 to allow moves)")
+        await self.ledger.advance_clock(seconds)
+        await self.approve_due()
+        async with self.pool.acquire() as conn:
+            await ensure_ledger_partitions(conn)
+        now, offset_s = await self.ledger.engine_now()
+        return ClockView(now=now, offset_s=offset_s)
+
+    def restart_counts(self) -> dict[str, int]:
+        return dict(self.restarts)
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,60 @@
+"""`dailydoco`: run the engine, fill it with a demo network."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+import msgspec
+
+from .config import load_config
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .system import EngineSystem
+
+    config = load_config()
+    if args.port is not None:
+        config = msgspec.structs.replace(config, http_port=args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"dailydoco: starting (state in {config.state_dir}) ...", flush=True)
+    with EngineSystem(config) as system:
+        print(f"dailydoco: API listening on {system.url}", flush=True)
+        print(f"  postgres {system.postgres_url}\n  nats     {system.nats_url}\n  redis    {system.redis_url}")
+        print(f"  service API key: {system.secrets.service_api_key}  (admin key and signing key in "
+              f"{config.state_dir}/secrets.json)")
+        print(f"  try: curl -H 'X-API-Key: {system.secrets.service_api_key}' {system.url}/readyz", flush=True)
+        if args.demo:
+            threading.Thread(
+                target=run_demo, daemon=True,
+                args=(system.url, system.secrets.service_api_key, args.demo_users, args.viral_coefficient,
+                      args.demo_purchases_per_s)).start()
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        print("dailydoco: stopping ...", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dailydoco", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole system (embedded servers unless DD_*_URL say otherwise)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port (default DD_HTTP_PORT or 8000)")
+    up.add_argument("--demo", action="store_true", help="fill it with a simulated viral network and purchases")
+    up.add_argument("--demo-users", type=int, default=2_000)
+    up.add_argument("--viral-coefficient", type=float, default=1.3)
+    up.add_argument("--demo-purchases-per-s", type=int, default=200)
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

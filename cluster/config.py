@@ -1,0 +1,59 @@
+"""The environment, read once into a frozen Struct.
+
+Every setting has a default that runs the whole system on one machine with
+embedded servers; the DD_* variables point it at external ones instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+HOLD_PERIOD_S_DEFAULT = 30 * 24 * 3600  # commissions stay pending 30 days (refund window)
+
+
+class EngineConfig(msgspec.Struct, frozen=True):
+    state_dir: str
+    postgres_url: str | None  # None: start embedded Postgres in state_dir
+    nats_url: str | None
+    redis_url: str | None
+    ray_address: str | None  # None: start a local Ray
+    http_host: str
+    http_port: int
+    shard_actors: int
+    chain_actors: int
+    serve_replicas: int
+    hold_period_s: int
+    clock_adjustable: bool  # lets POST /v1/admin/clock move engine time (tests, demos)
+    haproxy: bool  # Serve's HAProxy ingress; False selects Serve's default Python proxy
+    namespace: str
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_config(**overrides) -> EngineConfig:
+    env = os.environ
+    config = EngineConfig(
+        state_dir=env.get("DD_STATE_DIR", str(Path.cwd() / ".dailydoco")),
+        postgres_url=env.get("DD_POSTGRES_URL") or None,
+        nats_url=env.get("DD_NATS_URL") or None,
+        redis_url=env.get("DD_REDIS_URL") or None,
+        ray_address=env.get("DD_RAY_ADDRESS") or None,
+        http_host=env.get("DD_HTTP_HOST", "127.0.0.1"),
+        http_port=int(env.get("DD_HTTP_PORT", "8000")),
+        shard_actors=int(env.get("DD_SHARD_ACTORS", "4")),
+        chain_actors=int(env.get("DD_CHAIN_ACTORS", "2")),
+        serve_replicas=int(env.get("DD_SERVE_REPLICAS", "1")),
+        hold_period_s=int(env.get("DD_HOLD_PERIOD_S", str(HOLD_PERIOD_S_DEFAULT))),
+        clock_adjustable=_flag("DD_CLOCK_ADJUSTABLE", False),
+        haproxy=_flag("DD_HAPROXY", True),
+        namespace=env.get("DD_RAY_NAMESPACE", "dailydoco"),
+    )
+    return msgspec.structs.replace(config, **overrides) if overrides else config

@@ -1,0 +1,153 @@
+"""The engine's error vocabulary, shared by every boundary.
+
+`EngineError` subclasses are operating errors: raised where the fact is known,
+translated to RFC 9457 problem+json (HTTP) once, at the edge.
+"""
+
+from __future__ import annotations
+
+from .messages import Problem, ProblemField
+
+PROBLEM_TYPE_BASE = "https://problems.dailydoco.dev/"
+
+
+class EngineError(Exception):
+    """Base of every error a client can cause; carries its HTTP status."""
+
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+    def __init__(
+        self, detail: str, *, errors: list[ProblemField] | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+        self.retry_after_s = retry_after_s
+
+    def problem(self, instance: str | None = None, transaction_id: str | None = None) -> Problem:
+        return Problem(
+            type=PROBLEM_TYPE_BASE + self.slug,
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            instance=instance,
+            errors=self.errors,
+            transaction_id=transaction_id,
+        )
+
+    def __reduce__(self):  # survives pickling across Ray actor boundaries
+        return (_rebuild_error, (type(self), self.detail, self.errors, self.retry_after_s))
+
+
+def _rebuild_error(cls, detail, errors, retry_after_s):
+    return cls(detail, errors=errors, retry_after_s=retry_after_s)
+
+
+class MalformedBody(EngineError):
+    """The body is not parseable JSON."""
+
+    status, slug, title = 400, "malformed-body", "Malformed request body"
+
+
+class InvalidRequest(EngineError):
+    """The body parsed but a field breaks its constraints."""
+
+    status, slug, title = 422, "validation", "Request failed validation"
+
+
+class Unauthorized(EngineError):
+    """No credentials, or credentials that do not verify."""
+
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+
+class Forbidden(EngineError):
+    """Valid credentials that do not cover this resource."""
+
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(EngineError):
+    """The named resource does not exist."""
+
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class UnknownUser(EngineError):
+    """A request names a user that is not registered."""
+
+    status, slug, title = 422, "unknown-user", "Unknown user"
+
+
+class UnknownReferralCode(EngineError):
+    """A registration names a referral code that no user holds."""
+
+    status, slug, title = 422, "unknown-referral-code", "Unknown referral code"
+
+
+class SelfReferral(EngineError):
+    """A registration tries to use the registering user's own code."""
+
+    status, slug, title = 422, "self-referral", "Self-referral is not allowed"
+
+
+class IdempotencyConflict(EngineError):
+    """An id was reused with a different body."""
+
+    status, slug, title = 409, "idempotency-conflict", "Id reused with a different body"
+
+
+class RefundExceedsPurchase(EngineError):
+    """A refund would take back more than the purchase's remaining amount."""
+
+    status, slug, title = 422, "refund-exceeds-purchase", "Refund exceeds what remains refundable"
+
+
+class CurrencyMismatch(EngineError):
+    """A request mixes currencies that must agree."""
+
+    status, slug, title = 422, "currency-mismatch", "Currency mismatch"
+
+
+class UnsupportedMediaType(EngineError):
+    """A body was sent with a content type other than application/json."""
+
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class PayloadTooLarge(EngineError):
+    """A body over the named size limit."""
+
+    status, slug, title = 413, "payload-too-large", "Payload too large"
+
+
+class ClockLocked(EngineError):
+    """The engine clock can only be moved when the deployment allows it."""
+
+    status, slug, title = 403, "clock-locked", "Clock is not adjustable"
+
+
+class ServiceUnavailable(EngineError):
+    """A dependency the request needs is down; retry with the same id."""
+
+    status, slug, title = 503, "unavailable", "Service unavailable"
+
+
+class MethodNotAllowed(EngineError):
+    """The path exists but not with this method."""
+
+    status, slug, title = 405, "method-not-allowed", "Method not allowed"
+
+
+class RateLimited(EngineError):
+    """A principal sent more requests than its GCRA limit allows; see Retry-After."""
+
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+
+class InternalError(EngineError):
+    """A server bug; the request may or may not have been applied; retry with the same id."""
+
+    status, slug, title = 500, "internal", "Internal server error"

@@ -1,0 +1,360 @@
+"""The HTTP API: an ASGI app over the engine's actors.
+
+Reads of one user go to that user's shard actor (memory); writes go to the
+commission chain or shard actors, which acknowledge only after commit. Every
+error leaves as RFC 9457 problem+json, and nothing is written for a rejected
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+
+import msgspec
+import nats
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from ray.exceptions import RayTaskError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dailydoco import protocol as p
+from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
+from dailydoco.cluster.config import EngineConfig
+from dailydoco.storage.ledger import Ledger
+from dailydoco.storage.pool import open_pool
+from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
+
+from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
+from .openapi import openapi_document
+from .rate_limit import RateLimiter
+
+BODY_BYTES_MAX = 64 * 1024  # every body but a batch: a few hundred bytes in practice
+BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
+COMMISSIONS_PAGE_DEFAULT = 100
+NETWORK_GRAPH_DEPTH_DEFAULT = 3
+# GCRA limits per principal (requests per second, burst).
+RATE_LIMIT_SERVICE = (5_000, 10_000)
+RATE_LIMIT_USER = (50, 100)
+DEPENDENCY_CHECK_TIMEOUT_S = 2.0
+
+_ENCODER = msgspec.json.Encoder()
+_REQUESTS_ENCODER = msgspec.msgpack.Encoder()
+_PATH_IN_ERROR = re.compile(r" - at `(.+)`$")
+log = logging.getLogger("dailydoco.serve")
+
+
+def _json(value, status: int = 200) -> Response:
+    return Response(_ENCODER.encode(value), status_code=status, media_type="application/json")
+
+
+def _problem(error: p.EngineError, instance: str) -> Response:
+    headers = None
+    if error.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return Response(
+        _ENCODER.encode(error.problem(instance=instance)),
+        status_code=error.status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def _engine_error(exc: BaseException) -> p.EngineError | None:
+    """The EngineError an actor raised, through Ray's wrapping."""
+    if isinstance(exc, RayTaskError):
+        exc = getattr(exc, "cause", exc)
+    return exc if isinstance(exc, p.EngineError) else None
+
+
+def decode_body(body: bytes, type_):
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH_IN_ERROR.search(message)
+        path = match.group(1) if match else "$"
+        raise p.InvalidRequest(message, errors=[p.ProblemField(path=path, message=message)]) from exc
+    except msgspec.DecodeError as exc:
+        raise p.MalformedBody(f"body is not valid JSON: {exc}") from exc
+
+
+async def read_body(request: Request, type_, limit_bytes: int = BODY_BYTES_MAX):
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise p.UnsupportedMediaType(f"send Content-Type: application/json (got {media or 'none'!r})")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise p.PayloadTooLarge(f"body of {declared} bytes exceeds the {limit_bytes}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit_bytes:
+            raise p.PayloadTooLarge(f"body exceeds the {limit_bytes}-byte limit")
+    return decode_body(bytes(body), type_)
+
+
+class EngineApi:
+    def __init__(self, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str, secrets: Secrets):
+        self.config = config
+        self.postgres_url = postgres_url
+        self.redis_url = redis_url
+        self.nats_url = nats_url
+        self.auth = TokenAuthority(secrets)
+        ns = config.namespace
+        self.shards = [ActorRef(shard_actor_name(i), ns) for i in range(config.shard_actors)]
+        self.chains = [ActorRef(chain_actor_name(i), ns) for i in range(config.chain_actors)]
+        self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
+        self._deps_lock = asyncio.Lock()
+        self._deps_ready = False
+        self.registry = CollectorRegistry()
+        self.requests_total = Counter(
+            "dailydoco_http_requests_total", "HTTP requests", ["route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "dailydoco_http_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.purchases_total = Counter(
+            "dailydoco_purchases_total", "Purchases by outcome", ["outcome"], registry=self.registry)
+
+    async def _deps(self) -> None:
+        if self._deps_ready:
+            return
+        async with self._deps_lock:
+            if not self._deps_ready:
+                self.pool = await open_pool(self.postgres_url, max_size=4)
+                self.ledger = Ledger(self.pool, self.config.hold_period_s)
+                self.redis = redis.from_url(self.redis_url, socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+                self.limiter = RateLimiter(self.redis)
+                self.nats = await nats.connect(self.nats_url, allow_reconnect=True, max_reconnect_attempts=-1,
+                                               connect_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+                self._deps_ready = True
+
+    def _shard_of(self, user_id: str) -> ActorRef:
+        return self.shards[actor_of_vshard(vshard_of(user_id), len(self.shards))]
+
+    # --- plumbing ------------------------------------------------------------
+
+    def route(self, path: str, handler, methods: list[str], name: str) -> Route:
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                await self._deps()
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - every failure leaves as problem+json
+                error = _engine_error(exc)
+                if error is None:
+                    log.exception("unhandled error on %s", request.url.path)
+                    error = p.InternalError("the server failed to handle this request; it is logged")
+                response = _problem(error, request.url.path)
+            self.requests_total.labels(name, str(response.status_code)).inc()
+            self.latency.labels(name).observe(time.perf_counter() - started)
+            return response
+
+        return Route(path, endpoint, methods=methods, name=name)
+
+    async def principal(self, request: Request) -> str:
+        principal = self.auth.principal(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        per_second, burst = RATE_LIMIT_USER if principal.startswith("user:") else RATE_LIMIT_SERVICE
+        wait_s = await self.limiter.retry_after_s(principal, per_second, burst)
+        if wait_s > 0:
+            raise p.RateLimited(f"rate limit of {per_second}/s exceeded; retry in {wait_s:.3f} s", retry_after_s=wait_s)
+        return principal
+
+    # --- users ---------------------------------------------------------------
+
+    async def register(self, request: Request) -> Response:
+        require_service(await self.principal(request))
+        body = await read_body(request, p.RegisterUserRequest)
+        view: p.UserView = await self._shard_of(body.user_id).call("register", body)
+        return _json(view, 201 if view.status == "created" else 200)
+
+    async def get_user(self, request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+        require_reader_of(await self.principal(request), user_id)
+        view = await self._shard_of(user_id).call("get_user", user_id)
+        if view is None:
+            raise p.NotFound(f"user {user_id!r} does not exist")
+        return _json(view)
+
+    async def issue_token(self, request: Request) -> Response:
+        require_service(await self.principal(request))
+        user_id = request.path_params["user_id"]
+        body = await read_body(request, p.TokenRequest)
+        if await self._shard_of(user_id).call("get_user", user_id) is None:
+            raise p.NotFound(f"user {user_id!r} does not exist")
+        token, expires_at = self.auth.issue(user_id, body.ttl_s)
+        return _json(p.TokenView(token=token, expires_at=expires_at), 201)
+
+    async def balance(self, request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+        require_reader_of(await self.principal(request), user_id)
+        view = await self._shard_of(user_id).call("get_balance", user_id)
+        if view is None:
+            raise p.NotFound(f"user {user_id!r} does not exist")
+        return _json(view)
+
+    async def network(self, request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+        require_reader_of(await self.principal(request), user_id)
+        depth = _int_param(request, "depth", NETWORK_GRAPH_DEPTH_DEFAULT, 1, p.NETWORK_GRAPH_DEPTH_MAX)
+        stats = await self._shard_of(user_id).call("get_network_stats", user_id)
+        if stats is None:
+            raise p.NotFound(f"user {user_id!r} does not exist")
+        edges, truncated = await self.ledger.network_graph(user_id, depth, p.NETWORK_GRAPH_NODES_MAX)
+        nodes = [p.GraphNode(user_id=user_id, level=0)] + [p.GraphNode(user_id=u, level=lvl) for _, u, lvl in edges]
+        return _json(p.NetworkView(
+            stats=stats, nodes=nodes, edges=[p.GraphEdge(referrer_id=r, user_id=u) for r, u, _ in edges],
+            truncated=truncated))
+
+    async def commissions(self, request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+        require_reader_of(await self.principal(request), user_id)
+        status = request.query_params.get("status")
+        if status is not None and status not in ("pending", "approved", "paid", "refunded", "reversed"):
+            raise p.InvalidRequest(f"status {status!r} is not one of pending, approved, paid, refunded, reversed")
+        limit = _int_param(request, "limit", COMMISSIONS_PAGE_DEFAULT, 1, p.COMMISSIONS_PAGE_MAX)
+        page = await self.ledger.commissions_page(user_id, status, request.query_params.get("cursor"), limit)
+        return _json(page)
+
+    # --- transactions ----------------------------------------------------------
+
+    async def _submit(self, requests: list[p.TransactionRequest]) -> list[tuple]:
+        """Split by chain actor (by transaction id), submit concurrently, merge in order."""
+        by_chain: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_chain.setdefault(chain_of_transaction(r.transaction_id, len(self.chains)), []).append(i)
+        replies = await asyncio.gather(*(
+            self.chains[c].call("submit", _REQUESTS_ENCODER.encode([requests[i] for i in idx]))
+            for c, idx in by_chain.items()
+        ))
+        outcomes: list = [None] * len(requests)
+        for idx, reply in zip(by_chain.values(), replies):
+            for i, outcome in zip(idx, reply):
+                outcomes[i] = outcome
+        for result, error in outcomes:
+            self.purchases_total.labels(result.status if result else "failed").inc()
+        return outcomes
+
+    async def transaction(self, request: Request) -> Response:
+        require_service(await self.principal(request))
+        body = await read_body(request, p.TransactionRequest)
+        [(result, error)] = await self._submit([body])
+        if error is not None:
+            raise error
+        return _json(result, 201 if result.status == "created" else 200)
+
+    async def transaction_batch(self, request: Request) -> Response:
+        require_service(await self.principal(request))
+        body = await read_body(request, p.TransactionBatchRequest, BATCH_BODY_BYTES_MAX)
+        outcomes = await self._submit(body.transactions)
+        items, created, replayed = [], 0, 0
+        for req, (result, error) in zip(body.transactions, outcomes):
+            if error is not None:
+                items.append(p.BatchItemResult(transaction_id=req.transaction_id, problem=error.problem()))
+            else:
+                created += result.status == "created"
+                replayed += result.status == "replayed"
+                items.append(p.BatchItemResult(transaction_id=req.transaction_id, result=result))
+        return _json(p.TransactionBatchResult(created=created, replayed=replayed,
+                                              failed=len(items) - created - replayed, results=items))
+
+    async def refund(self, request: Request) -> Response:
+        require_service(await self.principal(request))
+        transaction_id = request.path_params["transaction_id"]
+        body = await read_body(request, p.RefundRequest)
+        chain = self.chains[chain_of_transaction(transaction_id, len(self.chains))]
+        result: p.RefundResult = await chain.call("refund", transaction_id, body)
+        return _json(result, 201 if result.status == "created" else 200)
+
+    # --- admin ---------------------------------------------------------------
+
+    async def payout(self, request: Request) -> Response:
+        require_admin(await self.principal(request))
+        body = await read_body(request, p.PayoutRequest)
+        result: p.PayoutResult = await self.supervisor.call("payout", body)
+        return _json(result, 201 if result.status == "created" else 200)
+
+    async def advance_clock(self, request: Request) -> Response:
+        require_admin(await self.principal(request))
+        body = await read_body(request, p.ClockAdvanceRequest)
+        return _json(await self.supervisor.call("advance_clock", body.seconds))
+
+    async def house(self, request: Request) -> Response:
+        require_admin(await self.principal(request))
+        return _json(await self.ledger.house_balances())
+
+    # --- operations --------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return _json(p.Health(status="ok", checks={}))
+
+    async def readyz(self, request: Request) -> Response:
+        checks = {}
+
+        async def check(name, probe):
+            try:
+                await asyncio.wait_for(probe(), DEPENDENCY_CHECK_TIMEOUT_S)
+                checks[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                checks[name] = f"error: {type(exc).__name__}: {exc}"[:200]
+
+        async def nats_flush():
+            await self.nats.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+
+        await asyncio.gather(
+            check("postgres", lambda: self.pool.fetchval("SELECT 1")),
+            check("redis", self.redis.ping),
+            check("nats", nats_flush),
+            *(check(s.name, lambda s=s: s.call("ping", deadline_s=1.0)) for s in self.shards + self.chains),
+        )
+        ok = all(v == "ok" for v in checks.values())
+        return _json(p.Health(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
+
+    async def openapi(self, request: Request) -> Response:
+        return _json(self._openapi)
+
+    def asgi(self) -> Starlette:
+        self._openapi = openapi_document()
+        r = self.route
+        async def no_route(request: Request, exc) -> Response:
+            error = p.NotFound(f"no route for {request.url.path}") if exc.status_code == 404 else p.MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}")
+            return _problem(error, request.url.path)
+
+        return Starlette(exception_handlers={404: no_route, 405: no_route}, routes=[
+            r("/v1/users", self.register, ["POST"], "register"),
+            r("/v1/users/{user_id}", self.get_user, ["GET"], "get_user"),
+            r("/v1/users/{user_id}/tokens", self.issue_token, ["POST"], "issue_token"),
+            r("/v1/users/{user_id}/balance", self.balance, ["GET"], "balance"),
+            r("/v1/users/{user_id}/network", self.network, ["GET"], "network"),
+            r("/v1/users/{user_id}/commissions", self.commissions, ["GET"], "commissions"),
+            r("/v1/transactions", self.transaction, ["POST"], "transaction"),
+            r("/v1/transactions:batch", self.transaction_batch, ["POST"], "transaction_batch"),
+            r("/v1/transactions/{transaction_id}/refunds", self.refund, ["POST"], "refund"),
+            r("/v1/payouts", self.payout, ["POST"], "payout"),
+            r("/v1/admin/clock", self.advance_clock, ["POST"], "advance_clock"),
+            r("/v1/admin/house", self.house, ["GET"], "house"),
+            r("/healthz", self.healthz, ["GET"], "healthz"),
+            r("/readyz", self.readyz, ["GET"], "readyz"),
+            r("/metrics", self.metrics, ["GET"], "metrics"),
+            r("/openapi.json", self.openapi, ["GET"], "openapi"),
+        ])
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise p.InvalidRequest(f"query parameter {name!r} must be an integer in [{low}, {high}]",
+                               errors=[p.ProblemField(path=name, message=f"expected {low}..{high}, got {raw!r}")])
+    return int(raw)

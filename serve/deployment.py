@@ -1,0 +1,23 @@
+"""The Ray Serve deployment wrapping the ASGI app."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from .app import EngineApi
+
+# Concurrent requests one replica takes before Serve queues: the handlers are
+# I/O-bound awaits on actors and Postgres, so a replica overlaps many.
+REPLICA_ONGOING_REQUESTS_MAX = 2_000
+
+
+@serve.deployment(
+    name="engine",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=REPLICA_ONGOING_REQUESTS_MAX,
+    health_check_period_s=5,
+)
+@serve.ingress()
+class EngineIngress(EngineApi):
+    def __serve_build_asgi_app__(self):
+        return self.asgi()

@@ -1,0 +1,34 @@
+"""GCRA rate limiting in Redis: one stored value per key, one atomic script."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+# KEYS[1]: the key; ARGV: emission interval (µs), burst tolerance (µs).
+# Redis TIME, not the caller's clock, so every replica agrees.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat - tolerance
+if now < allow_at then
+  return allow_at - now
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return 0
+"""
+
+
+class RateLimiter:
+    def __init__(self, client: redis.Redis):
+        self._script = client.register_script(_GCRA)
+
+    async def retry_after_s(self, key: str, per_second: int, burst: int) -> float:
+        """0 if the request may go now; else seconds until it may."""
+        interval_us = 1_000_000 // per_second
+        wait_us = await self._script(keys=["rl:" + key], args=[interval_us, interval_us * burst])
+        return wait_us / 1_000_000

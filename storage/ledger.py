@@ -1,0 +1,547 @@
+"""The durable ledger: every write the API acknowledges commits here first.
+
+One class owns all SQL against the ledger tables. Each write method runs in one
+Postgres transaction, returns the xid of that transaction, and fills a
+`DeltaSet` with exactly what the write changes in the shards' memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import functools
+import hashlib
+from typing import NamedTuple
+
+import asyncpg
+import msgspec
+
+from dailydoco.protocol import (
+    LEVEL_RATES_BP,
+    CommissionEntryView,
+    CommissionLine,
+    CommissionPage,
+    IdempotencyConflict,
+    InvalidRequest,
+    NotFound,
+    PayoutLine,
+    PayoutRequest,
+    PayoutResult,
+    RefundExceedsPurchase,
+    RefundRequest,
+    RefundResult,
+    ReversalLine,
+    TransactionRequest,
+    TransactionResult,
+    proportional_reversal,
+    split_commission,
+)
+
+from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
+from .sharding import vshard_of
+
+WRITE_ATTEMPTS_MAX = 5
+APPROVAL_SWEEP_ROWS_MAX = 50_000  # per sweep transaction: bounds lock time and memory
+COPY_COLUMNS = (
+    "transaction_id",
+    "beneficiary_id",
+    "vshard",
+    "level",
+    "rate_bp",
+    "amount_micros",
+    "currency",
+    "kind",
+    "status",
+    "created_status",
+    "created_at",
+    "hold_until",
+)
+
+
+def body_hash(*fields: object) -> bytes:
+    """Fingerprint of a request body, to tell a replay from a reused id."""
+    return hashlib.blake2b(msgspec.msgpack.encode(fields), digest_size=16).digest()
+
+
+def purchase_hash(request: TransactionRequest) -> bytes:
+    return body_hash(request.user_id, request.amount_micros, request.currency, request.kind)
+
+
+class PreparedPurchase(NamedTuple):
+    request: TransactionRequest
+    body_hash: bytes
+    upline: tuple[str, ...]
+
+
+class PurchaseOutcome(NamedTuple):
+    result: TransactionResult | None
+    error: Exception | None
+
+
+def _result(transaction_id: str, status: str, user_id: str, amount_micros: int, currency: str,
+            commissions: list[CommissionLine], house_micros: int) -> TransactionResult:
+    return TransactionResult(transaction_id=transaction_id, status=status, user_id=user_id, amount_micros=amount_micros,
+                             currency=currency, commissions=commissions, house_micros=house_micros)
+
+
+def _retry_aborted(write):
+    """Rerun a write that Postgres aborted to resolve a lock conflict.
+
+    The deltas of the aborted attempt are discarded, so nothing it computed
+    reaches memory. Locks are taken in id order everywhere, which makes these
+    rare; they remain possible between unrelated statements.
+    """
+
+    @functools.wraps(write)
+    async def retrying(self, *args):
+        deltas: DeltaSet = args[-1]
+        for attempt in range(WRITE_ATTEMPTS_MAX):
+            deltas.by_route.clear()
+            try:
+                return await write(self, *args)
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == WRITE_ATTEMPTS_MAX - 1:
+                    raise
+                await asyncio.sleep(0.001 * 2**attempt)
+
+    return retrying
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool, hold_period_s: int):
+        self.pool = pool
+        self.hold_period = dt.timedelta(seconds=hold_period_s)
+
+    # --- time ----------------------------------------------------------------
+
+    @staticmethod
+    async def begin_write(conn: asyncpg.Connection) -> tuple[int, dt.datetime]:
+        """Assign this transaction its xid and read engine time, in one trip.
+
+        Engine time is the database's clock plus the adjustable offset, so
+        every process stamps rows from one clock that tests can move.
+        """
+        row = await conn.fetchrow(
+            "SELECT pg_current_xact_id()::text::bigint AS xid,"
+            " now() + make_interval(secs => offset_us / 1e6) AS now FROM engine_clock"
+        )
+        return row["xid"], row["now"]
+
+    async def engine_now(self) -> tuple[dt.datetime, int]:
+        row = await self.pool.fetchrow(
+            "SELECT now() + make_interval(secs => offset_us / 1e6) AS now, offset_us FROM engine_clock"
+        )
+        return row["now"], row["offset_us"] // 1_000_000
+
+    async def advance_clock(self, seconds: int) -> None:
+        await self.pool.execute("UPDATE engine_clock SET offset_us = offset_us + $1", seconds * 1_000_000)
+
+    # --- users ---------------------------------------------------------------
+
+    async def find_referrer(self, referral_code: str) -> tuple[str, tuple[str, ...]] | None:
+        row = await self.pool.fetchrow("SELECT user_id, upline FROM users WHERE referral_code = $1", referral_code)
+        return None if row is None else (row["user_id"], tuple(row["upline"]))
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT user_id, referral_code, referrer_id, upline, created_at, body_hash FROM users WHERE user_id = $1",
+            user_id,
+        )
+        return None if row is None else UserRecord(*row.values())
+
+    async def insert_user(
+        self,
+        user_id: str,
+        referral_code: str,
+        referrer_id: str | None,
+        upline: tuple[str, ...],
+        hash_: bytes,
+        deltas: DeltaSet,
+    ) -> tuple[int, UserRecord] | None:
+        """Insert a new user; None if the id or the code is taken."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            xid, now = await self.begin_write(conn)
+            inserted = await conn.fetchval(
+                "INSERT INTO users (user_id, referral_code, referrer_id, upline, vshard, body_hash, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING true",
+                user_id, referral_code, referrer_id, list(upline), vshard_of(user_id), hash_, now,
+            )
+            if not inserted:
+                return None
+        record = UserRecord(user_id, referral_code, referrer_id, upline, now, hash_)
+        deltas.for_user(user_id).users.append(record)
+        for level, ancestor in enumerate(upline, start=1):
+            deltas.for_user(ancestor).joins.append((ancestor, level))
+        return xid, record
+
+    async def uplines(self, user_ids: list[str]) -> dict[str, tuple[str, ...]]:
+        rows = await self.pool.fetch("SELECT user_id, upline FROM users WHERE user_id = ANY($1::text[])", user_ids)
+        return {r["user_id"]: tuple(r["upline"]) for r in rows}
+
+    # --- purchases -----------------------------------------------------------
+
+    @_retry_aborted
+    async def write_purchases(
+        self, purchases: list[PreparedPurchase], deltas: DeltaSet
+    ) -> tuple[int | None, list[PurchaseOutcome]]:
+        """Durably record purchases and their commissions in one transaction.
+
+        A transaction id seen before (here or in this group) replays the first
+        result when the body matches, and is a conflict otherwise.
+        """
+        outcomes: list[PurchaseOutcome | None] = [None] * len(purchases)
+        seen_ids: set[str] = set()
+        fresh: list[int] = []
+        seen_before: list[int] = []  # resolved against the recorded row, after the insert
+        for i, p in enumerate(purchases):
+            tid = p.request.transaction_id
+            (seen_before if tid in seen_ids else fresh).append(i)
+            seen_ids.add(tid)
+
+        # Insert in id order: two groups holding overlapping ids then wait
+        # on each other in the same order instead of deadlocking.
+        fresh.sort(key=lambda i: purchases[i].request.transaction_id)
+        splits = {i: split_commission(purchases[i].request.amount_micros, len(purchases[i].upline)) for i in fresh}
+        async with self.pool.acquire() as conn, conn.transaction():
+            xid, now = await self.begin_write(conn)
+            hold_until = now + self.hold_period
+            reqs = [purchases[i].request for i in fresh]
+            inserted = {
+                r[0]
+                for r in await conn.fetch(
+                    "INSERT INTO transactions (transaction_id, user_id, amount_micros, currency, kind,"
+                    " body_hash, house_micros, created_at)"
+                    " SELECT t.*, $8::timestamptz FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
+                    " $5::text[], $6::bytea[], $7::bigint[]) AS t"
+                    " ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id",
+                    [r.transaction_id for r in reqs],
+                    [r.user_id for r in reqs],
+                    [r.amount_micros for r in reqs],
+                    [r.currency for r in reqs],
+                    [r.kind for r in reqs],
+                    [purchases[i].body_hash for i in fresh],
+                    [splits[i][1] for i in fresh],
+                    now,
+                )
+            }
+            records = []
+            for i in fresh:
+                p = purchases[i]
+                req = p.request
+                if req.transaction_id not in inserted:
+                    seen_before.append(i)
+                    continue
+                paid, house = splits[i]
+                lines = []
+                for level, (beneficiary, micros) in enumerate(zip(p.upline, paid), start=1):
+                    delta = deltas.for_user(beneficiary)
+                    delta.add_revenue(beneficiary, req.currency, level, req.amount_micros)
+                    if micros == 0:
+                        continue  # a share that floors to nothing is no entry; the house keeps the fraction
+                    rate = LEVEL_RATES_BP[level - 1]
+                    records.append(
+                        (req.transaction_id, beneficiary, vshard_of(beneficiary), level, rate, micros,
+                         req.currency, "commission", "pending", "pending", now, hold_until)
+                    )
+                    lines.append(CommissionLine(level=level, beneficiary_id=beneficiary, rate_bp=rate, amount_micros=micros))
+                    delta.add_balance(beneficiary, req.currency, PENDING, micros)
+                outcomes[i] = PurchaseOutcome(_result(req.transaction_id, "created", req.user_id, req.amount_micros,
+                                                      req.currency, lines, house), None)
+            if records:
+                await conn.copy_records_to_table("commission_ledger", records=records, columns=COPY_COLUMNS)
+            if seen_before:
+                await self._replay_purchases(conn, purchases, seen_before, outcomes)
+
+        return xid, outcomes  # type: ignore[return-value]
+
+    async def _replay_purchases(self, conn, purchases, indexes, outcomes) -> None:
+        ids = [purchases[i].request.transaction_id for i in indexes]
+        rows = {
+            r["transaction_id"]: r
+            for r in await conn.fetch(
+                "SELECT transaction_id, user_id, amount_micros, currency, body_hash, house_micros"
+                " FROM transactions WHERE transaction_id = ANY($1::text[])",
+                ids,
+            )
+        }
+        lines: dict[str, list[CommissionLine]] = {tid: [] for tid in ids}
+        for r in await conn.fetch(
+            "SELECT transaction_id, level, beneficiary_id, rate_bp, amount_micros FROM commission_ledger"
+            " WHERE transaction_id = ANY($1::text[]) AND kind = 'commission' ORDER BY level",
+            ids,
+        ):
+            lines[r["transaction_id"]].append(
+                CommissionLine(level=r["level"], beneficiary_id=r["beneficiary_id"], rate_bp=r["rate_bp"],
+                               amount_micros=r["amount_micros"])
+            )
+        for i in indexes:
+            p = purchases[i]
+            row = rows[p.request.transaction_id]
+            if bytes(row["body_hash"]) != p.body_hash:
+                outcomes[i] = PurchaseOutcome(None, IdempotencyConflict(
+                    f"transaction {p.request.transaction_id!r} was already recorded with a different body"))
+            else:
+                outcomes[i] = PurchaseOutcome(
+                    _result(row["transaction_id"], "replayed", row["user_id"], row["amount_micros"],
+                            row["currency"].strip(), lines[p.request.transaction_id], row["house_micros"]), None)
+
+    # --- refunds -------------------------------------------------------------
+
+    @_retry_aborted
+    async def refund(
+        self, transaction_id: str, request: RefundRequest, deltas: DeltaSet
+    ) -> tuple[int | None, RefundResult]:
+        """Reverse, proportionally, exactly the commissions this purchase paid."""
+        hash_ = body_hash(transaction_id, request.amount_micros)
+        async with self.pool.acquire() as conn, conn.transaction():
+            xid, now = await self.begin_write(conn)
+            tx = await conn.fetchrow(
+                "SELECT t.amount_micros, t.refunded_micros, t.house_micros, t.currency, u.upline"
+                " FROM transactions t JOIN users u USING (user_id)"
+                " WHERE t.transaction_id = $1 FOR UPDATE OF t",
+                transaction_id,
+            )
+            if tx is None:
+                raise NotFound(f"transaction {transaction_id!r} does not exist")
+            # Under the row lock, so two deliveries of one refund id serialise.
+            earlier = await conn.fetchrow(
+                "SELECT transaction_id, body_hash FROM refunds WHERE refund_id = $1", request.refund_id
+            )
+            if earlier is not None:
+                if earlier["transaction_id"] != transaction_id or bytes(earlier["body_hash"]) != hash_:
+                    raise IdempotencyConflict(f"refund {request.refund_id!r} was already recorded with a different body")
+                return None, await self._refund_result(conn, request.refund_id, "replayed")
+            purchase, before = tx["amount_micros"], tx["refunded_micros"]
+            after = before + request.amount_micros
+            if after > purchase:
+                raise RefundExceedsPurchase(
+                    f"refund of {request.amount_micros} micros exceeds the {purchase - before} micros"
+                    f" still refundable on transaction {transaction_id!r}"
+                )
+            currency = tx["currency"].strip()
+            originals = await conn.fetch(
+                "SELECT entry_id, beneficiary_id, vshard, level, rate_bp, amount_micros, status, hold_until"
+                " FROM commission_ledger WHERE transaction_id = $1 AND kind = 'commission' ORDER BY entry_id FOR UPDATE",
+                transaction_id,
+            )
+            records = []
+            for e in originals:
+                micros = proportional_reversal(e["amount_micros"], purchase, before, after)
+                if micros == 0:
+                    continue
+                if e["status"] in ("pending", "approved"):
+                    # Still unpaid: the reversal travels with its commission.
+                    kind, status, hold_until = "refund", e["status"], e["hold_until"]
+                else:
+                    # Paid already: a negative entry, payable now, netted next payout.
+                    kind, status, hold_until = "clawback", "approved", now
+                records.append(
+                    (transaction_id, request.refund_id, e["entry_id"], e["beneficiary_id"], e["vshard"], e["level"],
+                     e["rate_bp"], -micros, currency, kind, status, status, now, hold_until)
+                )
+                deltas.for_user(e["beneficiary_id"]).add_balance(
+                    e["beneficiary_id"], currency, BUCKET_OF_STATUS[status], -micros)
+            for level, ancestor in enumerate(tx["upline"], start=1):
+                deltas.for_user(ancestor).add_revenue(ancestor, currency, level, -request.amount_micros)
+            house_reversal = proportional_reversal(tx["house_micros"], purchase, before, after)
+            await conn.execute(
+                "INSERT INTO refunds (refund_id, transaction_id, amount_micros, refunded_before_micros,"
+                " house_reversal_micros, body_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                request.refund_id, transaction_id, request.amount_micros, before, house_reversal, hash_, now,
+            )
+            await conn.execute(
+                "UPDATE transactions SET refunded_micros = $2 WHERE transaction_id = $1", transaction_id, after
+            )
+            if records:
+                await conn.copy_records_to_table(
+                    "commission_ledger",
+                    records=records,
+                    columns=("transaction_id", "refund_id", "reverses_entry_id", "beneficiary_id", "vshard", "level",
+                             "rate_bp", "amount_micros", "currency", "kind", "status", "created_status", "created_at",
+                             "hold_until"),
+                )
+            if after == purchase:
+                # Fully refunded: unpaid commissions and their reversals net to
+                # zero; they end as 'refunded' and leave every bucket.
+                await self._transition(
+                    conn, deltas, now, "refunded", None,
+                    "transaction_id = $1 AND kind IN ('commission', 'refund') AND status IN ('pending', 'approved')",
+                    transaction_id,
+                )
+            return xid, await self._refund_result(conn, request.refund_id, "created")
+
+    async def _refund_result(self, conn, refund_id: str, status: str) -> RefundResult:
+        r = await conn.fetchrow(
+            "SELECT r.transaction_id, r.amount_micros, r.refunded_before_micros, r.house_reversal_micros"
+            " FROM refunds r WHERE refund_id = $1",
+            refund_id,
+        )
+        lines = await conn.fetch(
+            "SELECT level, beneficiary_id, amount_micros, kind FROM commission_ledger WHERE refund_id = $1 ORDER BY level",
+            refund_id,
+        )
+        return RefundResult(
+            refund_id=refund_id,
+            transaction_id=r["transaction_id"],
+            status=status,
+            amount_micros=r["amount_micros"],
+            refunded_total_micros=r["refunded_before_micros"] + r["amount_micros"],
+            reversals=[ReversalLine(level=x["level"], beneficiary_id=x["beneficiary_id"],
+                                    amount_micros=x["amount_micros"], kind=x["kind"]) for x in lines],
+            house_reversal_micros=r["house_reversal_micros"],
+        )
+
+    async def _transition(self, conn, deltas: DeltaSet, now, to_status: str, payout_id: str | None,
+                          where: str, *args) -> list[asyncpg.Record]:
+        """Move the matching entries to `to_status`, journalled in ledger_transitions."""
+        n = len(args)
+        rows = await conn.fetch(
+            f"""
+            WITH moved AS (
+                UPDATE commission_ledger l SET status = CASE
+                    WHEN ${n + 1}::text = 'paid' AND l.kind = 'clawback' THEN 'reversed' ELSE ${n + 1}::text END
+                FROM (SELECT entry_id, created_at, status AS from_status FROM commission_ledger
+                      WHERE {where} ORDER BY entry_id FOR UPDATE) old
+                WHERE l.entry_id = old.entry_id AND l.created_at = old.created_at
+                RETURNING l.entry_id, l.beneficiary_id, l.vshard, l.currency, l.amount_micros, old.from_status, l.status
+            )
+            INSERT INTO ledger_transitions (entry_id, beneficiary_id, vshard, currency, amount_micros,
+                                            from_status, to_status, payout_id, created_at)
+            SELECT entry_id, beneficiary_id, vshard, currency, amount_micros, from_status, status, ${n + 2}, ${n + 3}
+            FROM moved
+            RETURNING beneficiary_id, currency, amount_micros, from_status, to_status
+            """,
+            *args, to_status, payout_id, now,
+        )
+        for r in rows:
+            deltas.for_user(r["beneficiary_id"]).move_balance(
+                r["beneficiary_id"], r["currency"].strip(), r["from_status"], r["to_status"], r["amount_micros"])
+        return rows
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @_retry_aborted
+    async def approve_due(self, deltas: DeltaSet) -> tuple[int | None, int]:
+        """Approve one bounded slice of commissions whose holding period ended."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            xid, now = await self.begin_write(conn)
+            rows = await self._transition(
+                conn, deltas, now, "approved", None,
+                "(entry_id, created_at) IN (SELECT entry_id, created_at FROM commission_ledger"
+                " WHERE status = 'pending' AND hold_until <= $1 LIMIT $2)",
+                now, APPROVAL_SWEEP_ROWS_MAX,
+            )
+            return (xid if rows else None), len(rows)
+
+    @_retry_aborted
+    async def payout(self, request: PayoutRequest, deltas: DeltaSet) -> tuple[int | None, PayoutResult]:
+        """Pay every beneficiary whose approved entries net above zero."""
+        hash_ = body_hash(request.payout_id, request.currency)
+        async with self.pool.acquire() as conn, conn.transaction():
+            xid, now = await self.begin_write(conn)
+            inserted = await conn.fetchval(
+                "INSERT INTO payouts (payout_id, currency, body_hash, created_at) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                request.payout_id, request.currency, hash_, now,
+            )
+            if not inserted:
+                earlier = await conn.fetchrow("SELECT body_hash FROM payouts WHERE payout_id = $1", request.payout_id)
+                if bytes(earlier["body_hash"]) != hash_:
+                    raise IdempotencyConflict(f"payout {request.payout_id!r} was already made with a different body")
+                return None, await self._payout_result(conn, request.payout_id, "replayed")
+            # Lock every approved entry first, then net: rows a concurrent
+            # refund changes are re-read after its commit, never half-seen.
+            approved = await conn.fetch(
+                "SELECT beneficiary_id, currency, amount_micros FROM commission_ledger"
+                " WHERE status = 'approved' AND ($1::text IS NULL OR currency = $1) ORDER BY entry_id FOR UPDATE",
+                request.currency,
+            )
+            net: dict[tuple[str, str], int] = {}
+            for r in approved:
+                key = (r["beneficiary_id"], r["currency"].strip())
+                net[key] = net.get(key, 0) + r["amount_micros"]
+            payable = [(b, c, m) for (b, c), m in net.items() if m > 0]
+            if payable:
+                await conn.executemany(
+                    "INSERT INTO payout_lines (payout_id, beneficiary_id, currency, amount_micros) VALUES ($1, $2, $3, $4)",
+                    [(request.payout_id, b, c, m) for b, c, m in payable],
+                )
+                await self._transition(
+                    conn, deltas, now, "paid", request.payout_id,
+                    "status = 'approved' AND (beneficiary_id, currency) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [b for b, _, _ in payable], [c for _, c, _ in payable],
+                )
+            return xid, await self._payout_result(conn, request.payout_id, "created")
+
+    async def _payout_result(self, conn, payout_id: str, status: str) -> PayoutResult:
+        head = await conn.fetchrow("SELECT created_at FROM payouts WHERE payout_id = $1", payout_id)
+        lines = await conn.fetch(
+            "SELECT beneficiary_id, currency, amount_micros FROM payout_lines WHERE payout_id = $1"
+            " ORDER BY beneficiary_id, currency",
+            payout_id,
+        )
+        return PayoutResult(
+            payout_id=payout_id, status=status, created_at=head["created_at"],
+            lines=[PayoutLine(beneficiary_id=r["beneficiary_id"], currency=r["currency"].strip(),
+                              amount_micros=r["amount_micros"]) for r in lines],
+        )
+
+    # --- reads ---------------------------------------------------------------
+
+    async def commissions_page(
+        self, user_id: str, status: str | None, cursor: str | None, limit: int
+    ) -> CommissionPage:
+        after = _decode_cursor(cursor) if cursor else None
+        rows = await self.pool.fetch(
+            "SELECT entry_id, transaction_id, refund_id, level, rate_bp, amount_micros, currency, status, kind,"
+            " created_at, hold_until FROM commission_ledger"
+            " WHERE beneficiary_id = $1 AND ($2::text IS NULL OR status = $2)"
+            " AND ($3::timestamptz IS NULL OR (created_at, entry_id) < ($3, $4))"
+            " ORDER BY created_at DESC, entry_id DESC LIMIT $5",
+            user_id, status, after[0] if after else None, after[1] if after else None, limit + 1,
+        )
+        items = [
+            CommissionEntryView(**{**dict(r), "currency": r["currency"].strip()}) for r in rows[:limit]
+        ]
+        next_cursor = _encode_cursor(rows[limit - 1]["created_at"], rows[limit - 1]["entry_id"]) if len(rows) > limit else None
+        return CommissionPage(items=items, next_cursor=next_cursor)
+
+    async def network_graph(self, root: str, depth: int, nodes_max: int) -> tuple[list[tuple[str, str, int]], bool]:
+        """Referral edges below `root`, breadth first, at most nodes_max."""
+        rows = await self.pool.fetch(
+            """
+            WITH RECURSIVE tree(user_id, referrer_id, level) AS (
+                SELECT user_id, referrer_id, 1 FROM users WHERE referrer_id = $1
+                UNION ALL
+                SELECT u.user_id, u.referrer_id, t.level + 1 FROM users u JOIN tree t ON u.referrer_id = t.user_id
+                WHERE t.level < $2
+            )
+            SELECT user_id, referrer_id, level FROM tree ORDER BY level, user_id LIMIT $3
+            """,
+            root, depth, nodes_max + 1,
+        )
+        return [(r["referrer_id"], r["user_id"], r["level"]) for r in rows[:nodes_max]], len(rows) > nodes_max
+
+    async def house_balances(self) -> dict[str, int]:
+        return {r["currency"].strip(): r["balance_micros"] for r in await self.pool.fetch("SELECT * FROM house_account")}
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _encode_cursor(created_at: dt.datetime, entry_id: int) -> str:
+    micros = (created_at - _EPOCH) // dt.timedelta(microseconds=1)  # exact, unlike float timestamps
+    raw = msgspec.msgpack.encode((micros, entry_id))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        micros, entry_id = msgspec.msgpack.decode(raw, type=tuple[int, int])
+        return _EPOCH + dt.timedelta(microseconds=micros), entry_id
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise InvalidRequest("cursor is not one this server issued") from exc
+

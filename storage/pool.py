@@ -1,0 +1,20 @@
+"""Connection pools with explicit sizes and timeouts."""
+
+from __future__ import annotations
+
+import asyncpg
+
+POOL_CONNECT_TIMEOUT_S = 10
+POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval sweep slice
+
+
+async def open_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=POOL_CONNECT_TIMEOUT_S,
+        command_timeout=POOL_COMMAND_TIMEOUT_S,
+        # JIT compilation costs more than it saves on our short statements.
+        server_settings={"jit": "off", "application_name": "dailydoco"},
+    )

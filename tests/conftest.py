@@ -1,0 +1,98 @@
+"""Session fixtures: real servers and one real Ray cluster, started once.
+
+DD_POSTGRES_URL / DD_NATS_URL / DD_REDIS_URL point the suite at external
+servers (CI runs it both ways); unset, the embedded ones are started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+
+import asyncpg
+import pytest
+
+from dailydoco.cluster.config import load_config
+from dailydoco.cluster.embedded import EmbeddedServers
+from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partitions
+
+# The simulation writes to its own database, so it can truncate freely while
+# the engine's database keeps the integration tests' data.
+SIMULATION_DATABASE = "dailydoco_simulation"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def state_dir():
+    with tempfile.TemporaryDirectory(prefix="dailydoco-test-") as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def servers(state_dir):
+    embedded = EmbeddedServers(state_dir)
+    urls = embedded.resolve(os.environ.get("DD_POSTGRES_URL"), os.environ.get("DD_NATS_URL"),
+                            os.environ.get("DD_REDIS_URL"))
+    yield urls
+    embedded.stop()
+
+
+async def _recreate_database(server_url: str, name: str) -> str:
+    """A fresh database beside the one `server_url` names; returns its URL."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base, _, _ = server_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def engine_database_url(servers):
+    """The engine's own database: fresh per session, also on external servers."""
+    return asyncio.run(_recreate_database(servers[0], f"dailydoco_test_{os.getpid()}"))
+
+
+@pytest.fixture(scope="session")
+def simulation_database_url(servers):
+    url = asyncio.run(_recreate_database(servers[0], SIMULATION_DATABASE))
+
+    async def migrate():
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations(conn)
+            await ensure_ledger_partitions(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate())
+    return url
+
+
+@pytest.fixture(scope="session")
+def engine(state_dir, servers, engine_database_url):
+    """The whole system on a real local Ray cluster, once per session."""
+    from dailydoco.cluster.system import EngineSystem
+
+    _, nats_url, redis_url = servers
+    config = load_config(
+        state_dir=state_dir,
+        postgres_url=engine_database_url,
+        nats_url=nats_url,
+        redis_url=redis_url,
+        http_port=_free_port(),
+        clock_adjustable=True,
+        namespace=f"dailydoco-test-{os.getpid()}",
+    )
+    system = EngineSystem(config).start()
+    yield system
+    system.stop()
