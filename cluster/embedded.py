@@ -35,7 +35,7 @@ POSTGRES_SETTINGS = {
 }
 
 
-def _free_port(preferred: int | None = None) -> int:
+def free_port(preferred: int | None = None) -> int:
     for candidate in ([preferred] if preferred else []) + [0]:
         with socket.socket() as s:
             try:
@@ -147,7 +147,7 @@ class EmbeddedServers:
         if status.returncode == 0:
             subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                            capture_output=True, **kwargs)
-        port = _free_port(self._last_ports.get("postgres"))
+        port = free_port(self._last_ports.get("postgres"))
         options = " ".join(f"-c {k}={v}" for k, v in POSTGRES_SETTINGS.items())
         options += f" -p {port} -k {socket_dir}"
         started = subprocess.run(
@@ -185,14 +185,14 @@ class EmbeddedServers:
         self.ports[name] = port
 
     def start_nats(self) -> str:
-        port = _free_port(self._last_ports.get("nats"))
+        port = free_port(self._last_ports.get("nats"))
         store = self.state_dir / "nats"
         store.mkdir(exist_ok=True)
         self._spawn("nats", [_nats_server_bin(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)], port)
         return f"nats://127.0.0.1:{port}"
 
     def start_redis(self) -> str:
-        port = _free_port(self._last_ports.get("redis"))
+        port = free_port(self._last_ports.get("redis"))
         store = self.state_dir / "redis"
         store.mkdir(exist_ok=True)
         self._spawn("redis", [_redis_server_bin(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(store),

@@ -3,25 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import asyncpg
 
 from .config import EngineConfig
-from .embedded import EmbeddedServers
+from .embedded import EmbeddedServers, free_port
 
 SERVE_APP_NAME = "dailydoco"
 
 
+def _haproxy_dir(config: EngineConfig) -> Path:
+    # Short: HAProxy caps socket paths at 97 bytes and Ray nests a 56-byte hash.
+    state_key = hashlib.blake2b(str(Path(config.state_dir).resolve()).encode(), digest_size=4).hexdigest()
+    return Path(tempfile.gettempdir()) / f"dd-hap-{state_key}"
+
+
+def _reap_haproxy(config: EngineConfig) -> None:
+    import psutil
+
+    marker = str(_haproxy_dir(config))
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "haproxy" and any(marker in arg for arg in process.info["cmdline"] or ()):
+            process.terminate()
+
+
 def _ray_env(config: EngineConfig) -> None:
     """Serve reads these at import, in every process Ray starts: set them first."""
-    if config.haproxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-    else:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not config.haproxy:
         os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
         os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        return
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    # HAProxy's files and side ports default to fixed paths and ports
+    # (/tmp/haproxy-serve, 8404, 9101): two deployments on one machine would
+    # collide. Give this one its own.
+    haproxy_dir = _haproxy_dir(config)
+    haproxy_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = str(haproxy_dir / "haproxy.cfg")
+    os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = str(haproxy_dir / "admin.sock")
+    os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(haproxy_dir)
+    os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = str(haproxy_dir / "server-state")
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
 
 
 async def _migrate(postgres_url: str) -> list[str]:
@@ -71,8 +100,9 @@ class EngineSystem:
 
         cfg = self.config
         if not ray.is_initialized():
+            local = {"_node_ip_address": "127.0.0.1"} if cfg.ray_address is None else {}
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, configure_logging=False, **local)
             self._ray_started_here = cfg.ray_address is None
         self.supervisor = SupervisorActor.options(
             name=SUPERVISOR_NAME, namespace=cfg.namespace, lifetime="detached", get_if_exists=True
@@ -87,25 +117,34 @@ class EngineSystem:
 
     def stop(self) -> None:
         try:
-            import ray
-
-            if ray.is_initialized():
-                from ray import serve
-
-                from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name, shard_actor_name
-
-                serve.shutdown()
-                names = [SUPERVISOR_NAME] + [shard_actor_name(i) for i in range(self.config.shard_actors)] + [
-                    chain_actor_name(i) for i in range(self.config.chain_actors)]
-                for name in names:
-                    try:
-                        ray.kill(ray.get_actor(name, namespace=self.config.namespace), no_restart=True)
-                    except ValueError:
-                        pass
-                if self._ray_started_here:
-                    ray.shutdown()
+            self._stop_ray()
         finally:
             self.servers.stop()
+
+    def _stop_ray(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self._ray_started_here:
+            # Shutting the local cluster down ends every actor at once; Serve's
+            # own graceful shutdown would wait 30 s for nothing. Only HAProxy,
+            # a grandchild, outlives it.
+            ray.shutdown()
+            _reap_haproxy(self.config)
+            return
+        from ray import serve
+
+        from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name, shard_actor_name
+
+        serve.delete(SERVE_APP_NAME)
+        names = [SUPERVISOR_NAME] + [shard_actor_name(i) for i in range(self.config.shard_actors)] + [
+            chain_actor_name(i) for i in range(self.config.chain_actors)]
+        for name in names:
+            try:
+                ray.kill(ray.get_actor(name, namespace=self.config.namespace), no_restart=True)
+            except ValueError:
+                pass
 
     def __enter__(self) -> "EngineSystem":
         return self.start()

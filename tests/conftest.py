@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import tempfile
 
 import asyncpg
 import pytest
 
 from dailydoco.cluster.config import load_config
-from dailydoco.cluster.embedded import EmbeddedServers
+from dailydoco.cluster.embedded import EmbeddedServers, free_port
 from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partitions
 
 # The simulation writes to its own database, so it can truncate freely while
 # the engine's database keeps the integration tests' data.
 SIMULATION_DATABASE = "dailydoco_simulation"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +82,7 @@ def engine(state_dir, servers, engine_database_url):
         postgres_url=engine_database_url,
         nats_url=nats_url,
         redis_url=redis_url,
-        http_port=_free_port(),
+        http_port=free_port(),
         clock_adjustable=True,
         namespace=f"dailydoco-test-{os.getpid()}",
     )

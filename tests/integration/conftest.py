@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import pytest
+
+_ids = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """Ids unique within the session, so tests share one engine safely."""
+    return f"{prefix}-{next(_ids)}"
+
+
+class Api:
+    def __init__(self, engine):
+        self.engine = engine
+        self.service = httpx.Client(base_url=engine.url, headers={"X-API-Key": engine.secrets.service_api_key},
+                                    timeout=60)
+        self.admin = httpx.Client(base_url=engine.url, headers={"X-API-Key": engine.secrets.admin_api_key},
+                                  timeout=60)
+        self.anonymous = httpx.Client(base_url=engine.url, timeout=60)
+
+    def register(self, user_id: str, referral_code: str | None = None) -> dict:
+        body = {"user_id": user_id} | ({"referral_code": referral_code} if referral_code else {})
+        r = self.service.post("/v1/users", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def chain(self, length: int, prefix: str = "chain") -> list[str]:
+        """Users u0 <- u1 <- ... (each referred by the previous); returns ids, root first."""
+        ids, code = [], None
+        for _ in range(length):
+            view = self.register(unique(prefix), code)
+            ids.append(view["user_id"])
+            code = view["referral_code"]
+        return ids
+
+    def purchase(self, user_id: str, amount_micros: int, transaction_id: str | None = None, **extra) -> httpx.Response:
+        body = {"transaction_id": transaction_id or unique("tx"), "user_id": user_id, "amount_micros": amount_micros}
+        return self.service.post("/v1/transactions", json=body | extra)
+
+    def balance(self, user_id: str, currency: str = "USD") -> dict:
+        r = self.service.get(f"/v1/users/{user_id}/balance")
+        assert r.status_code == 200, r.text
+        for b in r.json()["balances"]:
+            if b["currency"] == currency:
+                return b
+        return {"pending_micros": 0, "approved_micros": 0, "paid_micros": 0, "earned_micros": 0}
+
+
+@pytest.fixture(scope="session")
+def api(engine) -> Api:
+    return Api(engine)

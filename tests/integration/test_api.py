@@ -1,0 +1,222 @@
+"""The HTTP API end to end: Serve (HAProxy mode), Ray actors, Postgres."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from .conftest import unique
+
+RATES_BP = (2000, 1000, 500, 300, 200, 100, 50)
+PROBLEM_BASE = "https://problems.dailydoco.dev/"
+
+
+def assert_problem(response, status: int, slug: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["type"] == PROBLEM_BASE + slug and body["status"] == status and body["detail"]
+    return body
+
+
+def test_seven_levels_paid_and_eighth_not(api):
+    users = api.chain(9)  # root .. buyer's referrer; 8 ancestors above the last
+    buyer = users[-1]
+    before = {u: api.balance(u)["pending_micros"] for u in users}
+    r = api.purchase(buyer, 1_234_567_891)
+    assert r.status_code == 201, r.text
+    result = r.json()
+    ancestors = users[:-1][::-1]  # level 1 first
+    assert [c["beneficiary_id"] for c in result["commissions"]] == ancestors[:7]
+    assert [c["amount_micros"] for c in result["commissions"]] == [1_234_567_891 * bp // 10_000 for bp in RATES_BP]
+    exact_total = 1_234_567_891 * sum(RATES_BP) // 10_000
+    assert result["house_micros"] == exact_total - sum(c["amount_micros"] for c in result["commissions"])
+    for level, ancestor in enumerate(ancestors, start=1):
+        gained = api.balance(ancestor)["pending_micros"] - before[ancestor]
+        assert gained == (1_234_567_891 * RATES_BP[level - 1] // 10_000 if level <= 7 else 0)
+
+
+def test_idempotent_replay_and_conflict(api):
+    root, buyer = api.chain(2)
+    tid = unique("tx")
+    first = api.purchase(buyer, 10_000_000, tid)
+    again = api.purchase(buyer, 10_000_000, tid)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["status"] == "replayed" and again.json()["commissions"] == first.json()["commissions"]
+    assert_problem(api.purchase(buyer, 10_000_001, tid), 409, "idempotency-conflict")
+    assert api.balance(root)["pending_micros"] == 2_000_000
+
+
+def test_concurrent_duplicates_produce_one_set_of_entries(api):
+    root, buyer = api.chain(2)
+    tid = unique("tx")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: api.purchase(buyer, 5_000_000, tid), range(32)))
+    assert sorted(r.status_code for r in responses) == [200] * 31 + [201]
+    assert api.balance(root)["pending_micros"] == 1_000_000
+    page = api.service.get(f"/v1/users/{root}/commissions").json()
+    assert [e["transaction_id"] for e in page["items"]] == [tid]
+
+
+def test_batch_mixes_outcomes_per_item(api):
+    root, buyer = api.chain(2)
+    known = unique("tx")
+    assert api.purchase(buyer, 1_000_000, known).status_code == 201
+    items = [{"transaction_id": unique("tx"), "user_id": buyer, "amount_micros": 1_000_000} for _ in range(1_500)]
+    items += [{"transaction_id": known, "user_id": buyer, "amount_micros": 1_000_000},
+              {"transaction_id": unique("tx"), "user_id": "nobody-here", "amount_micros": 1}]
+    r = api.service.post("/v1/transactions:batch", json={"transactions": items})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["created"], body["replayed"], body["failed"]) == (1_500, 1, 1)
+    assert body["results"][-1]["problem"]["type"] == PROBLEM_BASE + "unknown-user"
+    assert api.balance(root)["pending_micros"] == 1_501 * 200_000
+
+
+def test_refund_partial_then_rest_then_too_much(api):
+    root, buyer = api.chain(2)
+    tid = unique("tx")
+    api.purchase(buyer, 1_000_001, tid)
+    r1 = api.service.post(f"/v1/transactions/{tid}/refunds", json={"refund_id": unique("rf"), "amount_micros": 333_333})
+    assert r1.status_code == 201, r1.text
+    assert r1.json()["reversals"] == [{"level": 1, "beneficiary_id": root, "amount_micros": -66_666, "kind": "refund"}]
+    rest = {"refund_id": unique("rf"), "amount_micros": 666_668}
+    r2 = api.service.post(f"/v1/transactions/{tid}/refunds", json=rest)
+    assert r2.status_code == 201 and r2.json()["refunded_total_micros"] == 1_000_001
+    # Reversals add up to exactly the commission paid: nothing left pending.
+    assert api.balance(root)["pending_micros"] == 0
+    assert api.service.post(f"/v1/transactions/{tid}/refunds", json=rest).status_code == 200
+    too_much = {"refund_id": unique("rf"), "amount_micros": 1}
+    assert_problem(api.service.post(f"/v1/transactions/{tid}/refunds", json=too_much), 422, "refund-exceeds-purchase")
+    assert_problem(api.service.post("/v1/transactions/nope/refunds", json=too_much), 404, "not-found")
+
+
+def test_lifecycle_hold_payout_and_clawback(api):
+    root, buyer = api.chain(2)
+    tid = unique("tx")
+    api.purchase(buyer, 50_000_000, tid)
+    assert api.balance(root)["pending_micros"] == 10_000_000
+    r = api.admin.post("/v1/admin/clock", json={"seconds": 31 * 24 * 3600})
+    assert r.status_code == 200, r.text
+    assert api.balance(root)["approved_micros"] == 10_000_000
+    payout = api.admin.post("/v1/payouts", json={"payout_id": unique("po"), "currency": "USD"})
+    assert payout.status_code == 201, payout.text
+    assert {"beneficiary_id": root, "currency": "USD", "amount_micros": 10_000_000} in payout.json()["lines"]
+    assert api.balance(root)["paid_micros"] == 10_000_000
+    # A refund after payout claws back: a negative approved balance, netted next time.
+    r = api.service.post(f"/v1/transactions/{tid}/refunds", json={"refund_id": unique("rf"), "amount_micros": 25_000_000})
+    assert r.json()["reversals"][0]["kind"] == "clawback"
+    after = api.balance(root)
+    assert (after["approved_micros"], after["paid_micros"]) == (-5_000_000, 10_000_000)
+    assert_problem(api.service.post("/v1/payouts", json={"payout_id": unique("po")}), 403, "forbidden")
+
+
+def test_registration_rules(api):
+    alice = api.register(unique("alice"))
+    code = alice["referral_code"]
+    # NFKC and case-folding: full-width lower-case letters name the same code.
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) if c.isalnum() else c for c in code.lower())
+    bob = api.register(unique("bob"), fullwidth)
+    assert bob["referrer_id"] == alice["user_id"] and bob["upline"] == [alice["user_id"]]
+    assert_problem(api.service.post("/v1/users", json={"user_id": unique("c"), "referral_code": "ZZZZZZZZ"}),
+                   422, "unknown-referral-code")
+    assert_problem(api.service.post("/v1/users", json={"user_id": alice["user_id"], "referral_code": code}),
+                   422, "self-referral")
+    assert_problem(api.service.post("/v1/users", json={"user_id": bob["user_id"]}), 409, "idempotency-conflict")
+    replay = api.service.post("/v1/users", json={"user_id": bob["user_id"], "referral_code": code})
+    assert replay.status_code == 200 and replay.json()["referral_code"] == bob["referral_code"]
+
+
+@pytest.mark.parametrize(
+    "body, status, slug",
+    [
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": 1', 400, "malformed-body"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": NaN}', 400, "malformed-body"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": 1.5}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": 0}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": -5}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": 1000000000000000000000}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": "10"}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": 5, "tip": 1}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "u", "amount_micros": 5, "currency": "usd"}', 422, "validation"),
+        (b'{"transaction_id": "", "user_id": "u", "amount_micros": 5}', 422, "validation"),
+        (b'{"transaction_id": "x", "user_id": "nobody", "amount_micros": 5}', 422, "unknown-user"),
+    ],
+)
+def test_bad_purchases_are_rejected_and_write_nothing(api, body, status, slug):
+    before = api.admin.get("/v1/admin/house").json()
+    r = api.service.post("/v1/transactions", content=body, headers={"content-type": "application/json"})
+    assert_problem(r, status, slug)
+    assert api.admin.get("/v1/admin/house").json() == before
+    assert api.anonymous.get("/healthz").status_code == 200
+
+
+def test_transport_errors(api):
+    assert_problem(api.service.post("/v1/transactions", content=b"{}", headers={"content-type": "text/plain"}),
+                   415, "unsupported-media-type")
+    huge = b'{"transactions": [' + b'{"transaction_id": "x", "user_id": "u", "amount_micros": 1},' * 80_000 + b"]}"
+    assert_problem(api.service.post("/v1/transactions:batch", content=huge,
+                                    headers={"content-type": "application/json"}), 413, "payload-too-large")
+    too_many = {"transactions": [{"transaction_id": f"x{i}", "user_id": "u", "amount_micros": 1} for i in range(5_001)]}
+    assert_problem(api.service.post("/v1/transactions:batch", json=too_many), 422, "validation")
+    assert_problem(api.anonymous.get("/v1/nowhere"), 404, "not-found")
+    assert_problem(api.anonymous.get("/v1/users/x/balance"), 401, "unauthorized")
+    assert_problem(api.anonymous.get("/v1/users/x/balance", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+
+
+def test_user_tokens_read_only_their_own_data(api):
+    alice, bob = api.chain(2)
+    token = api.service.post(f"/v1/users/{alice}/tokens", json={"ttl_s": 60}).json()["token"]
+    as_alice = {"Authorization": f"Bearer {token}"}
+    assert api.anonymous.get(f"/v1/users/{alice}/balance", headers=as_alice).status_code == 200
+    assert_problem(api.anonymous.get(f"/v1/users/{bob}/balance", headers=as_alice), 403, "forbidden")
+    assert_problem(api.anonymous.post("/v1/transactions", headers=as_alice, json={}), 403, "forbidden")
+    tampered = token[:-4] + ("AAAA" if token[-4:] != "AAAA" else "BBBB")
+    assert_problem(api.anonymous.get(f"/v1/users/{alice}/balance", headers={"Authorization": f"Bearer {tampered}"}),
+                   401, "unauthorized")
+
+
+def test_network_statistics_and_graph(api):
+    root = api.register(unique("net"))
+    kids = [api.register(unique("kid"), root["referral_code"]) for _ in range(3)]
+    grandkid = api.register(unique("gk"), kids[0]["referral_code"])
+    api.purchase(grandkid["user_id"], 10_000_000)
+    r = api.service.get(f"/v1/users/{root['user_id']}/network", params={"depth": 2})
+    assert r.status_code == 200, r.text
+    net = r.json()
+    stats = net["stats"]
+    assert stats["direct_referrals"] == 3 and stats["network_size"] == 4 and stats["depth"] == 2
+    assert stats["size_by_level"][:3] == [3, 1, 0]
+    assert stats["revenue_by_level"] == [{"currency": "USD", "revenue_micros_by_level": [0, 10_000_000, 0, 0, 0, 0, 0]}]
+    # Members at levels 1..6 (3 kids, 1 grandkid) made 1 referral between them.
+    assert stats["viral_coefficient"] == pytest.approx(1 / 4)
+    assert len(net["nodes"]) == 5 and {"referrer_id": kids[0]["user_id"], "user_id": grandkid["user_id"]} in net["edges"]
+    assert_problem(api.service.get(f"/v1/users/{root['user_id']}/network", params={"depth": 9}), 422, "validation")
+
+
+def test_commission_paging(api):
+    root, buyer = api.chain(2)
+    for _ in range(7):
+        api.purchase(buyer, 1_000_000)
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        page = api.service.get(f"/v1/users/{root}/commissions", params=params).json()
+        seen += [e["entry_id"] for e in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 7
+    assert api.service.get(f"/v1/users/{root}/commissions", params={"status": "paid"}).json()["items"] == []
+    assert_problem(api.service.get(f"/v1/users/{root}/commissions", params={"cursor": "garbage!"}), 422, "validation")
+
+
+def test_operations_endpoints(api):
+    ready = api.anonymous.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ok"
+    assert {"postgres", "redis", "nats"} <= set(ready.json()["checks"])
+    metrics = api.anonymous.get("/metrics").text
+    assert "dailydoco_http_requests_total" in metrics
+    spec = api.anonymous.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.1") and "/v1/transactions:batch" in spec["paths"]
