@@ -1,0 +1,50 @@
+import datetime as dt
+
+import pytest
+
+from dailydoco.protocol import Forbidden, Unauthorized
+from dailydoco.serve.auth import TokenAuthority, load_or_create_secrets, require_reader_of
+
+
+@pytest.fixture
+def authority(tmp_path):
+    return TokenAuthority(load_or_create_secrets(str(tmp_path)))
+
+
+def test_secrets_persist_and_are_private(tmp_path):
+    first = load_or_create_secrets(str(tmp_path))
+    assert load_or_create_secrets(str(tmp_path)) == first
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o077 == 0
+
+
+def test_token_round_trip_and_scope(authority):
+    token, _ = authority.issue("alice", 60)
+    assert token.startswith("v4.public.")
+    assert authority.principal(f"Bearer {token}", None) == "user:alice"
+    require_reader_of("user:alice", "alice")
+    with pytest.raises(Forbidden):
+        require_reader_of("user:alice", "alice2")
+
+
+def test_tampered_expired_and_foreign_tokens_fail(authority, tmp_path):
+    token, _ = authority.issue("alice", 60)
+    body = token[len("v4.public."):]
+    flipped = body[:10] + ("A" if body[10] != "A" else "B") + body[11:]
+    for bad in ("v4.public." + flipped, token + ".footer", "v3.public." + body, "garbage"):
+        with pytest.raises(Unauthorized):
+            authority.verify(bad)
+    with pytest.raises(Unauthorized):
+        authority.verify(token, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=61))
+    other = TokenAuthority(load_or_create_secrets(str(tmp_path / "other")))
+    with pytest.raises(Unauthorized):
+        other.verify(token)
+
+
+def test_api_keys(authority, tmp_path):
+    secrets = load_or_create_secrets(str(tmp_path))
+    assert authority.principal(None, secrets.service_api_key) == "service"
+    assert authority.principal(None, secrets.admin_api_key) == "admin"
+    with pytest.raises(Unauthorized):
+        authority.principal(None, secrets.service_api_key + "x")
+    with pytest.raises(Unauthorized):
+        authority.principal(None, None)
