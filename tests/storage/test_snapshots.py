@@ -19,7 +19,7 @@ def test_visibility_matches_postgres(simulation_database_url):
             snap = Snapshot.parse(text)
             assert snap.text() == text and not snap.sees(in_flight)
             for xid in range(max(3, snap.xmin - 5), snap.xmax + 5):
-                pg = await conn.fetchval("SELECT pg_visible_in_snapshot($1::text::xid8, $2::pg_snapshot)",
+                pg = await conn.fetchval("SELECT pg_visible_in_snapshot($1::text::xid8, $2::text::pg_snapshot)",
                                          str(xid), text)
                 assert snap.sees(xid) == pg, xid
             await open_tx.rollback()
