@@ -50,6 +50,11 @@ class CommissionChainActor:
     async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
         return await (await self._engine()).refund(transaction_id, request)
 
+    async def drained(self) -> bool:
+        """Wait until every shard delivery posted so far has landed (tests, shutdown)."""
+        await (await self._engine()).router.drained()
+        return True
+
     async def ready(self) -> bool:
         await self._engine()
         return True

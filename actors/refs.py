@@ -9,6 +9,7 @@ unknown outcome is safe.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import ray
@@ -32,6 +33,8 @@ def chain_actor_name(index: int) -> str:
 
 
 SUPERVISOR_NAME = "supervisor"
+MAILBOX_RETRY_DEADLINE_S = 300.0  # then log and keep trying: the delivery is never dropped
+log = logging.getLogger("dailydoco.refs")
 
 
 class ActorRef:
@@ -60,10 +63,51 @@ class ActorRef:
                 attempt += 1
 
 
+class ShardMailbox:
+    """Posts to one shard, sent as one `apply_many` call per round.
+
+    Everything posted while a call is in flight goes in the next one, so under
+    load one Ray message carries many commits. A shard that is down is
+    retried (ActorRef) until the supervisor has it back; its recovery fences
+    out whatever it already holds.
+    """
+
+    def __init__(self, shard: ActorRef):
+        self.shard = shard
+        self._posted: list[tuple[int, ShardDelta]] = []
+        self._sending: asyncio.Task | None = None
+
+    def post(self, xid: int, delta: ShardDelta) -> None:
+        self._posted.append((xid, delta))
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._posted:
+            batch, self._posted = self._posted, []
+            while True:
+                try:
+                    await self.shard.call("apply_many", batch, deadline_s=MAILBOX_RETRY_DEADLINE_S)
+                    break
+                except ServiceUnavailable:
+                    log.warning("shard %s unreachable; still holding %d deliveries", self.shard.name, len(batch))
+
+    async def drained(self) -> None:
+        while self._sending is not None and not self._sending.done():
+            await asyncio.shield(self._sending)
+
+
 class RayShardRouter:
     def __init__(self, namespace: str, shard_count: int):
         self.shard_count = shard_count
         self.shards = [ActorRef(shard_actor_name(i), namespace) for i in range(shard_count)]
+        self.mailboxes = [ShardMailbox(ref) for ref in self.shards]
 
     async def deliver_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
         await self.shards[shard_index].call("apply", xid, delta)
+
+    def post_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
+        self.mailboxes[shard_index].post(xid, delta)
+
+    async def drained(self) -> None:
+        await asyncio.gather(*(m.drained() for m in self.mailboxes))

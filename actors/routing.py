@@ -16,7 +16,11 @@ from dailydoco.storage.sharding import actor_of_vshard, vshard_of
 class ShardRouter(Protocol):
     shard_count: int
 
-    async def deliver_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None: ...
+    async def deliver_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
+        """Apply now; return once the shard holds it."""
+
+    def post_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
+        """Apply soon, coalesced with other posts to that shard; retried until done."""
 
 
 def new_delta_set(shard_count: int) -> DeltaSet:
@@ -35,3 +39,13 @@ async def deliver(router: ShardRouter, xid: int | None, deltas: DeltaSet) -> Non
     await asyncio.gather(
         *(router.deliver_one(index, xid, delta) for index, delta in deltas.by_route.items() if not delta.is_empty())
     )
+
+
+def deliver_soon(router: ShardRouter, xid: int | None, deltas: DeltaSet) -> None:
+    """`deliver` without waiting: for the purchase path, where the commit is the
+    acknowledgement and a shard a few milliseconds behind is acceptable."""
+    if xid is None:
+        return
+    for index, delta in deltas.by_route.items():
+        if not delta.is_empty():
+            router.post_one(index, xid, delta)

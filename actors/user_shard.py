@@ -20,7 +20,8 @@ from .shard_core import ShardState
 
 
 class LocalFirstRouter(RayShardRouter):
-    """Deliveries to this very shard skip Ray: an actor must not await itself."""
+    """Deliveries to this very shard skip Ray: an actor must not await itself.
+    Registration delivers synchronously only, so post_one is never local."""
 
     def __init__(self, namespace: str, shard_count: int, owner: "UserShardActor"):
         super().__init__(namespace, shard_count)
@@ -70,6 +71,13 @@ class UserShardActor:
             self._reloading.append((xid, delta))
         return state.apply(xid, delta)
 
+    async def apply_many(self, deliveries: list[tuple[int, ShardDelta]]) -> int:
+        """Coalesced deliveries (see refs.ShardMailbox); returns how many were new."""
+        applied = 0
+        for xid, delta in deliveries:
+            applied += await self.apply(xid, delta)
+        return applied
+
     async def reload(self) -> int:
         """Rebuild from the ledger, picking up writes whose delivery was lost
         (a writer that crashed between its commit and its delivery)."""
@@ -91,9 +99,10 @@ class UserShardActor:
     async def get_user(self, user_id: str) -> UserView | None:
         return (await self._ensure_ready()).user_view(user_id)
 
-    async def get_balance(self, user_id: str) -> BalanceView | None:
+    async def get_balances(self, user_ids: list[str]) -> list[BalanceView | None]:
+        """Many reads in one call: the API coalesces concurrent ones (MicroBatcher)."""
         state = await self._ensure_ready()
-        return state.balance_view(user_id) if user_id in state.users else None
+        return [state.balance_view(u) if u in state.users else None for u in user_ids]
 
     async def get_network_stats(self, user_id: str) -> NetworkStats | None:
         state = await self._ensure_ready()

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dailydoco import protocol as p
+from dailydoco.actors.batching import MicroBatcher
 from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.storage.ledger import Ledger
@@ -33,16 +34,22 @@ from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vs
 
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
-from .rate_limit import RateLimiter
+from .rate_limit import LocalRateLimiter, RateLimiter
 
 BODY_BYTES_MAX = 64 * 1024  # every body but a batch: a few hundred bytes in practice
 BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
 COMMISSIONS_PAGE_DEFAULT = 100
 NETWORK_GRAPH_DEPTH_DEFAULT = 3
-# GCRA limits per principal (requests per second, burst).
-RATE_LIMIT_SERVICE = (5_000, 10_000)
+# GCRA limits (requests per second, burst): per user token across the cluster;
+# per API key in each replica.
+RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
 RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
+NATS_RECONNECT_WAIT_S = 2.0
+CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
+CHAIN_CALLS_IN_FLIGHT_MAX = 2  # per chain: one writing while the next gathers
+BALANCE_READS_PER_CALL_MAX = 1_000
+SHARD_READ_CALLS_IN_FLIGHT_MAX = 2
 
 _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
@@ -110,6 +117,8 @@ class EngineApi:
         ns = config.namespace
         self.shards = [ActorRef(shard_actor_name(i), ns) for i in range(config.shard_actors)]
         self.chains = [ActorRef(chain_actor_name(i), ns) for i in range(config.chain_actors)]
+        self.chain_batchers = [self._chain_batcher(chain) for chain in self.chains]
+        self.balance_batchers = [self._balance_batcher(shard) for shard in self.shards]
         self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
         self._deps_lock = asyncio.Lock()
         self._deps_ready = False
@@ -131,12 +140,37 @@ class EngineApi:
                 self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 self.redis = redis.from_url(self.redis_url, socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
                 self.limiter = RateLimiter(self.redis)
-                self.nats = await nats.connect(self.nats_url, allow_reconnect=True, max_reconnect_attempts=-1,
-                                               connect_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+                self.local_limiter = LocalRateLimiter()
+                # No request needs NATS yet: connect in the background, so a
+                # NATS outage shows in /readyz instead of stalling every request.
+                self.nats = None
+                self._nats_task = asyncio.get_running_loop().create_task(self._connect_nats())
                 self._deps_ready = True
 
+    async def _connect_nats(self) -> None:
+        while self.nats is None:
+            try:
+                self.nats = await nats.connect(self.nats_url, allow_reconnect=True, max_reconnect_attempts=-1,
+                                               connect_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - retried; /readyz reports it meanwhile
+                log.warning("NATS at %s unreachable (%s); retrying", self.nats_url, exc)
+                await asyncio.sleep(NATS_RECONNECT_WAIT_S)
+
+    def _shard_index(self, user_id: str) -> int:
+        return actor_of_vshard(vshard_of(user_id), len(self.shards))
+
     def _shard_of(self, user_id: str) -> ActorRef:
-        return self.shards[actor_of_vshard(vshard_of(user_id), len(self.shards))]
+        return self.shards[self._shard_index(user_id)]
+
+    @staticmethod
+    def _balance_batcher(shard: ActorRef) -> MicroBatcher:
+        """Concurrent balance reads of one shard share a Ray call: on this
+        hardware a Ray call costs the replica more CPU than the rest of a read."""
+
+        async def read(user_ids: list[str]) -> list:
+            return await shard.call("get_balances", user_ids)
+
+        return MicroBatcher(read, BALANCE_READS_PER_CALL_MAX, SHARD_READ_CALLS_IN_FLIGHT_MAX)
 
     # --- plumbing ------------------------------------------------------------
 
@@ -160,8 +194,12 @@ class EngineApi:
 
     async def principal(self, request: Request) -> str:
         principal = self.auth.principal(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        per_second, burst = RATE_LIMIT_USER if principal.startswith("user:") else RATE_LIMIT_SERVICE
-        wait_s = await self.limiter.retry_after_s(principal, per_second, burst)
+        if principal.startswith("user:"):
+            per_second, burst = RATE_LIMIT_USER
+            wait_s = await self.limiter.retry_after_s(principal, per_second, burst)
+        else:
+            per_second, burst = RATE_LIMIT_SERVICE_PER_REPLICA
+            wait_s = self.local_limiter.retry_after_s(principal, per_second, burst)
         if wait_s > 0:
             raise p.RateLimited(f"rate limit of {per_second}/s exceeded; retry in {wait_s:.3f} s", retry_after_s=wait_s)
         return principal
@@ -194,7 +232,7 @@ class EngineApi:
     async def balance(self, request: Request) -> Response:
         user_id = request.path_params["user_id"]
         require_reader_of(await self.principal(request), user_id)
-        view = await self._shard_of(user_id).call("get_balance", user_id)
+        [view] = await self.balance_batchers[self._shard_index(user_id)].submit([user_id])
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         return _json(view)
@@ -230,8 +268,7 @@ class EngineApi:
         for i, r in enumerate(requests):
             by_chain.setdefault(chain_of_transaction(r.transaction_id, len(self.chains)), []).append(i)
         replies = await asyncio.gather(*(
-            self.chains[c].call("submit", _REQUESTS_ENCODER.encode([requests[i] for i in idx]))
-            for c, idx in by_chain.items()
+            self.chain_batchers[c].submit([requests[i] for i in idx]) for c, idx in by_chain.items()
         ))
         outcomes: list = [None] * len(requests)
         for idx, reply in zip(by_chain.values(), replies):
@@ -240,6 +277,14 @@ class EngineApi:
         for result, error in outcomes:
             self.purchases_total.labels(result.status if result else "failed").inc()
         return outcomes
+
+    def _chain_batcher(self, chain: ActorRef) -> MicroBatcher:
+        """Concurrent requests to one chain share a Ray call (and its group commit)."""
+
+        async def send(requests: list[p.TransactionRequest]) -> list[tuple]:
+            return await chain.call("submit", _REQUESTS_ENCODER.encode(requests))
+
+        return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX)
 
     async def transaction(self, request: Request) -> Response:
         require_service(await self.principal(request))
@@ -305,6 +350,8 @@ class EngineApi:
                 checks[name] = f"error: {type(exc).__name__}: {exc}"[:200]
 
         async def nats_flush():
+            if self.nats is None or not self.nats.is_connected:
+                raise ConnectionError(f"not connected to {self.nats_url}")
             await self.nats.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
 
         await asyncio.gather(

@@ -1,6 +1,13 @@
-"""GCRA rate limiting in Redis: one stored value per key, one atomic script."""
+"""GCRA rate limiting: one stored value (the theoretical arrival time) per key.
+
+End users are limited cluster-wide in Redis (one atomic script); backends with
+API keys are trusted and limited per replica in memory, which keeps a Redis
+round trip off the hot path of server-to-server traffic.
+"""
 
 from __future__ import annotations
+
+import time
 
 import redis.asyncio as redis
 
@@ -21,6 +28,23 @@ local new_tat = tat + interval
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return 0
 """
+
+
+class LocalRateLimiter:
+    """The same GCRA, in this process's memory."""
+
+    def __init__(self):
+        self._tat_us: dict[str, int] = {}
+
+    def retry_after_s(self, key: str, per_second: int, burst: int) -> float:
+        now = time.monotonic_ns() // 1_000
+        interval = 1_000_000 // per_second
+        tat = max(self._tat_us.get(key, now), now)
+        allow_at = tat - interval * burst
+        if now < allow_at:
+            return (allow_at - now) / 1_000_000
+        self._tat_us[key] = tat + interval
+        return 0.0
 
 
 class RateLimiter:

@@ -45,13 +45,26 @@ TABLES = "users, transactions, refunds, commission_ledger, ledger_transitions, p
 
 
 class FaultyRouter:
-    """Delivers to in-process shard states; can lose or double a delivery."""
+    """Delivers to in-process shard states; can lose, double or reorder deliveries."""
 
-    def __init__(self, states):
+    def __init__(self, states, rng):
         self.states = states
         self.shard_count = len(states)
+        self.rng = rng
         self.lose_deliveries = False
         self.double_deliveries = False
+        self.posted: list[tuple[int, int, object]] = []
+
+    def post_one(self, shard_index, xid, delta):
+        if not self.lose_deliveries:
+            self.posted.append((shard_index, xid, delta))
+
+    async def flush_posted(self):
+        """Deliver what was posted, in a random order: deltas must commute."""
+        posted, self.posted = self.posted, []
+        self.rng.shuffle(posted)
+        for shard_index, xid, delta in posted:
+            await self.deliver_one(shard_index, xid, delta)
 
     async def deliver_one(self, shard_index, xid, delta):
         if self.lose_deliveries:
@@ -69,7 +82,7 @@ class Simulation:
         self.rng = random.Random(seed)
         self.pool = pool
         self.ledger = Ledger(pool, HOLD_PERIOD_S)
-        self.router = FaultyRouter([None] * SHARDS)
+        self.router = FaultyRouter([None] * SHARDS, self.rng)
         # Two chains: concurrent deliveries of one id may meet different ones.
         self.chains = [CommissionEngine(self.ledger, self.router), CommissionEngine(self.ledger, self.router)]
         self.users: list[str] = []
@@ -327,6 +340,7 @@ class Simulation:
             action = self.rng.choices([a for a, _ in actions], weights=[w for _, w in actions])[0]
             self.step_name = f"{step}:{action.__name__}"
             await action()
+            await self.router.flush_posted()
             await self.verify()
 
 
@@ -339,12 +353,7 @@ async def _run_seed(url: str, seed: int) -> None:
     pool = await open_pool(url, max_size=6)
     try:
         await pool.execute(f"TRUNCATE {TABLES} CASCADE; UPDATE engine_clock SET offset_us = 0")
-        simulation = Simulation(seed, pool)
-        try:
-            await simulation.run(STEPS_PER_SEED)
-        finally:
-            for chain in simulation.chains:
-                await chain.close()
+        await Simulation(seed, pool).run(STEPS_PER_SEED)
     finally:
         await pool.close()
 

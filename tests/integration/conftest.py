@@ -41,7 +41,19 @@ class Api:
         body = {"transaction_id": transaction_id or unique("tx"), "user_id": user_id, "amount_micros": amount_micros}
         return self.service.post("/v1/transactions", json=body | extra)
 
+    def settle(self) -> None:
+        """Wait until every shard delivery posted so far has landed: purchases
+        are acknowledged at commit, and shards are credited right after."""
+        import ray
+
+        from dailydoco.actors.refs import chain_actor_name
+
+        ns = self.engine.config.namespace
+        ray.get([ray.get_actor(chain_actor_name(i), namespace=ns).drained.remote()
+                 for i in range(self.engine.config.chain_actors)])
+
     def balance(self, user_id: str, currency: str = "USD") -> dict:
+        self.settle()
         r = self.service.get(f"/v1/users/{user_id}/balance")
         assert r.status_code == 200, r.text
         for b in r.json()["balances"]:

@@ -182,6 +182,7 @@ def test_network_statistics_and_graph(api):
     kids = [api.register(unique("kid"), root["referral_code"]) for _ in range(3)]
     grandkid = api.register(unique("gk"), kids[0]["referral_code"])
     api.purchase(grandkid["user_id"], 10_000_000)
+    api.settle()
     r = api.service.get(f"/v1/users/{root['user_id']}/network", params={"depth": 2})
     assert r.status_code == 200, r.text
     net = r.json()

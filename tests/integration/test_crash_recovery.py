@@ -73,6 +73,7 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
         if api.anonymous.get("/readyz").status_code == 200:
             break
         time.sleep(0.5)
+    api.settle()
     # Retries after an unknown outcome replay, never duplicate.
     assert _memory_balances(engine) == _ledger_balances(engine)
     restarts = ray.get(engine.supervisor.restart_counts.remote())

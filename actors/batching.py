@@ -1,0 +1,58 @@
+"""Natural micro-batching: whatever arrives while a batch is in flight goes next.
+
+No timer: at low load a request goes alone and at once; under load requests
+share one call (one Postgres commit, one Ray message), so the cost per request
+falls as the load rises. Used for group commit and for the replica's calls to
+the commission chains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+log = logging.getLogger("dailydoco.batching")
+
+
+class MicroBatcher(Generic[Item, Result]):
+    def __init__(self, process: Callable[[list[Item]], Awaitable[list[Result]]], items_max: int, in_flight_max: int):
+        self._process = process
+        self._items_max = items_max
+        self._in_flight_max = in_flight_max
+        self._queue: list[tuple[list[Item], asyncio.Future]] = []
+        self._in_flight = 0
+
+    async def submit(self, items: list[Item]) -> list[Result]:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((items, future))
+        if self._in_flight < self._in_flight_max:
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group, size = [], 0
+                while self._queue and (not group or size + len(self._queue[0][0]) <= self._items_max):
+                    items, future = self._queue.pop(0)
+                    group.append((items, future))
+                    size += len(items)
+                flat = [item for items, _ in group for item in items]
+                try:
+                    results = await self._process(flat)
+                except Exception as exc:  # noqa: BLE001 - every waiter hears of it
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for items, future in group:
+                    if not future.done():
+                        future.set_result(results[start : start + len(items)])
+                    start += len(items)
+        finally:
+            self._in_flight -= 1
