@@ -22,7 +22,7 @@ from .routing import ShardRouter, deliver, deliver_soon, new_delta_set
 # low milliseconds.
 GROUP_COMMIT_TRANSACTIONS_MAX = 4_000
 # Groups written at once: one commits while the next is computed.
-GROUP_COMMITS_IN_FLIGHT_MAX = 2
+GROUP_COMMITS_IN_FLIGHT_MAX = 4
 UPLINE_CACHE_USERS_MAX = 2_000_000  # uplines never change, so any cached one stays true
 
 

@@ -39,7 +39,7 @@ from dailydoco.protocol import LEVEL_RATES_BP
 RESULTS = Path(__file__).parent / "results" / "ledger.json"
 NAIVE_CONNECTIONS = 8
 BATCH_SIZE = 2_000
-BATCH_CLIENTS = 4  # concurrent batch requests in flight
+BATCH_CLIENTS = 8  # concurrent batch requests in flight
 
 
 def percentile(samples: list[float], q: float) -> float:

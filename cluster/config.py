@@ -40,6 +40,7 @@ def _flag(name: str, default: bool) -> bool:
 
 def load_config(**overrides) -> EngineConfig:
     env = os.environ
+    cores = os.cpu_count() or 2
     config = EngineConfig(
         state_dir=env.get("DD_STATE_DIR", str(Path.cwd() / ".dailydoco")),
         postgres_url=env.get("DD_POSTGRES_URL") or None,
@@ -48,8 +49,10 @@ def load_config(**overrides) -> EngineConfig:
         ray_address=env.get("DD_RAY_ADDRESS") or None,
         http_host=env.get("DD_HTTP_HOST", "127.0.0.1"),
         http_port=int(env.get("DD_HTTP_PORT", "8000")),
-        shard_actors=int(env.get("DD_SHARD_ACTORS", "4")),
-        chain_actors=int(env.get("DD_CHAIN_ACTORS", "2")),
+        # One shard per core and a chain per two: on small machines every extra
+        # process a request touches costs more in switching than it adds.
+        shard_actors=int(env.get("DD_SHARD_ACTORS", str(max(2, cores)))),
+        chain_actors=int(env.get("DD_CHAIN_ACTORS", str(max(1, cores // 2)))),
         serve_replicas=int(env.get("DD_SERVE_REPLICAS", "1")),
         hold_period_s=int(env.get("DD_HOLD_PERIOD_S", str(HOLD_PERIOD_S_DEFAULT))),
         clock_adjustable=_flag("DD_CLOCK_ADJUSTABLE", False),

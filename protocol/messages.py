@@ -126,6 +126,15 @@ class TransactionBatchResult(_Message):
     results: list[BatchItemResult]
 
 
+class PurchaseOutcomeWire(_Message, array_like=True):
+    """One purchase's outcome between actors: msgspec bytes cost a fraction of
+    pickled Structs on the hot path. `error` names an EngineError subclass."""
+
+    result: TransactionResult | None
+    error: str | None = None
+    detail: str | None = None
+
+
 # --- refunds -----------------------------------------------------------------
 
 

@@ -151,3 +151,18 @@ class InternalError(EngineError):
     """A server bug; the request may or may not have been applied; retry with the same id."""
 
     status, slug, title = 500, "internal", "Internal server error"
+
+
+def error_named(name: str, detail: str) -> EngineError:
+    """Rebuild an EngineError sent by class name (see PurchaseOutcomeWire)."""
+    cls = _ERRORS_BY_NAME.get(name, InternalError)
+    return cls(detail)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+_ERRORS_BY_NAME = {cls.__name__: cls for cls in _subclasses(EngineError)}

@@ -47,12 +47,13 @@ RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
 NATS_RECONNECT_WAIT_S = 2.0
 CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
-CHAIN_CALLS_IN_FLIGHT_MAX = 2  # per chain: one writing while the next gathers
+CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: calls overlap, so one commits while others compute
 BALANCE_READS_PER_CALL_MAX = 1_000
 SHARD_READ_CALLS_IN_FLIGHT_MAX = 2
 
 _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
+_OUTCOMES_DECODER = msgspec.msgpack.Decoder(list[p.PurchaseOutcomeWire])
 _PATH_IN_ERROR = re.compile(r" - at `(.+)`$")
 log = logging.getLogger("dailydoco.serve")
 
@@ -282,7 +283,8 @@ class EngineApi:
         """Concurrent requests to one chain share a Ray call (and its group commit)."""
 
         async def send(requests: list[p.TransactionRequest]) -> list[tuple]:
-            return await chain.call("submit", _REQUESTS_ENCODER.encode(requests))
+            reply = _OUTCOMES_DECODER.decode(await chain.call("submit", _REQUESTS_ENCODER.encode(requests)))
+            return [(o.result, None if o.error is None else p.error_named(o.error, o.detail)) for o in reply]
 
         return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX)
 

@@ -51,29 +51,29 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
         # xid >= xmin bounds the scan by index; visibility against each
         # vshard's own checkpoint is decided row by row by the caller.
         joins = await conn.fetch(
-            "SELECT upline, xid::text::bigint AS xid FROM users WHERE xid >= $1::text::xid8 AND cardinality(upline) > 0",
-            str(xmin),
+            "SELECT upline, xid FROM users WHERE xid >= $1::bigint AND cardinality(upline) > 0",
+            xmin,
         )
         purchases = await conn.fetch(
-            "SELECT u.upline, t.currency, t.amount_micros, t.xid::text::bigint AS xid FROM transactions t"
-            " JOIN users u USING (user_id) WHERE t.xid >= $1::text::xid8 AND cardinality(u.upline) > 0",
-            str(xmin),
+            "SELECT u.upline, t.currency, t.amount_micros, t.xid FROM transactions t"
+            " JOIN users u USING (user_id) WHERE t.xid >= $1::bigint AND cardinality(u.upline) > 0",
+            xmin,
         )
         refunds = await conn.fetch(
-            "SELECT u.upline, t.currency, r.amount_micros, r.xid::text::bigint AS xid FROM refunds r"
+            "SELECT u.upline, t.currency, r.amount_micros, r.xid FROM refunds r"
             " JOIN transactions t USING (transaction_id) JOIN users u ON u.user_id = t.user_id"
-            " WHERE r.xid >= $1::text::xid8 AND cardinality(u.upline) > 0",
-            str(xmin),
+            " WHERE r.xid >= $1::bigint AND cardinality(u.upline) > 0",
+            xmin,
         )
         entries = await conn.fetch(
-            "SELECT beneficiary_id, vshard, currency, created_status, amount_micros, xid::text::bigint AS xid"
-            " FROM commission_ledger WHERE xid >= $1::text::xid8 AND vshard = ANY($2::smallint[])",
-            str(xmin), vshards,
+            "SELECT beneficiary_id, vshard, currency, created_status, amount_micros, xid"
+            " FROM commission_ledger WHERE xid >= $1::bigint AND vshard = ANY($2::smallint[])",
+            xmin, vshards,
         )
         transitions = await conn.fetch(
-            "SELECT beneficiary_id, vshard, currency, from_status, to_status, amount_micros, xid::text::bigint AS xid"
-            " FROM ledger_transitions WHERE xid >= $1::text::xid8 AND vshard = ANY($2::smallint[])",
-            str(xmin), vshards,
+            "SELECT beneficiary_id, vshard, currency, from_status, to_status, amount_micros, xid"
+            " FROM ledger_transitions WHERE xid >= $1::bigint AND vshard = ANY($2::smallint[])",
+            xmin, vshards,
         )
     return ShardRows(snapshot, checkpoints, users, joins, purchases, refunds, entries, transitions)
 

@@ -44,6 +44,7 @@ from .sharding import vshard_of
 WRITE_ATTEMPTS_MAX = 5
 APPROVAL_SWEEP_ROWS_MAX = 50_000  # per sweep transaction: bounds lock time and memory
 COPY_COLUMNS = (
+    "xid",
     "transaction_id",
     "beneficiary_id",
     "vshard",
@@ -211,8 +212,8 @@ class Ledger:
                 r[0]
                 for r in await conn.fetch(
                     "INSERT INTO transactions (transaction_id, user_id, amount_micros, currency, kind,"
-                    " body_hash, house_micros, created_at)"
-                    " SELECT t.*, $8::timestamptz FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
+                    " body_hash, house_micros, created_at, xid)"
+                    " SELECT t.*, $8::timestamptz, $9::bigint FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
                     " $5::text[], $6::bytea[], $7::bigint[]) AS t"
                     " ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id",
                     [r.transaction_id for r in reqs],
@@ -223,6 +224,7 @@ class Ledger:
                     [purchases[i].body_hash for i in fresh],
                     [splits[i][1] for i in fresh],
                     now,
+                    xid,
                 )
             }
             records = []
@@ -241,7 +243,7 @@ class Ledger:
                         continue  # a share that floors to nothing is no entry; the house keeps the fraction
                     rate = LEVEL_RATES_BP[level - 1]
                     records.append(
-                        (req.transaction_id, beneficiary, vshard_of(beneficiary), level, rate, micros,
+                        (xid, req.transaction_id, beneficiary, vshard_of(beneficiary), level, rate, micros,
                          req.currency, "commission", "pending", "pending", now, hold_until)
                     )
                     lines.append(CommissionLine(level=level, beneficiary_id=beneficiary, rate_bp=rate, amount_micros=micros))

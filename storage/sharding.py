@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 # Fixed forever: ids hash into this space, and checkpoints are kept per virtual
@@ -10,6 +11,7 @@ import hashlib
 VSHARDS = 256
 
 
+@functools.lru_cache(maxsize=1 << 20)  # beneficiaries repeat: the top of a tree is in every chain
 def vshard_of(user_id: str) -> int:
     """Stable across processes and Python versions, unlike hash()."""
     digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()

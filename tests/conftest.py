@@ -84,6 +84,8 @@ def engine(state_dir, servers, engine_database_url):
         redis_url=redis_url,
         http_port=free_port(),
         clock_adjustable=True,
+        shard_actors=3,  # more than one of each, so routing across actors is exercised
+        chain_actors=2,
         namespace=f"dailydoco-test-{os.getpid()}",
     )
     system = EngineSystem(config).start()
