@@ -132,10 +132,34 @@ async def latency_suite(url: str, api_key: str, network: ViralNetwork, duration_
     def balance(i: int) -> bytes:
         return build_request(host, "GET", f"/v1/users/{buyers[(i * 7919) % len(buyers)]}/balance", headers)
 
+    def health(i: int) -> bytes:
+        return build_request(host, "GET", "/healthz", {})
+
     return {
         "post_transaction_500rps": await open_loop(host, int(port), 500, duration_s, purchase),
         "get_balance_1000rps": await open_loop(host, int(port), 1_000, duration_s, balance),
+        # The floor: the same stack with no actor, no database, no auth.
+        "get_healthz_1000rps": await open_loop(host, int(port), 1_000, duration_s, health),
     }
+
+
+def settle(system: EngineSystem) -> None:
+    """Measure latency in steady state, not in the wake of the bulk load: let
+    the shard deliveries land, and give the planner statistics for tables that
+    grew from empty (autovacuum would, a little later)."""
+    import ray
+
+    from dailydoco.actors.refs import chain_actor_name
+
+    ray.get([ray.get_actor(chain_actor_name(i), namespace=system.config.namespace).drained.remote()
+             for i in range(system.config.chain_actors)])
+
+    async def analyze():
+        conn = await asyncpg.connect(system.postgres_url)
+        await conn.execute("VACUUM ANALYZE")
+        await conn.close()
+
+    asyncio.run(analyze())
 
 
 def start_engine(state_dir: str, urls, postgres_url: str, haproxy: bool) -> EngineSystem:
@@ -164,7 +188,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller run, for a smoke check")
     parser.add_argument("--users", type=int, default=3_000)
     parser.add_argument("--naive-transactions", type=int, default=20_000)
-    parser.add_argument("--engine-transactions", type=int, default=200_000)
+    parser.add_argument("--engine-transactions", type=int, default=120_000)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     args = parser.parse_args()
     if args.quick:
@@ -196,6 +220,7 @@ def main() -> int:
                         engine_purchases = list(network.purchases(args.engine_transactions))
                         print(f"(b) engine batch endpoint: {len(engine_purchases)} purchases ...", flush=True)
                         results["engine_batch"] = asyncio.run(engine_batches(system.url, key, engine_purchases))
+                        settle(system)
                     print(f"(c) open-loop latency, {mode} ...", flush=True)
                     results[f"latency_{mode}"] = asyncio.run(
                         latency_suite(system.url, key, network, args.latency_seconds, mode))
@@ -237,7 +262,8 @@ def print_table(r: dict) -> None:
           f"| {b['tx_per_s'] / naive_tps:.1f}x |")
     for mode in ("haproxy", "default_proxy"):
         for name, label in (("post_transaction_500rps", "single POST /v1/transactions @ 500/s"),
-                            ("get_balance_1000rps", "GET /v1/users/{id}/balance @ 1,000/s")):
+                            ("get_balance_1000rps", "GET /v1/users/{id}/balance @ 1,000/s"),
+                            ("get_healthz_1000rps", "floor: GET /healthz @ 1,000/s")):
             x = r[f"latency_{mode}"][name]
             errors = sum(x["errors"].values())
             print(f"| (c) {label}, {mode.replace('_', ' ')} | {x['ok']:,} ok, {errors:,} failed "

@@ -1,1 +1,1 @@
-"""x"""
+"""Postgres: migrations, the ledger, checkpoints, and the xid snapshot fence."""

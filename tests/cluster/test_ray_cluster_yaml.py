@@ -1,0 +1,19 @@
+"""ray_cluster.yaml is valid against the schema that ships in the Ray wheel."""
+
+import json
+import pathlib
+
+import jsonschema
+import ray
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_cluster_yaml_matches_rays_schema():
+    schema = json.loads((pathlib.Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["provider"]["type"] == "local" and "available_node_types" not in config
+    started = " ".join(config["head_start_ray_commands"])
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in started and "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in started
