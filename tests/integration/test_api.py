@@ -221,3 +221,17 @@ def test_operations_endpoints(api):
     assert "dailydoco_http_requests_total" in metrics
     spec = api.anonymous.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.1") and "/v1/transactions:batch" in spec["paths"]
+
+
+def test_user_tokens_are_rate_limited_cluster_wide(api):
+    alice, bob = api.chain(2, prefix="rl")
+    tokens = {u: api.service.post(f"/v1/users/{u}/tokens", json={"ttl_s": 60}).json()["token"] for u in (alice, bob)}
+    statuses = [api.anonymous.get(f"/v1/users/{alice}/balance",
+                                  headers={"Authorization": f"Bearer {tokens[alice]}"}) for _ in range(200)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited and all(r.status_code in (200, 429) for r in statuses)
+    assert int(limited[0].headers["retry-after"]) >= 1
+    assert_problem(limited[0], 429, "rate-limited")
+    # Another user's budget is their own.
+    assert api.anonymous.get(f"/v1/users/{bob}/balance",
+                             headers={"Authorization": f"Bearer {tokens[bob]}"}).status_code == 200
