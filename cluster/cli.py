@@ -6,10 +6,19 @@ import argparse
 import signal
 import sys
 import threading
+import time
 
 import msgspec
 
 from .config import load_config
+
+
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT arrived: leave the `with` block, which stops everything."""
+
+
+def _raise_stop(*_) -> None:
+    raise _StopRequested
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -19,10 +28,13 @@ def _up(args: argparse.Namespace) -> int:
     config = load_config()
     if args.port is not None:
         config = msgspec.structs.replace(config, http_port=args.port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"dailydoco: starting (state in {config.state_dir}) ...", flush=True)
     with EngineSystem(config) as system:
+        # After the start, since ray.init installs handlers of its own. The
+        # handler raises rather than set an Event: it runs in the main thread,
+        # which may be inside that Event's lock.
+        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.signal(signal.SIGINT, _raise_stop)
         print(f"dailydoco: API listening on {system.url}", flush=True)
         print(f"  postgres {system.postgres_url}\n  nats     {system.nats_url}\n  redis    {system.redis_url}")
         print(f"  service API key: {system.secrets.service_api_key}  (admin key and signing key in "
@@ -34,10 +46,10 @@ def _up(args: argparse.Namespace) -> int:
                 args=(system.url, system.secrets.service_api_key, args.demo_users, args.viral_coefficient,
                       args.demo_purchases_per_s)).start()
         try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
-        print("dailydoco: stopping ...", flush=True)
+            while True:
+                time.sleep(3600)
+        except _StopRequested:
+            print("dailydoco: stopping ...", flush=True)
     return 0
 
 
