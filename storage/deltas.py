@@ -75,6 +75,15 @@ class ShardDelta:
             levels = self.revenue[key] = [0] * LEVELS_MAX
         levels[level - 1] += delta_micros
 
+    def add_revenue_levels(self, user_id: str, currency: str, deltas_micros: list[int]) -> None:
+        key = (user_id, currency)
+        levels = self.revenue.get(key)
+        if levels is None:
+            self.revenue[key] = list(deltas_micros)
+        else:
+            for i, d in enumerate(deltas_micros):
+                levels[i] += d
+
     def is_empty(self) -> bool:
         return not (self.balances or self.revenue or self.joins or self.users)
 

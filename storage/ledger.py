@@ -19,6 +19,7 @@ import msgspec
 
 from dailydoco.protocol import (
     LEVEL_RATES_BP,
+    LEVELS_MAX,
     CommissionEntryView,
     CommissionLine,
     CommissionPage,
@@ -228,6 +229,10 @@ class Ledger:
                 )
             }
             records = []
+            # Summed per beneficiary here, handed to the deltas once each: the
+            # top of a referral tree is in nearly every purchase's upline.
+            pending: dict[tuple[str, str], int] = {}
+            revenue: dict[tuple[str, str], list[int]] = {}
             for i in fresh:
                 p = purchases[i]
                 req = p.request
@@ -235,21 +240,26 @@ class Ledger:
                     seen_before.append(i)
                     continue
                 paid, house = splits[i]
+                tid, currency, amount = req.transaction_id, req.currency, req.amount_micros
                 lines = []
                 for level, (beneficiary, micros) in enumerate(zip(p.upline, paid), start=1):
-                    delta = deltas.for_user(beneficiary)
-                    delta.add_revenue(beneficiary, req.currency, level, req.amount_micros)
+                    key = (beneficiary, currency)
+                    levels = revenue.get(key)
+                    if levels is None:
+                        levels = revenue[key] = [0] * LEVELS_MAX
+                    levels[level - 1] += amount
                     if micros == 0:
                         continue  # a share that floors to nothing is no entry; the house keeps the fraction
                     rate = LEVEL_RATES_BP[level - 1]
-                    records.append(
-                        (xid, req.transaction_id, beneficiary, vshard_of(beneficiary), level, rate, micros,
-                         req.currency, "commission", "pending", "pending", now, hold_until)
-                    )
+                    records.append((xid, tid, beneficiary, vshard_of(beneficiary), level, rate, micros, currency,
+                                    "commission", "pending", "pending", now, hold_until))
                     lines.append(CommissionLine(level=level, beneficiary_id=beneficiary, rate_bp=rate, amount_micros=micros))
-                    delta.add_balance(beneficiary, req.currency, PENDING, micros)
-                outcomes[i] = PurchaseOutcome(_result(req.transaction_id, "created", req.user_id, req.amount_micros,
-                                                      req.currency, lines, house), None)
+                    pending[key] = pending.get(key, 0) + micros
+                outcomes[i] = PurchaseOutcome(_result(tid, "created", req.user_id, amount, currency, lines, house), None)
+            for (beneficiary, currency), micros in pending.items():
+                deltas.for_user(beneficiary).add_balance(beneficiary, currency, PENDING, micros)
+            for (beneficiary, currency), levels in revenue.items():
+                deltas.for_user(beneficiary).add_revenue_levels(beneficiary, currency, levels)
             if records:
                 await conn.copy_records_to_table("commission_ledger", records=records, columns=COPY_COLUMNS)
             if seen_before:
