@@ -66,7 +66,7 @@ class CommissionEngine:
             deltas = new_delta_set(self.router.shard_count)
             xid, written = await self.ledger.write_purchases(prepared, deltas)
             deliver_soon(self.router, xid, deltas)
-            for i, outcome in zip(positions, written):
+            for i, outcome in zip(positions, written, strict=True):
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 

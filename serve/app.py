@@ -272,8 +272,8 @@ class EngineApi:
             self.chain_batchers[c].submit([requests[i] for i in idx]) for c, idx in by_chain.items()
         ))
         outcomes: list = [None] * len(requests)
-        for idx, reply in zip(by_chain.values(), replies):
-            for i, outcome in zip(idx, reply):
+        for idx, reply in zip(by_chain.values(), replies, strict=True):
+            for i, outcome in zip(idx, reply, strict=True):
                 outcomes[i] = outcome
         for result, error in outcomes:
             self.purchases_total.labels(result.status if result else "failed").inc()
@@ -301,7 +301,7 @@ class EngineApi:
         body = await read_body(request, p.TransactionBatchRequest, BATCH_BODY_BYTES_MAX)
         outcomes = await self._submit(body.transactions)
         items, created, replayed = [], 0, 0
-        for req, (result, error) in zip(body.transactions, outcomes):
+        for req, (result, error) in zip(body.transactions, outcomes, strict=True):
             if error is not None:
                 items.append(p.BatchItemResult(transaction_id=req.transaction_id, problem=error.problem()))
             else:

@@ -242,7 +242,7 @@ class Ledger:
                 paid, house = splits[i]
                 tid, currency, amount = req.transaction_id, req.currency, req.amount_micros
                 lines = []
-                for level, (beneficiary, micros) in enumerate(zip(p.upline, paid), start=1):
+                for level, (beneficiary, micros) in enumerate(zip(p.upline, paid, strict=True), start=1):
                     key = (beneficiary, currency)
                     levels = revenue.get(key)
                     if levels is None:
