@@ -57,7 +57,7 @@ class SupervisorActor:
             name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True
         ).remote(index, self.config, self.postgres_url)
 
-    async def start(self) -> dict[str, int]:
+    async def start(self) -> list[str]:
         """Create (or adopt) every actor and wait until each has recovered."""
         self.pool = await open_pool(self.postgres_url, max_size=3)
         self.ledger = Ledger(self.pool, self.config.hold_period_s)
@@ -75,7 +75,7 @@ class SupervisorActor:
                 asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.approve_due)),
                 asyncio.create_task(self._every(CHECKPOINT_INTERVAL_S, self.checkpoint)),
             ]
-        return {name: 0 for name in self.handles}
+        return list(self.handles)
 
     async def _every(self, interval_s: float, step) -> None:
         while True:

@@ -105,12 +105,6 @@ class RefundExceedsPurchase(EngineError):
     status, slug, title = 422, "refund-exceeds-purchase", "Refund exceeds what remains refundable"
 
 
-class CurrencyMismatch(EngineError):
-    """A request mixes currencies that must agree."""
-
-    status, slug, title = 422, "currency-mismatch", "Currency mismatch"
-
-
 class UnsupportedMediaType(EngineError):
     """A body was sent with a content type other than application/json."""
 
