@@ -13,6 +13,7 @@ from dailydoco.protocol import (
     new_referral_code,
     normalize_referral_code,
 )
+from dailydoco.storage.deltas import UserRecord
 from dailydoco.storage.ledger import Ledger, body_hash
 
 from .routing import ShardRouter, deliver, new_delta_set
@@ -33,9 +34,7 @@ async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUs
     if existing is not None:
         if code is not None and code == existing.referral_code:
             raise SelfReferral(f"user {request.user_id!r} cannot register with their own referral code")
-        if existing.body_hash != hash_:
-            raise IdempotencyConflict(f"user {request.user_id!r} is already registered with a different body")
-        return user_view(existing, "replayed")
+        return _replay(existing, hash_)
 
     referrer_id, upline = None, ()
     if code is not None:
@@ -59,7 +58,12 @@ async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUs
         # or the random code collided (draw another).
         existing = await ledger.get_user(request.user_id)
         if existing is not None:
-            if existing.body_hash != hash_:
-                raise IdempotencyConflict(f"user {request.user_id!r} is already registered with a different body")
-            return user_view(existing, "replayed")
+            return _replay(existing, hash_)
     raise RuntimeError("could not draw an unused referral code")
+
+
+def _replay(existing: UserRecord, hash_: bytes) -> UserView:
+    """A registration seen before: the original view, or a conflict if the body differs."""
+    if existing.body_hash != hash_:
+        raise IdempotencyConflict(f"user {existing.user_id!r} is already registered with a different body")
+    return user_view(existing, "replayed")
