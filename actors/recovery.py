@@ -60,10 +60,11 @@ def rebuild(rows: ShardRows, vshards: list[int]) -> dict[int, ShardState]:
 async def recover_shard(pool: asyncpg.Pool, vshards: list[int]) -> ShardState:
     """The state of a shard actor owning `vshards`, fenced at the read snapshot."""
     rows = await read_since_checkpoints(pool, vshards, with_users=True)
-    merged = ShardState(vshards, rows.snapshot)
+    merged = ShardState(vshards, rows.snapshot, rows.stream_epoch)
     for state in rebuild(rows, vshards).values():
         merged.users.update(state.users)
         merged.stats.update(state.stats)
+    merged.stream_offsets.update(rows.stream_offsets)
     return merged
 
 

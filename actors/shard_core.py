@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from collections import deque
 
-from dailydoco.protocol import LEVELS_MAX, BalanceView, CurrencyBalance, LevelRevenue, NetworkStats, UserView
+from dailydoco.protocol import (
+    LEVELS_MAX,
+    BalanceView,
+    CurrencyBalance,
+    LevelRevenue,
+    NetworkStats,
+    StreamPosition,
+    UserView,
+)
 from dailydoco.storage.deltas import APPROVED, PAID, PENDING, ShardDelta, UserRecord
 from dailydoco.storage.snapshots import Snapshot
 
@@ -42,11 +50,18 @@ class UserStats:
 class ShardState:
     """Users, network statistics and balances of a set of virtual shards."""
 
-    def __init__(self, vshards: list[int], recovered_at: Snapshot):
+    def __init__(self, vshards: list[int], recovered_at: Snapshot, stream_epoch: str = ""):
         self.vshards = frozenset(vshards)
         self.recovered_at = recovered_at
+        self.stream_epoch = stream_epoch
         self.users: dict[str, UserRecord] = {}
         self.stats: dict[str, UserStats] = {}
+        # user -> the highest live-event offset with every event up to it
+        # applied. Two writers' deliveries can arrive out of order; a range
+        # that comes early waits in _early_ranges until the gap closes, so a
+        # balance never claims an offset whose change it lacks.
+        self.stream_offsets: dict[str, int] = {}
+        self._early_ranges: dict[str, dict[int, int]] = {}
         self._applied_xids: set[int] = set()
         self._applied_order: deque[int] = deque()
 
@@ -89,12 +104,31 @@ class ShardState:
             have[PENDING] += buckets[PENDING]
             have[APPROVED] += buckets[APPROVED]
             have[PAID] += buckets[PAID]
+        for user_id, (first_seq, last_seq) in delta.event_seqs.items():
+            self._advance_stream(user_id, first_seq, last_seq)
+
+    def _advance_stream(self, user_id: str, first_seq: int, last_seq: int) -> None:
+        offset = self.stream_offsets.get(user_id, 0)
+        if last_seq <= offset:
+            return
+        if first_seq != offset + 1:
+            self._early_ranges.setdefault(user_id, {})[first_seq] = last_seq
+            return
+        offset = last_seq
+        early = self._early_ranges.get(user_id)
+        if early is not None:
+            while offset + 1 in early:
+                offset = early.pop(offset + 1)
+            if not early:
+                del self._early_ranges[user_id]
+        self.stream_offsets[user_id] = offset
 
     # --- views ---------------------------------------------------------------
 
     def balance_view(self, user_id: str) -> BalanceView:
         stats = self.stats.get(user_id)
-        return BalanceView(user_id=user_id, balances=_currency_balances(stats))
+        return BalanceView(user_id=user_id, balances=_currency_balances(stats),
+                           stream=StreamPosition(epoch=self.stream_epoch, offset=self.stream_offsets.get(user_id, 0)))
 
     def network_stats(self, user_id: str) -> NetworkStats:
         stats = self.stats.get(user_id) or UserStats()

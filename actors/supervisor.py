@@ -23,8 +23,9 @@ from dailydoco.storage.sharding import VSHARDS
 
 from . import lifecycle
 from .commission_chain import CommissionChainActor
+from .outbox_relay import OutboxRelayActor
 from .recovery import checkpoint_all
-from .refs import RayShardRouter, chain_actor_name, shard_actor_name
+from .refs import RELAY_NAME, RayShardRouter, chain_actor_name, shard_actor_name
 from .user_shard import UserShardActor
 
 WATCH_INTERVAL_S = 0.5
@@ -38,24 +39,28 @@ log = logging.getLogger("dailydoco.supervisor")
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class SupervisorActor:
-    def __init__(self, config: EngineConfig, postgres_url: str):
+    def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str):
         self.config = config
         self.postgres_url = postgres_url
+        self.nats_url = nats_url
         self.restarts: dict[str, int] = {}
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self._loops: list[asyncio.Task] = []
         self._heal_lock = asyncio.Lock()
 
     def _specs(self):
+        """(name, actor class, constructor arguments) of every actor the engine runs."""
+        base = (self.config, self.postgres_url)
         for i in range(self.config.shard_actors):
-            yield shard_actor_name(i), UserShardActor, i
+            yield shard_actor_name(i), UserShardActor, (i, *base)
         for i in range(self.config.chain_actors):
-            yield chain_actor_name(i), CommissionChainActor, i
+            yield chain_actor_name(i), CommissionChainActor, (i, *base)
+        yield RELAY_NAME, OutboxRelayActor, (0, *base, self.nats_url)
 
-    def _create(self, name, cls, index):
+    def _create(self, name, cls, args):
         return cls.options(
             name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True
-        ).remote(index, self.config, self.postgres_url)
+        ).remote(*args)
 
     async def start(self) -> list[str]:
         """Create (or adopt) every actor and wait until each has recovered."""
@@ -64,8 +69,8 @@ class SupervisorActor:
         self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
         async with self.pool.acquire() as conn:
             await ensure_ledger_partitions(conn)
-        for name, cls, index in self._specs():
-            self.handles[name] = self._create(name, cls, index)
+        for name, cls, args in self._specs():
+            self.handles[name] = self._create(name, cls, args)
         await asyncio.wait_for(
             asyncio.gather(*(h.ready.remote() for h in self.handles.values())), ACTOR_START_TIMEOUT_S
         )
@@ -89,7 +94,7 @@ class SupervisorActor:
         """Recreate every actor that does not answer; return their names."""
         async with self._heal_lock:
             dead = []
-            for name, cls, index in self._specs():
+            for name, cls, args in self._specs():
                 try:
                     await asyncio.wait_for(self.handles[name].ping.remote(), PING_TIMEOUT_S)
                 except (RayActorError, GetTimeoutError, asyncio.TimeoutError):
@@ -100,7 +105,7 @@ class SupervisorActor:
                         ray.kill(self.handles[name], no_restart=True)
                     except Exception:  # noqa: BLE001 - it may be gone already
                         pass
-                    self.handles[name] = self._create(name, cls, index)
+                    self.handles[name] = self._create(name, cls, args)
             if dead:
                 await asyncio.gather(*(self.handles[n].ready.remote() for n in dead))
                 # A writer that died mid-delivery left shards behind the ledger.

@@ -62,9 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--demo-users", type=int, default=2_000)
     up.add_argument("--viral-coefficient", type=float, default=1.3)
     up.add_argument("--demo-purchases-per-s", type=int, default=200)
+    config = load_config()
+    watch = sub.add_parser("watch", help="print a user's live events (commissions, referrals, balance changes)")
+    watch.add_argument("user_id")
+    watch.add_argument("--url", default=f"http://127.0.0.1:{config.http_port}", help="the API (default %(default)s)")
+    watch.add_argument("--token", default=None, help="the user's token (default: issue one with the service key)")
+    watch.add_argument("--state-dir", default=config.state_dir, help="where `up` keeps secrets.json")
+    watch.add_argument("--encoding", choices=("json", "msgpack"), default="json")
+    watch.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    watch.add_argument("--max-events", type=int, default=None, help="exit after this many events")
     args = parser.parse_args(argv)
     if args.command == "up":
         return _up(args)
+    if args.command == "watch":
+        from .watch import run_watch
+
+        return run_watch(args)
     return 2
 
 

@@ -7,10 +7,12 @@ embedded servers; the DD_* variables point it at external ones instead.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import msgspec
 
+REGION_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 HOLD_PERIOD_S_DEFAULT = 30 * 24 * 3600  # commissions stay pending 30 days (refund window)
 
 
@@ -29,6 +31,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     clock_adjustable: bool  # lets POST /v1/admin/clock move engine time (tests, demos)
     haproxy: bool  # Serve's HAProxy ingress; False selects Serve's default Python proxy
     namespace: str
+    region: str  # the NATS region this deployment publishes its live events in
+    live_origins: tuple[str, ...]  # browser Origins allowed on the live WebSocket, besides the API's own
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -58,5 +62,10 @@ def load_config(**overrides) -> EngineConfig:
         clock_adjustable=_flag("DD_CLOCK_ADJUSTABLE", False),
         haproxy=_flag("DD_HAPROXY", True),
         namespace=env.get("DD_RAY_NAMESPACE", "dailydoco"),
+        region=env.get("DD_REGION", "us-east"),
+        live_origins=tuple(o.strip() for o in env.get("DD_LIVE_ORIGINS", "").split(",") if o.strip()),
     )
-    return msgspec.structs.replace(config, **overrides) if overrides else config
+    config = msgspec.structs.replace(config, **overrides) if overrides else config
+    if not REGION_PATTERN.fullmatch(config.region):
+        raise ValueError(f"DD_REGION {config.region!r} must match {REGION_PATTERN.pattern} (it is a NATS subject token)")
+    return config

@@ -101,12 +101,14 @@ class EngineSystem:
         cfg = self.config
         if not ray.is_initialized():
             local = {"_node_ip_address": "127.0.0.1"} if cfg.ray_address is None else {}
-            ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
+            # "local": a new cluster even when another one runs on this machine
+            # (ray.init would otherwise attach to it and replace its Serve app).
+            ray.init(address=cfg.ray_address or "local", namespace=cfg.namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False, **local)
             self._ray_started_here = cfg.ray_address is None
         self.supervisor = SupervisorActor.options(
             name=SUPERVISOR_NAME, namespace=cfg.namespace, lifetime="detached", get_if_exists=True
-        ).remote(cfg, self.postgres_url)
+        ).remote(cfg, self.postgres_url, self.nats_url)
         ray.get(self.supervisor.start.remote())
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
         serve.run(
@@ -135,10 +137,10 @@ class EngineSystem:
             return
         from ray import serve
 
-        from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name, shard_actor_name
+        from dailydoco.actors.refs import RELAY_NAME, SUPERVISOR_NAME, chain_actor_name, shard_actor_name
 
         serve.delete(SERVE_APP_NAME)
-        names = [SUPERVISOR_NAME] + [shard_actor_name(i) for i in range(self.config.shard_actors)] + [
+        names = [SUPERVISOR_NAME, RELAY_NAME] + [shard_actor_name(i) for i in range(self.config.shard_actors)] + [
             chain_actor_name(i) for i in range(self.config.chain_actors)]
         for name in names:
             try:

@@ -188,9 +188,17 @@ class CurrencyBalance(_Message):
     earned_micros: int  # pending + approved + paid
 
 
+class StreamPosition(_Message):
+    """Where a user's live stream stood when a view was read: resume from here."""
+
+    epoch: str
+    offset: int
+
+
 class BalanceView(_Message):
     user_id: str
     balances: list[CurrencyBalance]
+    stream: StreamPosition  # every live event up to this offset is included above
 
 
 class LevelRevenue(_Message):

@@ -15,18 +15,19 @@ import re
 import time
 
 import msgspec
-import nats
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from ray.exceptions import RayTaskError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from dailydoco import protocol as p
 from dailydoco.actors.batching import MicroBatcher
 from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
+from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
@@ -34,6 +35,7 @@ from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vs
 
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
+from .live import LiveGateway
 from .rate_limit import LocalRateLimiter, RateLimiter
 
 BODY_BYTES_MAX = 64 * 1024  # every body but a batch: a few hundred bytes in practice
@@ -45,7 +47,6 @@ NETWORK_GRAPH_DEPTH_DEFAULT = 3
 RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
 RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
-NATS_RECONNECT_WAIT_S = 2.0
 CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
 CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: calls overlap, so one commits while others compute
 BALANCE_READS_PER_CALL_MAX = 1_000
@@ -121,6 +122,7 @@ class EngineApi:
         self.chain_batchers = [self._chain_batcher(chain) for chain in self.chains]
         self.balance_batchers = [self._balance_batcher(shard) for shard in self.shards]
         self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
+        self.live = LiveGateway(self.auth, config.live_origins, lambda: self.nats, lambda: self.pool)
         self._deps_lock = asyncio.Lock()
         self._deps_ready = False
         self.registry = CollectorRegistry()
@@ -142,20 +144,19 @@ class EngineApi:
                 self.redis = redis.from_url(self.redis_url, socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
                 self.limiter = RateLimiter(self.redis)
                 self.local_limiter = LocalRateLimiter()
-                # No request needs NATS yet: connect in the background, so a
-                # NATS outage shows in /readyz instead of stalling every request.
+                # Only the live socket needs NATS: connect in the background, so
+                # a NATS outage shows in /readyz instead of stalling every request.
                 self.nats = None
                 self._nats_task = asyncio.get_running_loop().create_task(self._connect_nats())
                 self._deps_ready = True
 
     async def _connect_nats(self) -> None:
-        while self.nats is None:
-            try:
-                self.nats = await nats.connect(self.nats_url, allow_reconnect=True, max_reconnect_attempts=-1,
-                                               connect_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - retried; /readyz reports it meanwhile
-                log.warning("NATS at %s unreachable (%s); retrying", self.nats_url, exc)
-                await asyncio.sleep(NATS_RECONNECT_WAIT_S)
+        self.nats = await nats_io.connect(self.nats_url, name="dailydoco-api",
+                                          reconnected_cb=self.live.on_nats_reconnected)
+
+    async def live_socket(self, websocket: WebSocket) -> None:
+        await self._deps()
+        await self.live.handle(websocket)
 
     def _shard_index(self, user_id: str) -> int:
         return actor_of_vshard(vshard_of(user_id), len(self.shards))
@@ -396,6 +397,7 @@ class EngineApi:
             r("/readyz", self.readyz, ["GET"], "readyz"),
             r("/metrics", self.metrics, ["GET"], "metrics"),
             r("/openapi.json", self.openapi, ["GET"], "openapi"),
+            WebSocketRoute("/v1/live", self.live_socket, name="live"),
         ])
 
 

@@ -7,8 +7,12 @@ from ray import serve
 from .app import EngineApi
 
 # Concurrent requests one replica takes before Serve queues: the handlers are
-# I/O-bound awaits on actors and Postgres, so a replica overlaps many.
-REPLICA_ONGOING_REQUESTS_MAX = 2_000
+# I/O-bound awaits on actors and Postgres, so a replica overlaps many. Every
+# open live WebSocket holds one of these slots for its whole life, so the
+# sockets get their own allowance on top of the requests'.
+HTTP_ONGOING_REQUESTS_MAX = 2_000
+LIVE_SOCKETS_PER_REPLICA_MAX = 12_000
+REPLICA_ONGOING_REQUESTS_MAX = HTTP_ONGOING_REQUESTS_MAX + LIVE_SOCKETS_PER_REPLICA_MAX
 
 
 @serve.deployment(

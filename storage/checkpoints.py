@@ -30,6 +30,8 @@ class ShardRows(NamedTuple):
     refunds: list[asyncpg.Record]  # (upline, currency, amount_micros, xid)
     entries: list[asyncpg.Record]  # (beneficiary_id, vshard, currency, created_status, amount_micros, xid)
     transitions: list[asyncpg.Record]  # (beneficiary_id, vshard, currency, from_status, to_status, amount_micros, xid)
+    stream_epoch: str
+    stream_offsets: dict[str, int]  # the requested vshards' users' last live-event offsets (with_users only)
 
 
 async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_users: bool) -> ShardRows:
@@ -41,13 +43,17 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
         ):
             checkpoints[r["vshard"]] = Checkpoint(r["vshard"], Snapshot.parse(r["snapshot"]), bytes(r["state"]))
         xmin = min(c.snapshot.xmin for c in checkpoints.values())
-        users = []
+        users, stream_offsets = [], {}
         if with_users:
             users = await conn.fetch(
                 "SELECT user_id, referral_code, referrer_id, upline, created_at, body_hash FROM users"
                 " WHERE vshard = ANY($1::smallint[])",
                 vshards,
             )
+            # Same snapshot as the ledger rows: these offsets cover exactly their events.
+            stream_offsets = dict(await conn.fetch(
+                "SELECT user_id, last_seq FROM event_streams WHERE vshard = ANY($1::smallint[])", vshards))
+        stream_epoch = await conn.fetchval("SELECT epoch FROM event_epoch")
         # xid >= xmin bounds the scan by index; visibility against each
         # vshard's own checkpoint is decided row by row by the caller.
         joins = await conn.fetch(
@@ -75,7 +81,8 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
             " FROM ledger_transitions WHERE xid >= $1::bigint AND vshard = ANY($2::smallint[])",
             xmin, vshards,
         )
-    return ShardRows(snapshot, checkpoints, users, joins, purchases, refunds, entries, transitions)
+    return ShardRows(snapshot, checkpoints, users, joins, purchases, refunds, entries, transitions, stream_epoch,
+                     stream_offsets)
 
 
 async def write_checkpoints(pool: asyncpg.Pool, snapshot: Snapshot, states: dict[int, bytes]) -> None:

@@ -45,15 +45,17 @@ class ShardDelta:
     revenue:  (user, currency) -> deltas of network revenue per level
     joins:    (ancestor, level) pairs: a new member at that level
     users:    new user records owned by this shard
+    event_seqs: user -> (first, last) live-event offsets this write gave out
     """
 
-    __slots__ = ("balances", "revenue", "joins", "users")
+    __slots__ = ("balances", "revenue", "joins", "users", "event_seqs")
 
     def __init__(self):
         self.balances: dict[tuple[str, str], list[int]] = {}
         self.revenue: dict[tuple[str, str], list[int]] = {}
         self.joins: list[tuple[str, int]] = []
         self.users: list[UserRecord] = []
+        self.event_seqs: dict[str, tuple[int, int]] = {}
 
     def add_balance(self, user_id: str, currency: str, bucket: int | None, delta_micros: int) -> None:
         if bucket is None or delta_micros == 0:
@@ -85,15 +87,16 @@ class ShardDelta:
                 levels[i] += d
 
     def is_empty(self) -> bool:
-        return not (self.balances or self.revenue or self.joins or self.users)
+        return not (self.balances or self.revenue or self.joins or self.users or self.event_seqs)
 
     def __reduce__(self):
-        return (_rebuild_delta, (self.balances, self.revenue, self.joins, self.users))
+        return (_rebuild_delta, (self.balances, self.revenue, self.joins, self.users, self.event_seqs))
 
 
-def _rebuild_delta(balances, revenue, joins, users):
+def _rebuild_delta(balances, revenue, joins, users, event_seqs):
     delta = ShardDelta()
-    delta.balances, delta.revenue, delta.joins, delta.users = balances, revenue, joins, users
+    delta.balances, delta.revenue, delta.joins, delta.users, delta.event_seqs = (
+        balances, revenue, joins, users, event_seqs)
     return delta
 
 

@@ -39,7 +39,16 @@ from dailydoco.protocol import (
     split_commission,
 )
 
+from dailydoco.protocol.live import (
+    CommissionApproved,
+    CommissionEarned,
+    CommissionPaid,
+    CommissionReversed,
+    ReferralJoined,
+)
+
 from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
+from .outbox import OutboxWriter
 from .sharding import vshard_of
 
 WRITE_ATTEMPTS_MAX = 5
@@ -171,10 +180,15 @@ class Ledger:
             )
             if not inserted:
                 return None
-        record = UserRecord(user_id, referral_code, referrer_id, upline, now, hash_)
-        deltas.for_user(user_id).users.append(record)
-        for level, ancestor in enumerate(upline, start=1):
-            deltas.for_user(ancestor).joins.append((ancestor, level))
+            record = UserRecord(user_id, referral_code, referrer_id, upline, now, hash_)
+            deltas.for_user(user_id).users.append(record)
+            outbox = OutboxWriter()
+            for level, ancestor in enumerate(upline, start=1):
+                deltas.for_user(ancestor).joins.append((ancestor, level))
+                outbox.add(ancestor, ReferralJoined(member_id=user_id, level=level))
+            if upline:
+                await outbox.count_joins(conn, upline)
+            await outbox.flush(conn, now, deltas)
         return xid, record
 
     async def uplines(self, user_ids: list[str]) -> dict[str, tuple[str, ...]]:
@@ -229,6 +243,7 @@ class Ledger:
                 )
             }
             records = []
+            outbox = OutboxWriter()
             # Summed per beneficiary here, handed to the deltas once each: the
             # top of a referral tree is in nearly every purchase's upline.
             pending: dict[tuple[str, str], int] = {}
@@ -254,6 +269,8 @@ class Ledger:
                     records.append((xid, tid, beneficiary, vshard_of(beneficiary), level, rate, micros, currency,
                                     "commission", "pending", "pending", now, hold_until))
                     lines.append(CommissionLine(level=level, beneficiary_id=beneficiary, rate_bp=rate, amount_micros=micros))
+                    outbox.add(beneficiary, CommissionEarned(transaction_id=tid, level=level, rate_bp=rate,
+                                                             amount_micros=micros, currency=currency))
                     pending[key] = pending.get(key, 0) + micros
                 outcomes[i] = PurchaseOutcome(_result(tid, "created", req.user_id, amount, currency, lines, house), None)
             for (beneficiary, currency), micros in pending.items():
@@ -264,6 +281,7 @@ class Ledger:
                 await conn.copy_records_to_table("commission_ledger", records=records, columns=COPY_COLUMNS)
             if seen_before:
                 await self._replay_purchases(conn, purchases, seen_before, outcomes)
+            await outbox.flush(conn, now, deltas)
 
         return xid, outcomes  # type: ignore[return-value]
 
@@ -332,6 +350,7 @@ class Ledger:
                     f" still refundable on transaction {transaction_id!r}"
                 )
             currency = tx["currency"].strip()
+            outbox = OutboxWriter()
             originals = await conn.fetch(
                 "SELECT entry_id, beneficiary_id, vshard, level, rate_bp, amount_micros, status, hold_until"
                 " FROM commission_ledger WHERE transaction_id = $1 AND kind = 'commission' ORDER BY entry_id FOR UPDATE",
@@ -354,6 +373,9 @@ class Ledger:
                 )
                 deltas.for_user(e["beneficiary_id"]).add_balance(
                     e["beneficiary_id"], currency, BUCKET_OF_STATUS[status], -micros)
+                outbox.add(e["beneficiary_id"], CommissionReversed(
+                    transaction_id=transaction_id, refund_id=request.refund_id, level=e["level"], kind=kind,
+                    amount_micros=-micros, currency=currency))
             for level, ancestor in enumerate(tx["upline"], start=1):
                 deltas.for_user(ancestor).add_revenue(ancestor, currency, level, -request.amount_micros)
             house_reversal = proportional_reversal(tx["house_micros"], purchase, before, after)
@@ -381,6 +403,7 @@ class Ledger:
                     "transaction_id = $1 AND kind IN ('commission', 'refund') AND status IN ('pending', 'approved')",
                     transaction_id,
                 )
+            await outbox.flush(conn, now, deltas)
             return xid, await self._refund_result(conn, request.refund_id, "created")
 
     async def _refund_result(self, conn, refund_id: str, status: str) -> RefundResult:
@@ -444,6 +467,15 @@ class Ledger:
                 " WHERE status = 'pending' AND hold_until <= $1 LIMIT $2)",
                 now, APPROVAL_SWEEP_ROWS_MAX,
             )
+            approved: dict[tuple[str, str], list[int]] = {}  # (user, currency) -> [micros, entries]
+            for r in rows:
+                total = approved.setdefault((r["beneficiary_id"], r["currency"].strip()), [0, 0])
+                total[0] += r["amount_micros"]
+                total[1] += 1
+            outbox = OutboxWriter()
+            for (user_id, currency), (micros, entries) in approved.items():
+                outbox.add(user_id, CommissionApproved(currency=currency, amount_micros=micros, entries=entries))
+            await outbox.flush(conn, now, deltas)
             return (xid if rows else None), len(rows)
 
     @_retry_aborted
@@ -485,6 +517,10 @@ class Ledger:
                     " (SELECT * FROM unnest($1::text[], $2::text[]))",
                     [b for b, _, _ in payable], [c for _, c, _ in payable],
                 )
+                outbox = OutboxWriter()
+                for b, c, m in payable:
+                    outbox.add(b, CommissionPaid(payout_id=request.payout_id, currency=c, amount_micros=m))
+                await outbox.flush(conn, now, deltas)
             return xid, await self._payout_result(conn, request.payout_id, "created")
 
     async def _payout_result(self, conn, payout_id: str, status: str) -> PayoutResult:

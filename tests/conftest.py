@@ -55,20 +55,21 @@ def engine_database_url(servers):
     return asyncio.run(_recreate_database(servers[0], f"dailydoco_test_{os.getpid()}"))
 
 
+async def migrated_database(server_url: str, name: str) -> str:
+    """A fresh database with every migration applied; returns its URL."""
+    url = await _recreate_database(server_url, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+        await ensure_ledger_partitions(conn)
+    finally:
+        await conn.close()
+    return url
+
+
 @pytest.fixture(scope="session")
 def simulation_database_url(servers):
-    url = asyncio.run(_recreate_database(servers[0], SIMULATION_DATABASE))
-
-    async def migrate():
-        conn = await asyncpg.connect(url)
-        try:
-            await apply_migrations(conn)
-            await ensure_ledger_partitions(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(migrate())
-    return url
+    return asyncio.run(migrated_database(servers[0], SIMULATION_DATABASE))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 from dailydoco.actors import lifecycle
 from dailydoco.actors.commission_core import CommissionEngine
 from dailydoco.actors.recovery import checkpoint_all, recover_shard
+from dailydoco.protocol.live import BalanceChanged, CommissionEarned, ReferralJoined, decode_events
 from dailydoco.actors.registration import register_user
 from dailydoco.protocol import (
     IdempotencyConflict,
@@ -41,7 +42,8 @@ SHARDS = 3
 HOLD_PERIOD_S = 30 * 24 * 3600
 RATES_BP = (2000, 1000, 500, 300, 200, 100, 50)  # restated here, not imported: the oracle is independent
 CURRENCIES = ("USD", "EUR")
-TABLES = "users, transactions, refunds, commission_ledger, ledger_transitions, payouts, payout_lines, shard_checkpoints"
+TABLES = ("users, transactions, refunds, commission_ledger, ledger_transitions, payouts, payout_lines, shard_checkpoints,"
+          " event_streams, outbox")
 
 
 class FaultyRouter:
@@ -328,6 +330,44 @@ class Simulation:
                     assert got_rev == revenue.get((user, currency), [0] * 7), f(f"revenue of {user}")
         owned = sorted(u for s in self.router.states for u in s.users)
         assert owned == sorted(users), f("shards do not own exactly the registered users")
+        await self.verify_live_streams(want, entries, size)
+
+    async def verify_live_streams(self, balances, entries, size) -> None:
+        """Each user's outbox events: offsets 1..last with no gap or overlap,
+        balance changes summing to the balance, one event per commission."""
+        f = self.fail
+        last_seqs = dict(await self.pool.fetch("SELECT user_id, last_seq FROM event_streams"))
+        next_seq: dict[str, int] = {}
+        balance_sum: dict[tuple[str, str], list[int]] = {}
+        earned: dict[str, list[tuple[str, int]]] = {}
+        joined: dict[str, int] = {}
+        for r in await self.pool.fetch("SELECT user_id, first_seq, events FROM outbox ORDER BY outbox_id"):
+            user = r["user_id"]
+            assert r["first_seq"] == next_seq.get(user, 0) + 1, f(f"stream of {user} has a gap or an overlap")
+            events = decode_events(bytes(r["events"]))
+            next_seq[user] = r["first_seq"] + len(events) - 1
+            for e in events:
+                if isinstance(e, BalanceChanged):
+                    b = balance_sum.setdefault((user, e.currency), [0, 0, 0])
+                    b[0] += e.pending_delta_micros
+                    b[1] += e.approved_delta_micros
+                    b[2] += e.paid_delta_micros
+                elif isinstance(e, CommissionEarned):
+                    earned.setdefault(user, []).append((e.transaction_id, e.amount_micros))
+                elif isinstance(e, ReferralJoined):
+                    joined[user] = joined.get(user, 0) + 1
+        assert next_seq == {u: s for u, s in last_seqs.items() if s}, f("outbox offsets differ from event_streams")
+        assert {k: v for k, v in balance_sum.items() if any(v)} == balances, f("balance events do not sum to balances")
+        want_earned: dict[str, list[tuple[str, int]]] = {}
+        for e in entries:
+            if e["kind"] == "commission":
+                want_earned.setdefault(e["beneficiary_id"], []).append((e["transaction_id"], e["amount_micros"]))
+        assert {u: sorted(v) for u, v in earned.items()} == {u: sorted(v) for u, v in want_earned.items()}, \
+            f("commission events differ from commission entries")
+        assert joined == {u: sum(v) for u, v in size.items()}, f("referral events differ from network sizes")
+        for state in self.router.states:
+            for user in state.users:
+                assert state.stream_offsets.get(user, 0) == last_seqs.get(user, 0), f(f"stream offset of {user}")
 
     async def run(self, steps: int) -> None:
         for i in range(SHARDS):

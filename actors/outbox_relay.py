@@ -1,0 +1,120 @@
+"""OutboxRelay: moves committed live events from the Postgres outbox to NATS JetStream.
+
+Guarantees: every outbox row reaches the stream at least once, and the stream
+keeps it once: each message carries `Nats-Msg-Id` = epoch.user.first offset,
+so a row published again (after a crash between the ack and the delete, or
+two relays at once) is dropped by JetStream's duplicate window, and clients
+drop any offset they hold already. While NATS is down rows wait in Postgres
+and flow, in order, when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import nats
+import ray
+
+from dailydoco.cluster import nats_io
+from dailydoco.cluster.config import EngineConfig
+from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_subject, user_token
+from dailydoco.storage.outbox import OUTBOX_NOTIFY_CHANNEL, delete_relayed, pending_batches, stream_epoch
+from dailydoco.storage.pool import open_pool
+
+RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes in flight, one DELETE
+RELAY_IDLE_POLL_S = 1.0  # NOTIFY wakes the relay; this catches a notification lost to a reconnect
+RELAY_RETRY_BACKOFF_S = 0.5  # NATS or Postgres unreachable: wait, keep the rows, try again
+PUBLISH_ACK_TIMEOUT_S = 5.0
+
+log = logging.getLogger("dailydoco.relay")
+
+
+class OutboxRelay:
+    def __init__(self, pool: asyncpg.Pool, nc: nats.NATS, region: str):
+        self.pool = pool
+        self.nc = nc
+        self.js = nc.jetstream(timeout=PUBLISH_ACK_TIMEOUT_S)
+        self.region = region
+        self.epoch: str | None = None
+        self.relayed_rows = 0
+        self._wake = asyncio.Event()
+
+    def wake(self, *_args) -> None:
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Publish one round of outbox rows and delete them; returns rows relayed."""
+        if self.epoch is None:
+            self.epoch = await stream_epoch(self.pool)
+        rows = await pending_batches(self.pool, RELAY_ROWS_MAX)
+        if not rows:
+            return 0
+        # Published in outbox order, acks awaited together: a user's rows keep
+        # their order on the wire, and the round costs one ack wait.
+        acks = [
+            self.js.publish(
+                user_subject(self.region, r.user_id),
+                encode_event_batch(self.epoch, r.first_seq, r.created_at, r.events),
+                stream=EVENT_STREAM_NAME,
+                headers={"Nats-Msg-Id": f"{self.epoch}.{user_token(r.user_id)}.{r.first_seq}"},
+            )
+            for r in rows
+        ]
+        await asyncio.gather(*acks)
+        await delete_relayed(self.pool, [r.outbox_id for r in rows])
+        self.relayed_rows += len(rows)
+        return len(rows)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                relayed = await self.relay_once()
+            except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+                log.warning("relay round failed (%s); rows stay in the outbox", exc)
+                await asyncio.sleep(RELAY_RETRY_BACKOFF_S)
+                continue
+            if relayed < RELAY_ROWS_MAX:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), RELAY_IDLE_POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10)
+class OutboxRelayActor:
+    """The Ray shell: one per deployment, watched by the supervisor."""
+
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
+        self.config = config
+        self.postgres_url = postgres_url
+        self.nats_url = nats_url
+        self.relay: OutboxRelay | None = None
+        self._task: asyncio.Task | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    async def ready(self) -> bool:
+        if self._task is None:
+            pool = await open_pool(self.postgres_url, min_size=1, max_size=2)
+            self._task = asyncio.get_running_loop().create_task(self._run(pool))
+        return True
+
+    async def _run(self, pool: asyncpg.Pool) -> None:
+        # Connects in the loop, not in ready(): the engine comes up while NATS
+        # is down, and events wait in the outbox meanwhile.
+        nc = await nats_io.connect(self.nats_url, name="dailydoco-relay")
+        await nats_io.ensure_event_stream(nc)
+        self.relay = OutboxRelay(pool, nc, self.config.region)
+        self._listener = await asyncpg.connect(self.postgres_url)
+        await self._listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self.relay.wake)
+        await self.relay.run()
+
+    def relayed_rows(self) -> int:
+        return self.relay.relayed_rows if self.relay else 0
+
+    def ping(self) -> int:
+        if self._task is not None and self._task.done():
+            raise RuntimeError("relay loop ended") from self._task.exception()
+        return 0

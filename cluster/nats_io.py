@@ -1,0 +1,57 @@
+"""NATS connections and the JetStream event stream, with the project's settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from dailydoco.protocol.live import EVENT_STREAM_NAME, EVENT_SUBJECT_ROOT, LIVE_HISTORY_PER_USER_MAX
+
+CONNECT_TIMEOUT_S = 2.0
+RECONNECT_WAIT_S = 0.25  # a restarted server is found again within this
+FIRST_CONNECT_RETRY_S = 0.5
+EVENT_HISTORY_AGE_S = 7 * 24 * 3600  # a client away longer reloads over HTTP
+DUPLICATE_WINDOW_S = 120  # a republished outbox row is dropped within this (JetStream's default)
+
+log = logging.getLogger("dailydoco.nats")
+
+
+async def connect(url: str, name: str, **callbacks) -> nats.NATS:
+    """Connect, retrying until the server answers; then reconnect forever.
+
+    nats-py gives up on a first connection that fails; a component started
+    while NATS is down must still come up and wait for it.
+    """
+    while True:
+        try:
+            return await nats.connect(
+                url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
+                reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S, **callbacks)
+        except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            log.warning("NATS at %s unreachable (%s); retrying", url, exc)
+            await asyncio.sleep(FIRST_CONNECT_RETRY_S)
+
+
+def event_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=EVENT_STREAM_NAME,
+        subjects=[f"{EVENT_SUBJECT_ROOT}.>"],
+        max_msgs_per_subject=LIVE_HISTORY_PER_USER_MAX,
+        max_age=EVENT_HISTORY_AGE_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        allow_direct=True,  # history is read by direct get, without creating consumers
+    )
+
+
+async def ensure_event_stream(nc: nats.NATS) -> None:
+    js = nc.jetstream()
+    try:
+        await js.add_stream(event_stream_config())
+    except BadRequestError:
+        await js.update_stream(event_stream_config())  # exists with other settings: bring it to ours
