@@ -40,6 +40,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  service API key: {system.secrets.service_api_key}  (admin key and signing key in "
               f"{config.state_dir}/secrets.json)")
         print(f"  try: curl -H 'X-API-Key: {system.secrets.service_api_key}' {system.url}/readyz", flush=True)
+        print(f"  live page: {system.url}/live  (sign in with a token from POST /v1/users/{{id}}/tokens)", flush=True)
         if args.demo:
             threading.Thread(
                 target=run_demo, daemon=True,

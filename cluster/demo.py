@@ -10,6 +10,7 @@ from .simulator import ViralNetwork
 
 DEMO_BATCH_TRANSACTIONS = 500
 HTTP_TIMEOUT_S = 30.0
+DEMO_TOKEN_TTL_S = 24 * 3600  # the printed live-page link works for a day
 
 
 class ApiClient:
@@ -34,6 +35,9 @@ class ApiClient:
     def get(self, path: str) -> dict:
         return self._ok(self.http.get(path))
 
+    def post(self, path: str, body: dict) -> dict:
+        return self._ok(self.http.post(path, json=body))
+
 
 def register_network(client: ApiClient, network: ViralNetwork, users: int) -> dict[str, str]:
     """Register `users` more members; returns user id -> referral code."""
@@ -54,7 +58,8 @@ def run_demo(base_url: str, api_key: str, users: int, viral_coefficient: float, 
           f"in {time.monotonic() - started:.1f}s", flush=True)
     top = max(network.members[: max(1, users // 20)],
               key=lambda u: client.get(f"/v1/users/{u}/network")["stats"]["network_size"])
-    print(f"demo: watch the biggest network: {base_url}/v1/users/{top}/network  (and /balance)", flush=True)
+    token = client.post(f"/v1/users/{top}/tokens", {"ttl_s": DEMO_TOKEN_TTL_S})["token"]
+    print(f"demo: watch the biggest network live: {base_url}/live#token={token}", flush=True)
     total, last_report = 0, time.monotonic()
     batch = max(1, min(DEMO_BATCH_TRANSACTIONS, purchases_per_s))
     while True:

@@ -36,6 +36,7 @@ from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vs
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
 from .live import LiveGateway
+from .live_page import live_page_routes
 from .rate_limit import LocalRateLimiter, RateLimiter
 
 BODY_BYTES_MAX = 64 * 1024  # every body but a batch: a few hundred bytes in practice
@@ -398,6 +399,7 @@ class EngineApi:
             r("/metrics", self.metrics, ["GET"], "metrics"),
             r("/openapi.json", self.openapi, ["GET"], "openapi"),
             WebSocketRoute("/v1/live", self.live_socket, name="live"),
+            *live_page_routes(),
         ])
 
 
