@@ -181,6 +181,16 @@ def user_token(user_id: str) -> str:
     return base64.b32encode(user_id.encode()).decode().rstrip("=").lower()
 
 
+TOKEN_REVOCATION_SUBJECT = "dd.auth.revoked"  # every API replica of every region listens
+
+
+class TokenRevoked(Struct, frozen=True, array_like=True):
+    """A revocation notice between API replicas (the durable record is in Postgres)."""
+
+    user_id: str
+    revoked_before: dt.datetime
+
+
 def user_subject(region: str, user_id: str) -> str:
     return f"{EVENT_SUBJECT_ROOT}.{region}.{user_token(user_id)}"
 

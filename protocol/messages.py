@@ -61,6 +61,14 @@ class TokenView(_Message):
     expires_at: dt.datetime
 
 
+class TokenRevocationView(_Message):
+    """The user's tokens issued at or before `revoked_before` are refused
+    from now on, and the live sockets opened with them are closed (4003)."""
+
+    user_id: str
+    revoked_before: dt.datetime
+
+
 # --- transactions ------------------------------------------------------------
 
 

@@ -9,12 +9,14 @@ request.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import math
 import re
 import time
 
 import msgspec
+import nats
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from ray.exceptions import RayTaskError
@@ -28,9 +30,11 @@ from dailydoco import protocol as p
 from dailydoco.actors.batching import MicroBatcher
 from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
 from dailydoco.cluster import nats_io
+from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, TokenRevoked
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
+from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
@@ -56,6 +60,7 @@ SHARD_READ_CALLS_IN_FLIGHT_MAX = 2
 _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
 _OUTCOMES_DECODER = msgspec.msgpack.Decoder(list[p.PurchaseOutcomeWire])
+_REVOCATION_DECODER = msgspec.msgpack.Decoder(TokenRevoked)
 _PATH_IN_ERROR = re.compile(r" - at `(.+)`$")
 log = logging.getLogger("dailydoco.serve")
 
@@ -142,6 +147,7 @@ class EngineApi:
             if not self._deps_ready:
                 self.pool = await open_pool(self.postgres_url, max_size=4)
                 self.ledger = Ledger(self.pool, self.config.hold_period_s)
+                await self._load_revocations()
                 self.redis = redis.from_url(self.redis_url, socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
                 self.limiter = RateLimiter(self.redis)
                 self.local_limiter = LocalRateLimiter()
@@ -153,7 +159,53 @@ class EngineApi:
 
     async def _connect_nats(self) -> None:
         self.nats = await nats_io.connect(self.nats_url, name="dailydoco-api",
-                                          reconnected_cb=self.live.on_nats_reconnected)
+                                          reconnected_cb=self._on_nats_reconnected)
+        await self.nats.subscribe(TOKEN_REVOCATION_SUBJECT, cb=self._on_revocation_notice)
+
+    async def _on_nats_reconnected(self) -> None:
+        await self._load_revocations()  # notices sent while disconnected are lost to us
+        await self.live.on_nats_reconnected()
+
+    # --- token revocation ---------------------------------------------------
+    # Postgres holds each revocation; a NATS notice tells every replica at
+    # once; a replica reloads the table at start and after a NATS reconnect.
+
+    async def _load_revocations(self) -> None:
+        oldest_live_token = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=p.TOKEN_TTL_S_MAX)
+        for user_id, before in (await revocations_since(self.pool, oldest_live_token)).items():
+            self._apply_revocation(user_id, before)
+
+    def _apply_revocation(self, user_id: str, revoked_before: dt.datetime) -> None:
+        if self.auth.revoke(user_id, revoked_before):
+            self.live.close_revoked(user_id, revoked_before)
+
+    async def _on_revocation_notice(self, msg) -> None:
+        try:
+            notice = _REVOCATION_DECODER.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.error("undecodable revocation notice")
+            return
+        self._apply_revocation(notice.user_id, notice.revoked_before)
+
+    async def revoke_user_tokens(self, request: Request) -> Response:
+        """Sign a user out everywhere: a service, or the user themself."""
+        user_id = request.path_params["user_id"]
+        require_reader_of(await self.principal(request), user_id)
+        if await self._shard_of(user_id).call("get_user", user_id) is None:
+            raise p.NotFound(f"user {user_id!r} does not exist")
+        before = await revoke_tokens(self.pool, user_id, dt.datetime.now(dt.timezone.utc))
+        self._apply_revocation(user_id, before)
+        # Recorded and in force here; a replica that misses the notice reloads
+        # the table when it reconnects. A retry is safe: revocations only move forward.
+        nc = self.nats
+        if nc is None or not nc.is_connected:
+            raise p.ServiceUnavailable("revocation recorded, but NATS is down so not every replica has it yet; retry")
+        try:
+            await nc.publish(TOKEN_REVOCATION_SUBJECT, msgspec.msgpack.encode(TokenRevoked(user_id, before)))
+            await nc.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise p.ServiceUnavailable(f"revocation recorded, but its notice was not sent ({exc}); retry") from exc
+        return _json(p.TokenRevocationView(user_id=user_id, revoked_before=before))
 
     async def live_socket(self, websocket: WebSocket) -> None:
         await self._deps()
@@ -385,6 +437,7 @@ class EngineApi:
             r("/v1/users", self.register, ["POST"], "register"),
             r("/v1/users/{user_id}", self.get_user, ["GET"], "get_user"),
             r("/v1/users/{user_id}/tokens", self.issue_token, ["POST"], "issue_token"),
+            r("/v1/users/{user_id}/tokens:revoke", self.revoke_user_tokens, ["POST"], "revoke_tokens"),
             r("/v1/users/{user_id}/balance", self.balance, ["GET"], "balance"),
             r("/v1/users/{user_id}/network", self.network, ["GET"], "network"),
             r("/v1/users/{user_id}/commissions", self.commissions, ["GET"], "commissions"),

@@ -72,16 +72,41 @@ class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     exp: dt.datetime
 
 
+class TokenEnded(Unauthorized):
+    """The token was good but is no more: it expired or was revoked. A new one will do."""
+
+
 class TokenAuthority:
+    """Issues and verifies user tokens, and holds the revocations in force.
+
+    `revoked_before` maps a user to an instant: that user's tokens issued at
+    or before it are refused. The API keeps it current from Postgres and the
+    revocation notices on NATS; verification itself stays pure and local."""
+
     def __init__(self, secrets_: Secrets):
         self._private = Ed25519PrivateKey.from_private_bytes(_unb64(secrets_.token_signing_key_b64.encode()))
         self._public: Ed25519PublicKey = self._private.public_key()
         self._service_key = secrets_.service_api_key.encode()
         self._admin_key = secrets_.admin_api_key.encode()
+        self.revoked_before: dict[str, dt.datetime] = {}
+
+    def revoke(self, user_id: str, before: dt.datetime) -> bool:
+        """Put a revocation in force; False when a later one already was."""
+        current = self.revoked_before.get(user_id)
+        if current is not None and current >= before:
+            return False
+        self.revoked_before[user_id] = before
+        return True
+
+    def is_revoked(self, claims: "Claims") -> bool:
+        revoked = self.revoked_before.get(claims.sub)
+        return revoked is not None and claims.iat <= revoked
 
     def issue(self, user_id: str, ttl_s: int, now: dt.datetime | None = None) -> tuple[str, dt.datetime]:
-        now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
-        exp = now + dt.timedelta(seconds=ttl_s)
+        # iat keeps its microseconds: a token issued right after a revocation
+        # must not look as if it had been issued before it.
+        now = now or dt.datetime.now(dt.timezone.utc)
+        exp = (now + dt.timedelta(seconds=ttl_s)).replace(microsecond=0)
         message = msgspec.json.encode(Claims(sub=user_id, iss=TOKEN_ISSUER, aud=TOKEN_AUDIENCE, iat=now, exp=exp))
         signature = self._private.sign(_pae(TOKEN_HEADER, message, b"", b""))
         return (TOKEN_HEADER + _b64(message + signature)).decode(), exp
@@ -105,7 +130,9 @@ class TokenAuthority:
         if claims.iss != TOKEN_ISSUER or claims.aud != TOKEN_AUDIENCE:
             raise Unauthorized("token was not issued for this API")
         if claims.exp <= (now or dt.datetime.now(dt.timezone.utc)):
-            raise Unauthorized("token has expired")
+            raise TokenEnded("token has expired")
+        if self.is_revoked(claims):
+            raise TokenEnded("token has been revoked")
         return claims
 
     def principal(self, authorization: str | None, api_key: str | None) -> str:

@@ -47,7 +47,7 @@ from dailydoco.protocol.live import (
 )
 from dailydoco.storage.outbox import stream_epoch, stream_positions
 
-from .auth import TokenAuthority
+from .auth import TokenAuthority, TokenEnded
 
 CLOSE_REASON_BYTES_MAX = 123  # RFC 6455: a close frame's reason fits in 123 bytes
 # A gap is filled from history, read again and again: the message may still
@@ -72,10 +72,11 @@ class LiveConnection:
     """One authenticated socket: its outbound queue and its stream position."""
 
     def __init__(self, gateway: "LiveGateway", ws: WebSocket, user_id: str, encoding: str, epoch: str,
-                 expires_at: dt.datetime):
+                 issued_at: dt.datetime, expires_at: dt.datetime):
         self.gateway = gateway
         self.ws = ws
         self.user_id = user_id
+        self.issued_at = issued_at  # of its token: a revocation closes it when it covers this instant
         self.expires_at = expires_at
         self.encoding = encoding
         self.epoch = epoch
@@ -281,9 +282,10 @@ class LiveGateway:
             raise _Closed(CloseCode.BAD_FRAME, "the first frame must be a connect frame")
         try:
             claims = self.auth.verify(hello.token)
+        except TokenEnded as exc:
+            raise _Closed(CloseCode.TOKEN_EXPIRED, exc.detail) from None
         except Unauthorized as exc:
-            code = CloseCode.TOKEN_EXPIRED if "expired" in exc.detail else CloseCode.UNAUTHORIZED
-            raise _Closed(code, exc.detail) from None
+            raise _Closed(CloseCode.UNAUTHORIZED, exc.detail) from None
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise _Closed(CloseCode.UNAUTHORIZED, "token claims are malformed") from None
         return hello, claims
@@ -292,7 +294,7 @@ class LiveGateway:
         pool = self._pool()
         if self._epoch is None:
             self._epoch = await stream_epoch(pool)
-        connection = LiveConnection(self, ws, claims.sub, hello.encoding, self._epoch, claims.exp)
+        connection = LiveConnection(self, ws, claims.sub, hello.encoding, self._epoch, claims.iat, claims.exp)
         # Subscribe before reading where the stream stands: anything published
         # from here on is caught live, anything before it is in history.
         await self._subscribe(connection)
@@ -316,7 +318,19 @@ class LiveGateway:
         connection._drain()
         if connection.waiting:
             connection.catch_up()
+        if self.auth.is_revoked(claims):  # revoked while this socket was opening
+            connection.close(CloseCode.TOKEN_EXPIRED, "token has been revoked")
         return connection
+
+    def close_revoked(self, user_id: str, revoked_before: dt.datetime) -> int:
+        """Close the user's sockets whose tokens a revocation covers; returns how many."""
+        entry = self._subscriptions.get(user_id)
+        closed = 0
+        for connection in list(entry[1]) if entry else ():
+            if connection.issued_at <= revoked_before:
+                connection.close(CloseCode.TOKEN_EXPIRED, "token has been revoked; connect with a new one")
+                closed += 1
+        return closed
 
     async def _serve(self, connection: LiveConnection) -> None:
         if self._pinger is None or self._pinger.done():

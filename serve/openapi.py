@@ -11,6 +11,7 @@ ROUTES = [
     ("post", "/v1/users", "Register a user, optionally under a referral code", p.RegisterUserRequest, p.UserView, "api_key"),
     ("get", "/v1/users/{user_id}", "A user's record", None, p.UserView, "either"),
     ("post", "/v1/users/{user_id}/tokens", "Issue a user token (PASETO v4.public)", p.TokenRequest, p.TokenView, "api_key"),
+    ("post", "/v1/users/{user_id}/tokens:revoke", "Revoke every token of the user issued so far", None, p.TokenRevocationView, "either"),
     ("get", "/v1/users/{user_id}/network", "Network statistics and a depth-limited graph", None, p.NetworkView, "either"),
     ("get", "/v1/users/{user_id}/balance", "Balances per currency", None, p.BalanceView, "either"),
     ("get", "/v1/users/{user_id}/commissions", "Commission entries, newest first, cursor-paged", None, p.CommissionPage, "either"),

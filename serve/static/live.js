@@ -340,7 +340,7 @@ function connect() {
     if (FATAL_CLOSE_CODES.has(event.code)) {
       signOut(`The live connection was refused (${event.code}): ${event.reason}`);
     } else if (event.code === TOKEN_EXPIRED) {
-      signOut("Your session has expired: sign in with a new token.");
+      signOut(`Your session has ended (${event.reason}): sign in with a new token.`);
     } else {
       const delay = Math.min(RECONNECT_DELAY_MS_MAX, RECONNECT_DELAY_MS_MIN * 2 ** state.reconnectAttempts);
       state.reconnectAttempts += 1;

@@ -224,6 +224,43 @@ def test_expired_token_closes_the_socket(api):
     anyio.run(run)
 
 
+def test_revoking_tokens_closes_sockets_and_refuses_the_old_tokens(api):
+    root = api.register(unique("revoke"))["user_id"]
+    other = api.register(unique("revoke"))["user_id"]
+    old = token_for(api, root)
+    bearer = lambda token: {"Authorization": f"Bearer {token}"}  # noqa: E731
+
+    async def run() -> None:
+        ws = await WebSocketConnection.open(live_url(api))
+        await ws.send('{"type":"connect","token":"%s"}' % old)
+        assert '"connected"' in await ws.receive()
+        # Someone else cannot sign this user out; an unknown user is a 404.
+        assert api.anonymous.post(f"/v1/users/{root}/tokens:revoke",
+                                  headers=bearer(token_for(api, other))).status_code == 403
+        assert api.service.post(f"/v1/users/{unique('nobody')}/tokens:revoke").status_code == 404
+        r = api.service.post(f"/v1/users/{root}/tokens:revoke")
+        assert r.status_code == 200, r.text
+        assert r.json()["user_id"] == root
+        with anyio.fail_after(EVENT_WAIT_S), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.receive()
+        assert (closed.value.code, "revoked" in closed.value.reason) == (CloseCode.TOKEN_EXPIRED, True)
+        again = await _closed_with(api, '{"type":"connect","token":"%s"}' % old)
+        assert (again.code, "revoked" in again.reason) == (CloseCode.TOKEN_EXPIRED, True)
+
+    anyio.run(run)
+    refused = api.anonymous.get(f"/v1/users/{root}/balance", headers=bearer(old))
+    assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+    assert refused.headers["content-type"] == "application/problem+json"
+    # A token issued after the revocation works, and a user can sign themself out.
+    new = token_for(api, root)
+    assert api.anonymous.get(f"/v1/users/{root}/balance", headers=bearer(new)).status_code == 200
+    assert api.anonymous.post(f"/v1/users/{root}/tokens:revoke", headers=bearer(new)).status_code == 200
+    assert api.anonymous.get(f"/v1/users/{root}/balance", headers=bearer(new)).status_code == 401
+    # The other user's tokens were never touched.
+    assert api.anonymous.get(f"/v1/users/{other}/balance", headers=bearer(token_for(api, other))).status_code == 200
+
+
 def test_a_client_refused_for_good_stops_reconnecting(api):
     async def bad_token() -> str:
         return "v4.public.nope"

@@ -3,7 +3,7 @@ import datetime as dt
 import pytest
 
 from dailydoco.protocol import Forbidden, Unauthorized
-from dailydoco.serve.auth import TokenAuthority, load_or_create_secrets, require_reader_of
+from dailydoco.serve.auth import TokenAuthority, TokenEnded, load_or_create_secrets, require_reader_of
 
 
 @pytest.fixture
@@ -48,3 +48,19 @@ def test_api_keys(authority, tmp_path):
         authority.principal(None, secrets.service_api_key + "x")
     with pytest.raises(Unauthorized):
         authority.principal(None, None)
+
+
+def test_revocation_refuses_tokens_issued_at_or_before_it(authority):
+    issued_at = dt.datetime(2026, 11, 24, 12, 0, 0, 500_000, tzinfo=dt.timezone.utc)
+    before, _ = authority.issue("alice", 3600, now=issued_at)
+    bob, _ = authority.issue("bob", 3600, now=issued_at)
+    assert authority.revoke("alice", issued_at)
+    assert not authority.revoke("alice", issued_at - dt.timedelta(seconds=1))  # an older one changes nothing
+    with pytest.raises(TokenEnded, match="revoked"):
+        authority.verify(before, now=issued_at)
+    # Issued a microsecond later: the same second, but after the revocation.
+    after, _ = authority.issue("alice", 3600, now=issued_at + dt.timedelta(microseconds=1))
+    assert authority.verify(after, now=issued_at).sub == "alice"
+    assert authority.verify(bob, now=issued_at).sub == "bob"
+    with pytest.raises(TokenEnded, match="expired"):
+        authority.verify(after, now=issued_at + dt.timedelta(hours=2))
