@@ -72,7 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--encoding", choices=("json", "msgpack"), default="json")
     watch.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     watch.add_argument("--max-events", type=int, default=None, help="exit after this many events")
+    video = sub.add_parser("video", help="video processing").add_subparsers(dest="video_command", required=True)
+    analyze = video.add_parser("analyze", help="shots, chapters, keyframes, quality of a screen recording")
+    analyze.add_argument("file")
+    analyze.add_argument("--batch-frames", type=int, default=32)
+    analyze.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    analyze.add_argument("--json", action="store_true", help="print the full result as JSON")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.command == "video":
+        from .video_cli import run_video
+
+        return run_video(args)
     if args.command == "up":
         return _up(args)
     if args.command == "watch":

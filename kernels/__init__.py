@@ -1,1 +1,3 @@
-"""Batched torch video kernels (issue 4). Nothing is built here yet."""
+"""Video analysis: batched torch frame kernels (CPU or CUDA), PyAV decoding,
+shots, chapters, keyframes, quality and pacing (`analyze`), and synthetic
+screen recordings for tests and benchmarks. Needs the `video` extra."""

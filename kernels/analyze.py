@@ -1,0 +1,250 @@
+"""A screen recording in, its structure out: shots, chapters, keyframes,
+quality and pacing.
+
+One pass decodes the video in batches and runs the frame kernels, keeping a
+handful of numbers per frame; everything after that works on those series.
+Per-frame values do not depend on the batch size (kernels carry their state
+across batches), so neither does the result.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dailydoco.protocol.video import (
+    CHAPTER_S_MIN,
+    CHAPTERS_MIN,
+    Chapter,
+    Keyframe,
+    Pacing,
+    PerformancePrediction,
+    QualityReport,
+    Shot,
+    VideoAnalysis,
+)
+
+from . import frame_kernels as k
+from .decode import VideoError, analysis_size, decode_batches, open_video, prefetched
+
+BATCH_FRAMES_DEFAULT = 32
+CUT_THRESHOLD = 27.0  # PySceneDetect ContentDetector's default, on the same score scale
+SCENE_FRAMES_MIN = 15  # ContentDetector's default min_scene_len
+FADE_BLACK_LUMA = 20.0  # a frame whose mean luma is at most this is "black" (video black is 16)
+DISSOLVE_SCORE_MIN = 2.0  # per-frame change inside a dissolve: steady, well above codec noise...
+DISSOLVE_FRAMES_MIN, DISSOLVE_FRAMES_MAX = 8, 45  # ...lasting a quarter second to a second and a half
+DISSOLVE_PHASH_BITS_MIN = 16  # and the screens either side of it differ
+KEYFRAME_PHASH_BITS_MIN = 10  # a keyframe this close to a chosen one is a near-duplicate
+IDLE_MOTION_ENERGY_MAX = 0.05  # mean luma change per pixel below which the screen is still
+SHAKE_MOTION_SHARE_MIN = 0.5  # inside a shot, over half the screen changing at once
+SHARPNESS_REFERENCE = 2_000.0  # variance of the Laplacian of crisp text at analysis size
+QUALITY_WEIGHTS = {"sharpness": 0.35, "exposure": 0.25, "stability": 0.2, "information": 0.2}
+
+
+@dataclass
+class FrameSeries:
+    """Per-frame results of the kernels, gathered batch by batch."""
+
+    parts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            self.parts.setdefault(name, []).append(value.cpu())
+
+    def array(self, name: str) -> np.ndarray:
+        return torch.cat(self.parts[name]).numpy()
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: torch.device | None = None,
+                progress: Callable[[int, int], None] | None = None):
+    """Decode and run every frame kernel; returns (info, series)."""
+    device = device or choose_device()
+    container, stream, info = open_video(path)
+    series, carry = FrameSeries(), k.FrameCarry()
+    expected = max(1, round(info.duration_s * float(info.fps)))
+    try:
+        with torch.inference_mode():
+            for batch in prefetched(decode_batches(container, stream, info, batch_frames)):
+                rgb, luma = batch.rgb.to(device), batch.luma.to(device)
+                hsv = k.rgb_to_hsv(rgb)
+                histograms = k.luma_histograms(luma)
+                energy, share, bbox = k.motion(luma, carry)
+                series.add(content=k.content_scores(hsv, carry), entropy=k.luma_entropy_bits(histograms),
+                           sharpness=k.sharpness(luma), motion_energy=energy, motion_share=share,
+                           motion_bbox=bbox, dhash=k.dhash(luma), phash=k.phash(luma), **k.exposure(histograms))
+                carry = k.FrameCarry(hsv=hsv[-1], luma=luma[-1])
+                if progress:
+                    progress(batch.first_index + rgb.shape[0], expected)
+    finally:
+        container.close()
+    if not series.parts:
+        raise VideoError(f"{Path(path).name}: the video stream holds no frames")
+    return info, series
+
+
+# --- shots -------------------------------------------------------------------------
+
+
+def detect_transitions(content: np.ndarray, mean_luma: np.ndarray, phash: np.ndarray) -> list[tuple[int, str]]:
+    """(first frame of the new shot, kind), in order."""
+    n = len(content)
+    found: list[tuple[int, str]] = []
+    # Fades: runs of black frames; the shot changes at the darkest one.
+    black = mean_luma <= FADE_BLACK_LUMA
+    blocked = np.zeros(n, bool)  # frames inside a fade or dissolve: no cut is reported there
+    i = 0
+    while i < n:
+        if black[i]:
+            j = i
+            while j < n and black[j]:
+                j += 1
+            if i > 0 and j < n:  # a video that starts or ends in black has no fade *between* shots
+                found.append((i + int(np.argmin(mean_luma[i:j])), "fade"))
+            blocked[max(0, i - SCENE_FRAMES_MIN // 2): min(n, j + SCENE_FRAMES_MIN // 2)] = True
+            i = j
+        else:
+            i += 1
+    # Dissolves: a steady, moderate change for a short while, between screens that differ.
+    i = 1
+    while i < n:
+        if DISSOLVE_SCORE_MIN <= content[i] < CUT_THRESHOLD and not blocked[i]:
+            j = i
+            while j < n and DISSOLVE_SCORE_MIN <= content[j] < CUT_THRESHOLD:
+                j += 1
+            before, after = phash[i - 1], phash[min(j, n - 1)]
+            if DISSOLVE_FRAMES_MIN <= j - i <= DISSOLVE_FRAMES_MAX and \
+                    k.hamming(int(before), int(after)) >= DISSOLVE_PHASH_BITS_MIN:
+                found.append(((i + j) // 2, "dissolve"))
+                blocked[i:j] = True
+            i = j
+        else:
+            i += 1
+    # Cuts: ContentDetector's rule, at most one per SCENE_FRAMES_MIN frames.
+    last = -SCENE_FRAMES_MIN
+    for frame in np.flatnonzero(content >= CUT_THRESHOLD):
+        if not blocked[frame] and frame - last >= SCENE_FRAMES_MIN:
+            found.append((int(frame), "cut"))
+            last = int(frame)
+    return sorted(found)
+
+
+def shots_from(transitions: list[tuple[int, str]], frames: int, fps: float) -> list[Shot]:
+    starts = [(0, "start")] + [t for t in transitions if 0 < t[0] < frames]
+    shots = []
+    for (start, kind), (end, _) in zip(starts, starts[1:] + [(frames, "end")], strict=True):
+        shots.append(Shot(start_frame=start, end_frame=end, start_s=round(start / fps, 3),
+                          end_s=round(end / fps, 3), starts_with=kind))
+    return shots
+
+
+# --- chapters, keyframes, quality, pacing ----------------------------------------------
+
+
+def chapters_from(shots: list[Shot], content: np.ndarray, duration_s: float) -> tuple[list[Chapter], str | None]:
+    """YouTube's rules: the first at 0:00, at least three, each at least 10 s.
+    Strongest shot changes first; even spacing where the shots leave too few."""
+    if duration_s < CHAPTERS_MIN * CHAPTER_S_MIN:
+        return [], f"{duration_s:.1f} s is too short for {CHAPTERS_MIN} chapters of {CHAPTER_S_MIN:g} s"
+    starts = [0.0]
+
+    def fits(t: float) -> bool:
+        return duration_s - t >= CHAPTER_S_MIN and all(abs(t - s) >= CHAPTER_S_MIN for s in starts)
+
+    strength = {s.start_s: (float(content[s.start_frame]) if s.starts_with == "cut" else CUT_THRESHOLD)
+                for s in shots[1:]}
+    for t in sorted(strength, key=strength.get, reverse=True):
+        if fits(t):
+            starts.append(t)
+    parts = CHAPTERS_MIN
+    while len(starts) < CHAPTERS_MIN:
+        for i in range(1, parts):
+            t = round(duration_s * i / parts, 3)
+            if fits(t):
+                starts.append(t)
+        parts += 1
+    starts.sort()
+    return [Chapter(start_s=t, title=f"Part {i + 1}") for i, t in enumerate(starts)], None
+
+
+def keyframes_from(shots: list[Shot], sharpness: np.ndarray, phash: np.ndarray, fps: float) -> list[Keyframe]:
+    """The sharpest frame of each shot's middle, unless it repeats an earlier keyframe."""
+    chosen: list[Keyframe] = []
+    for shot in shots:
+        margin = (shot.end_frame - shot.start_frame) // 10
+        lo, hi = shot.start_frame + margin, max(shot.start_frame + margin + 1, shot.end_frame - margin)
+        frame = lo + int(np.argmax(sharpness[lo:hi]))
+        h = int(phash[frame])
+        if any(k.hamming(h, int(c.phash, 16)) < KEYFRAME_PHASH_BITS_MIN for c in chosen):
+            continue
+        chosen.append(Keyframe(frame=frame, time_s=round(frame / fps, 3), sharpness=round(float(sharpness[frame]), 1),
+                               phash=f"{h & (2**64 - 1):016x}"))
+    return chosen
+
+
+def quality_from(series: dict[str, np.ndarray], boundaries: set[int]) -> QualityReport:
+    sharp = float(np.median(series["sharpness"]))
+    inside = np.array([i not in boundaries for i in range(len(series["motion_share"]))])
+    parts = {
+        "sharpness": min(1.0, math.log1p(sharp) / math.log1p(SHARPNESS_REFERENCE)),
+        "exposure": float(np.mean(series["mean_luma"] > FADE_BLACK_LUMA)),
+        "stability": 1.0 - float(np.mean(series["motion_share"][inside] >= SHAKE_MOTION_SHARE_MIN)) if inside.any()
+        else 1.0,
+        "information": float(np.mean(series["entropy"])) / 8.0,
+    }
+    score = sum(QUALITY_WEIGHTS[name] * value for name, value in parts.items())
+    return QualityReport(score=round(100 * score), **{name: round(100 * v) for name, v in parts.items()})
+
+
+def pacing_from(shots: list[Shot], motion_energy: np.ndarray, fps: float) -> Pacing:
+    lengths = [s.end_s - s.start_s for s in shots]
+    idle = motion_energy < IDLE_MOTION_ENERGY_MAX
+    longest, run = 0, 0
+    for still in idle:
+        run = run + 1 if still else 0
+        longest = max(longest, run)
+    minutes = sum(lengths) / 60
+    return Pacing(shots=len(shots), shots_per_minute=round(len(shots) / minutes, 2) if minutes else 0.0,
+                  shot_s_mean=round(statistics.fmean(lengths), 3), shot_s_median=round(statistics.median(lengths), 3),
+                  idle_share=round(float(idle.mean()), 4), longest_idle_s=round(longest / fps, 3))
+
+
+def predict(quality: QualityReport, pacing: Pacing) -> PerformancePrediction:
+    """Heuristic: viewers stay for crisp video that changes every 5-20 s and
+    drift off during long still stretches. Not fitted to any outcome data."""
+    pace = math.exp(-abs(math.log(max(pacing.shot_s_median, 0.1) / 10.0)))
+    dwell = 1.0 / (1.0 + pacing.longest_idle_s / 60.0)
+    share = (quality.score / 100) * (0.5 + 0.3 * pace + 0.2 * dwell)
+    return PerformancePrediction(method="heuristic", expected_watch_share=round(min(1.0, share), 3))
+
+
+def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> VideoAnalysis:
+    dev = choose_device(device)
+    info, series = run_kernels(path, batch_frames, dev, progress)
+    arrays = {name: series.array(name) for name in series.parts}
+    frames, fps = len(arrays["content"]), float(info.fps)
+    duration_s = frames / fps
+    transitions = detect_transitions(arrays["content"], arrays["mean_luma"], arrays["phash"])
+    shots = shots_from(transitions, frames, fps)
+    chapters, note = chapters_from(shots, arrays["content"], duration_s)
+    quality = quality_from(arrays, {s.start_frame for s in shots})
+    pacing = pacing_from(shots, arrays["motion_energy"], fps)
+    w, h = analysis_size(info.width, info.height)
+    return VideoAnalysis(
+        width=info.width, height=info.height, fps=round(fps, 3), frames=frames, duration_s=round(duration_s, 3),
+        analysis_width=w, analysis_height=h, device=str(dev), backend="eager", shots=shots, chapters=chapters,
+        chapters_note=note, keyframes=keyframes_from(shots, arrays["sharpness"], arrays["phash"], fps),
+        quality=quality, pacing=pacing, prediction=predict(quality, pacing),
+        content_scores=[round(float(x), 3) for x in arrays["content"]])

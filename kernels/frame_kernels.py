@@ -1,0 +1,161 @@
+"""Batched torch kernels over decoded frames, the same on CPU and CUDA.
+
+Every kernel takes a batch of frames at analysis size and returns one value
+(or row) per frame. Kernels that compare a frame with the one before it take
+that frame from a `FrameCarry`, so a video cut into batches of any size gives
+the same results as one batch (tests check it).
+
+Inputs: `rgb` uint8 (N, H, W, 3) and `luma` uint8 (N, H, W), both on the
+device the analysis runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+HUE_RANGE = 180  # OpenCV's 8-bit hue: degrees / 2
+HASH_SIDE = 8  # 64-bit perceptual hashes
+PHASH_DCT_SIDE = 32  # pHash takes the 8x8 lowest frequencies of a 32x32 DCT
+LUMA_BINS = 256
+CLIPPED_DARK_MAX = 16  # luma at or below: crushed black (BT.601 video black is 16)
+CLIPPED_BRIGHT_MIN = 235  # luma at or above: blown highlight (video white is 235)
+MOTION_PIXEL_DELTA_MIN = 12  # luma change that counts as "this pixel changed", above codec noise
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 HSV with OpenCV's 8-bit
+    semantics (COLOR_RGB2HSV): H in [0, 180), S and V in [0, 255], rounded."""
+    # Channel planes, contiguous; branches as arithmetic on masks, since
+    # torch.where is several times slower than a multiply on CPU.
+    r, g, b = rgb.permute(3, 0, 1, 2).float().contiguous()
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    # OpenCV's precedence when channels tie: red, then green, then blue.
+    is_r = (v == r).float()
+    is_g = (v == g).float() * (1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    numerator = is_r * (g - b) + is_g * (b - r) + is_b * (r - g)
+    h = is_g * 120.0 + is_b * 240.0 + 60.0 * numerator / diff.clamp(min=1.0)  # grey: numerator 0, red branch
+    h = torch.round((h + 360.0 * (h < 0)) * 0.5)
+    h = h - HUE_RANGE * (h >= HUE_RANGE)
+    s = torch.round(255.0 * diff / v.clamp(min=1.0))
+    return torch.stack((h, s, v), dim=1)
+
+
+@dataclass
+class FrameCarry:
+    """The last frame of the previous batch, for the kernels that need it."""
+
+    hsv: torch.Tensor | None = None  # (3, H, W) float32
+    luma: torch.Tensor | None = None  # (H, W) uint8
+
+    def with_previous_hsv(self, hsv: torch.Tensor) -> torch.Tensor:
+        """(N+1, 3, H, W): the carried frame, or the first frame itself (delta 0), then the batch."""
+        first = self.hsv if self.hsv is not None else hsv[0]
+        return torch.cat((first.unsqueeze(0), hsv), dim=0)
+
+    def with_previous_luma(self, luma: torch.Tensor) -> torch.Tensor:
+        first = self.luma if self.luma is not None else luma[0]
+        return torch.cat((first.unsqueeze(0), luma), dim=0)
+
+
+def content_scores(hsv: torch.Tensor, carry: FrameCarry) -> torch.Tensor:
+    """PySceneDetect ContentDetector's score (default weights 1, 1, 1, 0):
+    the mean absolute difference of H, S and V from the previous frame,
+    averaged over the three channels. (N,) float32; the video's first frame
+    scores 0."""
+    frames = carry.with_previous_hsv(hsv)
+    per_channel = (frames[1:] - frames[:-1]).abs().mean(dim=(2, 3))  # (N, 3)
+    return per_channel.mean(dim=1)
+
+
+def luma_histograms(luma: torch.Tensor) -> torch.Tensor:
+    """(N, 256) int64 counts per luma value."""
+    n = luma.shape[0]
+    offsets = (torch.arange(n, device=luma.device) * LUMA_BINS).view(n, 1)
+    flat = luma.reshape(n, -1).long() + offsets
+    return torch.bincount(flat.reshape(-1), minlength=n * LUMA_BINS).view(n, LUMA_BINS)
+
+
+def luma_entropy_bits(histograms: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of each luma histogram, in bits (0..8)."""
+    p = histograms.float() / histograms.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(p * torch.log2(p.clamp(min=1e-12))).sum(dim=1)
+
+
+def exposure(histograms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean luma and the shares of crushed-black and blown-out pixels."""
+    total = histograms.sum(dim=1).clamp(min=1).float()
+    levels = torch.arange(LUMA_BINS, device=histograms.device, dtype=torch.float32)
+    return {
+        "mean_luma": (histograms.float() * levels).sum(dim=1) / total,
+        "dark_share": histograms[:, : CLIPPED_DARK_MAX + 1].sum(dim=1).float() / total,
+        "bright_share": histograms[:, CLIPPED_BRIGHT_MIN:].sum(dim=1).float() / total,
+    }
+
+
+def sharpness(luma: torch.Tensor) -> torch.Tensor:
+    """Variance of the Laplacian (OpenCV's 3x3 aperture: 4-neighbours minus
+    4x centre) over the frame's interior. Written as shifted slices: a
+    one-channel conv2d is several times slower on CPU."""
+    x = luma.float()
+    c = x[:, 1:-1, 1:-1]
+    response = x[:, :-2, 1:-1] + x[:, 2:, 1:-1] + x[:, 1:-1, :-2] + x[:, 1:-1, 2:] - 4 * c
+    return response.flatten(1).var(dim=1, unbiased=False)
+
+
+def motion(luma: torch.Tensor, carry: FrameCarry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Against the previous frame: motion energy (mean absolute luma change,
+    0..255), the share of pixels that changed, and the bounding box of what
+    changed as (x0, y0, x1, y1) in analysis pixels, exclusive ends, or -1s
+    when nothing did."""
+    frames = carry.with_previous_luma(luma).float()
+    delta = (frames[1:] - frames[:-1]).abs()
+    energy = delta.mean(dim=(1, 2))
+    changed = delta >= MOTION_PIXEL_DELTA_MIN
+    share = changed.float().mean(dim=(1, 2))
+    rows, cols = changed.any(dim=2), changed.any(dim=1)  # (N, H), (N, W)
+    h, w = changed.shape[1:]
+    any_change = rows.any(dim=1)
+    y0 = torch.where(any_change, rows.float().argmax(dim=1), -1)
+    y1 = torch.where(any_change, h - rows.flip(1).float().argmax(dim=1), -1)
+    x0 = torch.where(any_change, cols.float().argmax(dim=1), -1)
+    x1 = torch.where(any_change, w - cols.flip(1).float().argmax(dim=1), -1)
+    return energy, share, torch.stack((x0, y0, x1, y1), dim=1)
+
+
+def _dct_matrix(n: int, device) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float32, device=device).view(n, 1)
+    i = torch.arange(n, dtype=torch.float32, device=device).view(1, n)
+    m = torch.cos(torch.pi * (2 * i + 1) * k / (2 * n)) * (2.0 / n) ** 0.5
+    m[0] /= 2 ** 0.5
+    return m
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(N, 64) bool -> (N,) int64, first bit most significant."""
+    weights = 2 ** torch.arange(63, -1, -1, device=bits.device, dtype=torch.int64)
+    weights[0] = -(2 ** 63)  # two's complement: the top bit is the sign
+    return (bits.long() * weights).sum(dim=1)
+
+
+def dhash(luma: torch.Tensor) -> torch.Tensor:
+    """Difference hash: a 9x8 area-downscale, each pixel brighter than its right neighbour."""
+    small = F.adaptive_avg_pool2d(luma.unsqueeze(1).float(), (HASH_SIDE, HASH_SIDE + 1)).squeeze(1)
+    return _pack_bits((small[:, :, :-1] > small[:, :, 1:]).reshape(-1, HASH_SIDE * HASH_SIDE))
+
+
+def phash(luma: torch.Tensor) -> torch.Tensor:
+    """DCT perceptual hash: the 8x8 lowest frequencies of a 32x32 DCT-II, each
+    above the median of those 64 (DC included, as in the classic pHash)."""
+    small = F.adaptive_avg_pool2d(luma.unsqueeze(1).float(), (PHASH_DCT_SIDE, PHASH_DCT_SIDE)).squeeze(1)
+    d = _dct_matrix(PHASH_DCT_SIDE, luma.device)
+    low = (d @ small @ d.T)[:, :HASH_SIDE, :HASH_SIDE].reshape(-1, HASH_SIDE * HASH_SIDE)
+    return _pack_bits(low > low.median(dim=1, keepdim=True).values)
+
+
+def hamming(a: int, b: int) -> int:
+    return ((a ^ b) & (2 ** 64 - 1)).bit_count()

@@ -1,0 +1,85 @@
+"""The video analysis result: shots, chapters, keyframes, quality, pacing."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+CHAPTER_S_MIN = 10.0  # YouTube: each chapter at least 10 s
+CHAPTERS_MIN = 3  # YouTube: at least three, the first at 0:00
+
+
+class _Result(Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Shot(_Result):
+    start_frame: int
+    end_frame: int  # exclusive
+    start_s: float
+    end_s: float
+    starts_with: Literal["start", "cut", "fade", "dissolve"]
+
+
+class Chapter(_Result):
+    start_s: float
+    title: str
+
+    @property
+    def youtube_timestamp(self) -> str:
+        total = int(self.start_s)
+        h, rem = divmod(total, 3600)
+        m, s = divmod(rem, 60)
+        return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Keyframe(_Result):
+    frame: int
+    time_s: float
+    sharpness: float
+    phash: str  # 16 hex digits
+
+
+class QualityReport(_Result):
+    score: int  # 0-100, the weighted mean of the components
+    sharpness: int  # median variance of the Laplacian, on a log scale
+    exposure: int  # share of frames that are not blank (near black)
+    stability: int  # share of frames inside shots without whole-screen shake
+    information: int  # mean luma entropy against its 8-bit maximum
+
+
+class Pacing(_Result):
+    shots: int
+    shots_per_minute: float
+    shot_s_mean: float
+    shot_s_median: float
+    idle_share: float  # frames where almost nothing moved
+    longest_idle_s: float  # the longest dwell on an unchanging screen
+
+
+class PerformancePrediction(_Result):
+    """A heuristic from pacing and quality, not a model trained on outcomes."""
+
+    method: Literal["heuristic"]
+    expected_watch_share: float  # 0..1
+
+
+class VideoAnalysis(_Result):
+    width: int
+    height: int
+    fps: float
+    frames: int
+    duration_s: float
+    analysis_width: int
+    analysis_height: int
+    device: str
+    backend: Literal["eager"]
+    shots: list[Shot]
+    chapters: list[Chapter]
+    chapters_note: str | None  # why there are none, when there are none
+    keyframes: list[Keyframe]
+    quality: QualityReport
+    pacing: Pacing
+    prediction: PerformancePrediction
+    content_scores: list[float]  # per frame, PySceneDetect ContentDetector's scale
