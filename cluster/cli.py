@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("file")
     analyze.add_argument("--batch-frames", type=int, default=32)
     analyze.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    analyze.add_argument("--backend", choices=("auto", "eager", "compile"), default="auto",
+                         help="torch.compile where it can build (default), or eager")
     analyze.add_argument("--json", action="store_true", help="print the full result as JSON")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ def run_video(args) -> int:
         return 2
     started = time.monotonic()
     try:
-        result = analyze(args.file, batch_frames=args.batch_frames, device=args.device,
+        result = analyze(args.file, batch_frames=args.batch_frames, device=args.device, backend=args.backend,
                          progress=None if args.quiet else _progress(started))
     except VideoError as exc:
         print(f"\ndailydoco video: {exc}", file=sys.stderr)

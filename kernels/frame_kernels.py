@@ -157,5 +157,19 @@ def phash(luma: torch.Tensor) -> torch.Tensor:
     return _pack_bits(low > low.median(dim=1, keepdim=True).values)
 
 
+def batch_step(rgb: torch.Tensor, luma: torch.Tensor, previous_hsv: torch.Tensor,
+               previous_luma: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every per-frame kernel over one batch: the unit the backends run,
+    eagerly or compiled into fused loops. `previous_*` is the frame before
+    the batch (the batch's own first frame at the start of a video)."""
+    hsv = rgb_to_hsv(rgb)
+    carry = FrameCarry(hsv=previous_hsv, luma=previous_luma)
+    histograms = luma_histograms(luma)
+    energy, share, bbox = motion(luma, carry)
+    return {"content": content_scores(hsv, carry), "entropy": luma_entropy_bits(histograms),
+            "sharpness": sharpness(luma), "motion_energy": energy, "motion_share": share, "motion_bbox": bbox,
+            "dhash": dhash(luma), "phash": phash(luma), **exposure(histograms), "last_hsv": hsv[-1]}
+
+
 def hamming(a: int, b: int) -> int:
     return ((a ^ b) & (2 ** 64 - 1)).bit_count()

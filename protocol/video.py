@@ -74,7 +74,7 @@ class VideoAnalysis(_Result):
     analysis_width: int
     analysis_height: int
     device: str
-    backend: Literal["eager"]
+    backend: Literal["eager", "compile"]  # how the kernels ran (torch.compile, or eagerly)
     shots: list[Shot]
     chapters: list[Chapter]
     chapters_note: str | None  # why there are none, when there are none

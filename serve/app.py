@@ -30,8 +30,8 @@ from dailydoco import protocol as p
 from dailydoco.actors.batching import MicroBatcher
 from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
 from dailydoco.cluster import nats_io
-from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, TokenRevoked
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, TokenRevoked
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.revocations import revocations_since, revoke_tokens

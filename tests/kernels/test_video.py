@@ -61,7 +61,7 @@ def test_content_scores_match_pyscenedetect_on_the_same_frames(recordings):
 
 def test_results_do_not_depend_on_the_batch_size(recordings):
     path, _ = recordings[0]
-    results = [analyze(path, batch_frames=n) for n in (1, 7, 64)]
+    results = [analyze(path, batch_frames=n, backend="eager") for n in (1, 7, 64)]
     for other in results[1:]:
         np.testing.assert_allclose(other.content_scores, results[0].content_scores, atol=1e-3)
         assert (other.shots, other.keyframes, other.chapters) == (results[0].shots, results[0].keyframes,
@@ -80,7 +80,7 @@ def test_cuts_and_fades_found_at_least_as_well_as_pyscenedetect(recordings):
     from scenedetect import ContentDetector, detect
 
     for path, truth in recordings:
-        result = analyze(path)
+        result = analyze(path, backend="eager")
         ours = f1_within_one_frame([s.start_frame for s in result.shots if s.starts_with == "cut"], truth.frames_of("cut"))
         scenes = detect(str(path), ContentDetector(), backend="pyav")
         theirs = f1_within_one_frame([start.frame_num for start, _ in scenes[1:]], truth.frames_of("cut"))
@@ -91,7 +91,7 @@ def test_cuts_and_fades_found_at_least_as_well_as_pyscenedetect(recordings):
 
 def test_chapters_keyframes_quality_and_pacing_are_valid(recordings):
     path, truth = recordings[0]
-    result = analyze(path)
+    result = analyze(path, backend="eager")
     starts = [c.start_s for c in result.chapters]
     assert starts[0] == 0.0 and len(starts) >= 3
     assert all(b - a >= CHAPTER_S_MIN for a, b in zip(starts, starts[1:] + [result.duration_s]))
@@ -162,15 +162,24 @@ def test_bad_input_gets_a_clear_error(recordings, tmp_path):
         path = tmp_path / name
         make(path)
         with pytest.raises(VideoError, match=expected):
-            analyze(path)
+            analyze(path, backend="eager")
     with pytest.raises(VideoError, match="not a file"):
-        analyze(tmp_path / "missing.mp4")
-    assert analyze(good, batch_frames=64).frames > 0  # and the next good video still works
+        analyze(tmp_path / "missing.mp4", backend="eager")
+    assert analyze(good, batch_frames=64, backend="eager").frames > 0  # and the next good video still works
+
+
+def test_compiled_kernels_agree_with_eager(recordings):
+    path, _ = recordings[1]
+    eager, compiled = analyze(path, backend="eager"), analyze(path, backend="compile")
+    assert compiled.backend == "compile"
+    np.testing.assert_allclose(compiled.content_scores, eager.content_scores, atol=1e-2)
+    assert (compiled.shots, compiled.chapters) == (eager.shots, eager.chapters)
+    assert [kf.frame for kf in compiled.keyframes] == [kf.frame for kf in eager.keyframes]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_cpu_and_gpu_agree(recordings):
     path, _ = recordings[0]
-    cpu, gpu = analyze(path, device="cpu"), analyze(path, device="cuda")
+    cpu, gpu = analyze(path, device="cpu", backend="eager"), analyze(path, device="cuda", backend="eager")
     np.testing.assert_allclose(gpu.content_scores, cpu.content_scores, atol=0.05)
     assert [s.start_frame for s in gpu.shots] == [s.start_frame for s in cpu.shots]
