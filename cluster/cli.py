@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     analyze.add_argument("--backend", choices=("auto", "eager", "compile"), default="auto",
                          help="torch.compile where it can build (default), or eager")
+    analyze.add_argument("--thumbnails", metavar="DIR", default=None, help="write a JPEG per keyframe into DIR")
     analyze.add_argument("--json", action="store_true", help="print the full result as JSON")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

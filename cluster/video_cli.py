@@ -32,6 +32,7 @@ def run_video(args) -> int:
     started = time.monotonic()
     try:
         result = analyze(args.file, batch_frames=args.batch_frames, device=args.device, backend=args.backend,
+                         thumbnails_dir=args.thumbnails,
                          progress=None if args.quiet else _progress(started))
     except VideoError as exc:
         print(f"\ndailydoco video: {exc}", file=sys.stderr)
@@ -53,6 +54,8 @@ def run_video(args) -> int:
     else:
         print(f"chapters: none ({result.chapters_note})")
     print("keyframes: " + ", ".join(f"{kf.time_s:.2f}s" for kf in result.keyframes))
+    if args.thumbnails:
+        print(f"thumbnails: {len(result.keyframes)} JPEGs in {args.thumbnails}")
     q, pace = result.quality, result.pacing
     print(f"quality {q.score}/100 (sharpness {q.sharpness}, exposure {q.exposure}, stability {q.stability}, "
           f"information {q.information})")

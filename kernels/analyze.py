@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import msgspec
 import numpy as np
 import torch
 
@@ -34,6 +35,7 @@ from dailydoco.protocol.video import (
 
 from . import frame_kernels as k
 from .decode import VideoError, analysis_size, decode_batches, open_video, prefetched
+from .thumbnails import write_thumbnails
 
 BATCH_FRAMES_DEFAULT = 32
 CUT_THRESHOLD = 27.0  # PySceneDetect ContentDetector's default, on the same score scale
@@ -261,7 +263,8 @@ def predict(quality: QualityReport, pacing: Pacing) -> PerformancePrediction:
 
 
 def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: str | None = None,
-            progress: Callable[[int, int], None] | None = None, backend: str | None = None) -> VideoAnalysis:
+            progress: Callable[[int, int], None] | None = None, backend: str | None = None,
+            thumbnails_dir: str | Path | None = None) -> VideoAnalysis:
     dev = choose_device(device)
     chosen = choose_backend(backend, dev)
     info, series = run_kernels(path, batch_frames, dev, progress, chosen)
@@ -273,10 +276,14 @@ def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: 
     chapters, note = chapters_from(shots, arrays["content"], duration_s)
     quality = quality_from(arrays, {s.start_frame for s in shots})
     pacing = pacing_from(shots, arrays["motion_energy"], fps)
+    keyframes = keyframes_from(shots, arrays["sharpness"], arrays["phash"], fps)
+    if thumbnails_dir is not None:
+        written = write_thumbnails(path, [kf.frame for kf in keyframes], thumbnails_dir)
+        keyframes = [msgspec.structs.replace(kf, thumbnail=str(p)) for kf, p in zip(keyframes, written, strict=True)]
     w, h = analysis_size(info.width, info.height)
     return VideoAnalysis(
         width=info.width, height=info.height, fps=round(fps, 3), frames=frames, duration_s=round(duration_s, 3),
         analysis_width=w, analysis_height=h, device=str(dev), backend=chosen, shots=shots, chapters=chapters,
-        chapters_note=note, keyframes=keyframes_from(shots, arrays["sharpness"], arrays["phash"], fps),
+        chapters_note=note, keyframes=keyframes,
         quality=quality, pacing=pacing, prediction=predict(quality, pacing),
         content_scores=[round(float(x), 3) for x in arrays["content"]])

@@ -39,6 +39,7 @@ class Keyframe(_Result):
     time_s: float
     sharpness: float
     phash: str  # 16 hex digits
+    thumbnail: str | None = None  # a JPEG's path, when thumbnails were asked for
 
 
 class QualityReport(_Result):

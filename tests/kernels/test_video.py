@@ -103,6 +103,20 @@ def test_chapters_keyframes_quality_and_pacing_are_valid(recordings):
     assert result.backend == "eager" and result.device == "cpu"
 
 
+def test_thumbnails_are_jpegs_of_the_keyframes(recordings, tmp_path):
+    path, _ = recordings[1]
+    result = analyze(path, backend="eager", thumbnails_dir=tmp_path / "thumbs")
+    assert result.keyframes and all(kf.thumbnail for kf in result.keyframes)
+    with av.open(str(path)) as container:
+        frames = {i: f.to_ndarray(format="bgr24") for i, f in enumerate(container.decode(video=0))
+                  if i in {kf.frame for kf in result.keyframes}}
+    for kf in result.keyframes:
+        image = cv2.imread(kf.thumbnail)
+        assert image.shape == (360, 640, 3)
+        # It is that frame: close to the decoded frame itself (JPEG loses a little).
+        assert np.abs(image.astype(int) - frames[kf.frame].astype(int)).mean() < 6
+
+
 def test_motion_box_covers_what_changed():
     still = torch.full((2, 40, 60), 100, dtype=torch.uint8)
     still[1, 10:20, 30:45] = 200  # a pop-up
