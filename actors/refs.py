@@ -34,6 +34,7 @@ def chain_actor_name(index: int) -> str:
 
 SUPERVISOR_NAME = "supervisor"
 RELAY_NAME = "outbox-relay"
+VIDEO_PROCESSOR_NAME = "video-processor"
 MAILBOX_RETRY_DEADLINE_S = 300.0  # then log and keep trying: the delivery is never dropped
 log = logging.getLogger("dailydoco.refs")
 

@@ -9,6 +9,7 @@ that died between its commit and its delivery left a shard behind.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 
 import ray
@@ -25,10 +26,15 @@ from . import lifecycle
 from .commission_chain import CommissionChainActor
 from .outbox_relay import OutboxRelayActor
 from .recovery import checkpoint_all
-from .refs import RELAY_NAME, RayShardRouter, chain_actor_name, shard_actor_name
+from .refs import RELAY_NAME, VIDEO_PROCESSOR_NAME, RayShardRouter, chain_actor_name, shard_actor_name
 from .user_shard import UserShardActor
 
 WATCH_INTERVAL_S = 0.5
+
+
+def video_processing_installed() -> bool:
+    """The `video` extra (torch, PyAV) is optional: without it no processor runs."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "av"))
 PING_TIMEOUT_S = 5.0
 APPROVAL_INTERVAL_S = 10.0
 CHECKPOINT_INTERVAL_S = 30.0
@@ -56,10 +62,17 @@ class SupervisorActor:
         for i in range(self.config.chain_actors):
             yield chain_actor_name(i), CommissionChainActor, (i, *base)
         yield RELAY_NAME, OutboxRelayActor, (0, *base, self.nats_url)
+        if video_processing_installed():
+            from .video_processor import VideoProcessorActor
+
+            yield VIDEO_PROCESSOR_NAME, VideoProcessorActor, (0, *base)
 
     def _create(self, name, cls, args):
+        # The video processor takes a GPU where the cluster has one: Ray then
+        # places it on that node and gives it the device.
+        gpus = 1 if name == VIDEO_PROCESSOR_NAME and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         return cls.options(
-            name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True
+            name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True, num_gpus=gpus,
         ).remote(*args)
 
     async def start(self) -> list[str]:

@@ -33,6 +33,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     namespace: str
     region: str  # the NATS region this deployment publishes its live events in
     live_origins: tuple[str, ...]  # browser Origins allowed on the live WebSocket, besides the API's own
+    video_dir: str = ""  # videos the API may analyse, and uploads; "" means <state_dir>/videos
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -66,6 +67,8 @@ def load_config(**overrides) -> EngineConfig:
         live_origins=tuple(o.strip() for o in env.get("DD_LIVE_ORIGINS", "").split(",") if o.strip()),
     )
     config = msgspec.structs.replace(config, **overrides) if overrides else config
+    if not config.video_dir:
+        config = msgspec.structs.replace(config, video_dir=env.get("DD_VIDEO_DIR") or str(Path(config.state_dir) / "videos"))
     if not REGION_PATTERN.fullmatch(config.region):
         raise ValueError(f"DD_REGION {config.region!r} must match {REGION_PATTERN.pattern} (it is a NATS subject token)")
     return config

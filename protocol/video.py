@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import datetime as dt
+from typing import Annotated, Literal
 
-from msgspec import Struct
+from msgspec import Meta, Struct
+
+from .messages import ID_PATTERN
 
 CHAPTER_S_MIN = 10.0  # YouTube: each chapter at least 10 s
 CHAPTERS_MIN = 3  # YouTube: at least three, the first at 0:00
@@ -84,3 +87,28 @@ class VideoAnalysis(_Result):
     pacing: Pacing
     prediction: PerformancePrediction
     content_scores: list[float]  # per frame, PySceneDetect ContentDetector's scale
+
+
+# --- jobs ----------------------------------------------------------------------
+
+VIDEO_UPLOAD_BYTES_MAX = 2 * 1024**3  # a long 1080p screen recording, with room
+VIDEO_UPLOAD_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "application/octet-stream")
+
+
+class VideoJobRequest(_Result):
+    """A video already on the server, under the engine's video folder."""
+
+    user_id: Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
+    path: Annotated[str, Meta(min_length=1, max_length=1024)]  # relative to the video folder
+
+
+class VideoJobView(_Result):
+    job_id: str
+    user_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    progress: float  # 0..1
+    attempts: int
+    result: VideoAnalysis | None
+    error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime

@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import re
 import time
 
 import msgspec
@@ -37,13 +36,14 @@ from dailydoco.storage.pool import open_pool
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
+from .bodies import json_response, read_body
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
 from .live import LiveGateway
 from .live_page import live_page_routes
+from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
 
-BODY_BYTES_MAX = 64 * 1024  # every body but a batch: a few hundred bytes in practice
 BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
 COMMISSIONS_PAGE_DEFAULT = 100
 NETWORK_GRAPH_DEPTH_DEFAULT = 3
@@ -61,12 +61,7 @@ _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
 _OUTCOMES_DECODER = msgspec.msgpack.Decoder(list[p.PurchaseOutcomeWire])
 _REVOCATION_DECODER = msgspec.msgpack.Decoder(TokenRevoked)
-_PATH_IN_ERROR = re.compile(r" - at `(.+)`$")
 log = logging.getLogger("dailydoco.serve")
-
-
-def _json(value, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(value), status_code=status, media_type="application/json")
 
 
 def _problem(error: p.EngineError, instance: str) -> Response:
@@ -88,33 +83,6 @@ def _engine_error(exc: BaseException) -> p.EngineError | None:
     return exc if isinstance(exc, p.EngineError) else None
 
 
-def decode_body(body: bytes, type_):
-    try:
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _PATH_IN_ERROR.search(message)
-        path = match.group(1) if match else "$"
-        raise p.InvalidRequest(message, errors=[p.ProblemField(path=path, message=message)]) from exc
-    except msgspec.DecodeError as exc:
-        raise p.MalformedBody(f"body is not valid JSON: {exc}") from exc
-
-
-async def read_body(request: Request, type_, limit_bytes: int = BODY_BYTES_MAX):
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise p.UnsupportedMediaType(f"send Content-Type: application/json (got {media or 'none'!r})")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
-        raise p.PayloadTooLarge(f"body of {declared} bytes exceeds the {limit_bytes}-byte limit")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit_bytes:
-            raise p.PayloadTooLarge(f"body exceeds the {limit_bytes}-byte limit")
-    return decode_body(bytes(body), type_)
-
-
 class EngineApi:
     def __init__(self, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str, secrets: Secrets):
         self.config = config
@@ -129,6 +97,7 @@ class EngineApi:
         self.balance_batchers = [self._balance_batcher(shard) for shard in self.shards]
         self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
         self.live = LiveGateway(self.auth, config.live_origins, lambda: self.nats, lambda: self.pool)
+        self.videos = VideoJobs(self, config.video_dir)
         self._deps_lock = asyncio.Lock()
         self._deps_ready = False
         self.registry = CollectorRegistry()
@@ -205,7 +174,7 @@ class EngineApi:
             await nc.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise p.ServiceUnavailable(f"revocation recorded, but its notice was not sent ({exc}); retry") from exc
-        return _json(p.TokenRevocationView(user_id=user_id, revoked_before=before))
+        return json_response(p.TokenRevocationView(user_id=user_id, revoked_before=before))
 
     async def live_socket(self, websocket: WebSocket) -> None:
         await self._deps()
@@ -265,7 +234,7 @@ class EngineApi:
         require_service(await self.principal(request))
         body = await read_body(request, p.RegisterUserRequest)
         view: p.UserView = await self._shard_of(body.user_id).call("register", body)
-        return _json(view, 201 if view.status == "created" else 200)
+        return json_response(view, 201 if view.status == "created" else 200)
 
     async def get_user(self, request: Request) -> Response:
         user_id = request.path_params["user_id"]
@@ -273,7 +242,7 @@ class EngineApi:
         view = await self._shard_of(user_id).call("get_user", user_id)
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
-        return _json(view)
+        return json_response(view)
 
     async def issue_token(self, request: Request) -> Response:
         require_service(await self.principal(request))
@@ -282,7 +251,7 @@ class EngineApi:
         if await self._shard_of(user_id).call("get_user", user_id) is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         token, expires_at = self.auth.issue(user_id, body.ttl_s)
-        return _json(p.TokenView(token=token, expires_at=expires_at), 201)
+        return json_response(p.TokenView(token=token, expires_at=expires_at), 201)
 
     async def balance(self, request: Request) -> Response:
         user_id = request.path_params["user_id"]
@@ -290,7 +259,7 @@ class EngineApi:
         [view] = await self.balance_batchers[self._shard_index(user_id)].submit([user_id])
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
-        return _json(view)
+        return json_response(view)
 
     async def network(self, request: Request) -> Response:
         user_id = request.path_params["user_id"]
@@ -301,7 +270,7 @@ class EngineApi:
             raise p.NotFound(f"user {user_id!r} does not exist")
         edges, truncated = await self.ledger.network_graph(user_id, depth, p.NETWORK_GRAPH_NODES_MAX)
         nodes = [p.GraphNode(user_id=user_id, level=0)] + [p.GraphNode(user_id=u, level=lvl) for _, u, lvl in edges]
-        return _json(p.NetworkView(
+        return json_response(p.NetworkView(
             stats=stats, nodes=nodes, edges=[p.GraphEdge(referrer_id=r, user_id=u) for r, u, _ in edges],
             truncated=truncated))
 
@@ -313,7 +282,7 @@ class EngineApi:
             raise p.InvalidRequest(f"status {status!r} is not one of pending, approved, paid, refunded, reversed")
         limit = _int_param(request, "limit", COMMISSIONS_PAGE_DEFAULT, 1, p.COMMISSIONS_PAGE_MAX)
         page = await self.ledger.commissions_page(user_id, status, request.query_params.get("cursor"), limit)
-        return _json(page)
+        return json_response(page)
 
     # --- transactions ----------------------------------------------------------
 
@@ -348,7 +317,7 @@ class EngineApi:
         [(result, error)] = await self._submit([body])
         if error is not None:
             raise error
-        return _json(result, 201 if result.status == "created" else 200)
+        return json_response(result, 201 if result.status == "created" else 200)
 
     async def transaction_batch(self, request: Request) -> Response:
         require_service(await self.principal(request))
@@ -362,7 +331,7 @@ class EngineApi:
                 created += result.status == "created"
                 replayed += result.status == "replayed"
                 items.append(p.BatchItemResult(transaction_id=req.transaction_id, result=result))
-        return _json(p.TransactionBatchResult(created=created, replayed=replayed,
+        return json_response(p.TransactionBatchResult(created=created, replayed=replayed,
                                               failed=len(items) - created - replayed, results=items))
 
     async def refund(self, request: Request) -> Response:
@@ -371,7 +340,7 @@ class EngineApi:
         body = await read_body(request, p.RefundRequest)
         chain = self.chains[chain_of_transaction(transaction_id, len(self.chains))]
         result: p.RefundResult = await chain.call("refund", transaction_id, body)
-        return _json(result, 201 if result.status == "created" else 200)
+        return json_response(result, 201 if result.status == "created" else 200)
 
     # --- admin ---------------------------------------------------------------
 
@@ -379,21 +348,21 @@ class EngineApi:
         require_admin(await self.principal(request))
         body = await read_body(request, p.PayoutRequest)
         result: p.PayoutResult = await self.supervisor.call("payout", body)
-        return _json(result, 201 if result.status == "created" else 200)
+        return json_response(result, 201 if result.status == "created" else 200)
 
     async def advance_clock(self, request: Request) -> Response:
         require_admin(await self.principal(request))
         body = await read_body(request, p.ClockAdvanceRequest)
-        return _json(await self.supervisor.call("advance_clock", body.seconds))
+        return json_response(await self.supervisor.call("advance_clock", body.seconds))
 
     async def house(self, request: Request) -> Response:
         require_admin(await self.principal(request))
-        return _json(await self.ledger.house_balances())
+        return json_response(await self.ledger.house_balances())
 
     # --- operations --------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        return _json(p.Health(status="ok", checks={}))
+        return json_response(p.Health(status="ok", checks={}))
 
     async def readyz(self, request: Request) -> Response:
         checks = {}
@@ -417,13 +386,13 @@ class EngineApi:
             *(check(s.name, lambda s=s: s.call("ping", deadline_s=1.0)) for s in self.shards + self.chains),
         )
         ok = all(v == "ok" for v in checks.values())
-        return _json(p.Health(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503)
+        return json_response(p.Health(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
 
     async def openapi(self, request: Request) -> Response:
-        return _json(self._openapi)
+        return json_response(self._openapi)
 
     def asgi(self) -> Starlette:
         self._openapi = openapi_document()
@@ -447,6 +416,8 @@ class EngineApi:
             r("/v1/payouts", self.payout, ["POST"], "payout"),
             r("/v1/admin/clock", self.advance_clock, ["POST"], "advance_clock"),
             r("/v1/admin/house", self.house, ["GET"], "house"),
+            r("/v1/videos", self.videos.create, ["POST"], "create_video_job"),
+            r("/v1/videos/{job_id}", self.videos.get, ["GET"], "get_video_job"),
             r("/healthz", self.healthz, ["GET"], "healthz"),
             r("/readyz", self.readyz, ["GET"], "readyz"),
             r("/metrics", self.metrics, ["GET"], "metrics"),

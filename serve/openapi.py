@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from dailydoco import protocol as p
+from dailydoco.protocol.video import VideoJobRequest, VideoJobView
 
 # (method, path, summary, request type, response type, auth)
 ROUTES = [
@@ -20,6 +21,8 @@ ROUTES = [
     ("post", "/v1/transactions/{transaction_id}/refunds", "Refund a purchase, fully or partly", p.RefundRequest, p.RefundResult, "api_key"),
     ("post", "/v1/payouts", "Pay every positive approved balance (admin)", p.PayoutRequest, p.PayoutResult, "admin"),
     ("post", "/v1/admin/clock", "Move engine time forward (test deployments only)", p.ClockAdvanceRequest, p.ClockView, "admin"),
+    ("post", "/v1/videos", "Queue a video analysis: JSON {user_id, path} or the video as the body (?user_id=)", VideoJobRequest, VideoJobView, "api_key"),
+    ("get", "/v1/videos/{job_id}", "A video job: status, progress, result", None, VideoJobView, "either"),
     ("get", "/healthz", "Liveness", None, p.Health, None),
     ("get", "/readyz", "Readiness of every dependency", None, p.Health, None),
 ]

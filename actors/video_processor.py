@@ -1,0 +1,115 @@
+"""VideoProcessor: runs queued video analysis jobs, one at a time.
+
+Guarantees: a job the API acknowledged (202) is in Postgres and ends `done`
+or `failed`. A processor that dies mid-job leaves it `running`; the
+supervisor starts a new processor, which queues it again (a video that
+stops processors three times fails instead). Bad input fails that job with
+the reason and the processor goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import msgspec
+import ray
+
+from dailydoco.cluster.config import EngineConfig
+from dailydoco.storage import video_jobs
+from dailydoco.storage.pool import open_pool
+
+PROGRESS_STEP = 0.05  # progress is written at most every 5 % of a video
+QUEUE_IDLE_POLL_S = 1.0  # NOTIFY wakes the processor; this catches a notification lost to a reconnect
+RETRY_BACKOFF_S = 1.0  # Postgres unreachable: wait and try again
+
+log = logging.getLogger("dailydoco.video")
+
+
+class VideoJobRunner:
+    def __init__(self, pool: asyncpg.Pool, device: str | None = None):
+        self.pool = pool
+        self.device = device
+        self.jobs_done = 0
+        self._wake = asyncio.Event()
+
+    def wake(self, *_args) -> None:
+        self._wake.set()
+
+    async def run_one(self) -> bool:
+        """Claim and run the oldest queued job; False when there was none."""
+        from dailydoco.kernels.analyze import analyze
+        from dailydoco.kernels.decode import VideoError
+
+        job = await video_jobs.claim_next(self.pool)
+        if job is None:
+            return False
+        loop = asyncio.get_running_loop()
+        reported = [0.0]
+
+        def progress(done: int, expected: int) -> None:  # on the analysis thread
+            share = min(1.0, done / expected)
+            if share - reported[0] >= PROGRESS_STEP:
+                reported[0] = share
+                asyncio.run_coroutine_threadsafe(video_jobs.set_progress(self.pool, job.job_id, share), loop)
+
+        try:
+            result = await asyncio.to_thread(analyze, job.source_path, device=self.device, progress=progress)
+        except VideoError as exc:
+            await video_jobs.fail(self.pool, job.job_id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the job fails, the processor goes on
+            log.exception("video job %s failed", job.job_id)
+            await video_jobs.fail(self.pool, job.job_id, f"internal error: {type(exc).__name__}")
+        else:
+            await video_jobs.finish(self.pool, job.job_id, msgspec.json.encode(result).decode())
+        self.jobs_done += 1
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if await self.run_one():
+                    continue
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+                log.warning("video queue unreachable (%s); retrying", exc)
+                await asyncio.sleep(RETRY_BACKOFF_S)
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), QUEUE_IDLE_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+class VideoProcessorActor:
+    """The Ray shell, watched by the supervisor; created with num_gpus=1 where
+    the cluster has a GPU, so the analysis runs on it."""
+
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str):
+        self.postgres_url = postgres_url
+        self.runner: VideoJobRunner | None = None
+        self._task: asyncio.Task | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    async def ready(self) -> bool:
+        if self._task is None:
+            pool = await open_pool(self.postgres_url, min_size=1, max_size=2)
+            requeued, failed = await video_jobs.requeue_abandoned(pool)
+            if requeued or failed:
+                log.warning("video jobs left running by a stopped processor: %d queued again, %d failed",
+                            requeued, failed)
+            self.runner = VideoJobRunner(pool, "cuda" if ray.get_gpu_ids() else "cpu")
+            self._listener = await asyncpg.connect(self.postgres_url)
+            await self._listener.add_listener(video_jobs.VIDEO_JOBS_NOTIFY_CHANNEL, self.runner.wake)
+            self._task = asyncio.get_running_loop().create_task(self.runner.run())
+        return True
+
+    def jobs_done(self) -> int:
+        return self.runner.jobs_done if self.runner else 0
+
+    def ping(self) -> int:
+        if self._task is not None and self._task.done():
+            raise RuntimeError("video job loop ended") from self._task.exception()
+        return 0

@@ -1,0 +1,46 @@
+"""Request bodies in, JSON out: the shared edges of every HTTP handler."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dailydoco import protocol as p
+
+BODY_BYTES_MAX = 64 * 1024  # every body but a batch: a few hundred bytes in practice
+_ENCODER = msgspec.json.Encoder()
+_PATH_IN_ERROR = re.compile(r" - at `(.+)`$")
+
+
+def json_response(value, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_ENCODER.encode(value), status_code=status, media_type="application/json", headers=headers)
+
+
+def decode_body(body: bytes, type_):
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH_IN_ERROR.search(message)
+        path = match.group(1) if match else "$"
+        raise p.InvalidRequest(message, errors=[p.ProblemField(path=path, message=message)]) from exc
+    except msgspec.DecodeError as exc:
+        raise p.MalformedBody(f"body is not valid JSON: {exc}") from exc
+
+
+async def read_body(request: Request, type_, limit_bytes: int = BODY_BYTES_MAX):
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise p.UnsupportedMediaType(f"send Content-Type: application/json (got {media or 'none'!r})")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise p.PayloadTooLarge(f"body of {declared} bytes exceeds the {limit_bytes}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit_bytes:
+            raise p.PayloadTooLarge(f"body exceeds the {limit_bytes}-byte limit")
+    return decode_body(bytes(body), type_)

@@ -1,0 +1,126 @@
+"""The video job API: enqueue an analysis, read its status and result.
+
+Two ways in: an upload (the body is the video, streamed to disk) or a path
+under the engine's video folder (never outside it). Either way the job is in
+Postgres before the 202, and a VideoProcessor actor runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+from pathlib import Path
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dailydoco import protocol as p
+from dailydoco.protocol.video import (
+    VIDEO_UPLOAD_BYTES_MAX,
+    VIDEO_UPLOAD_TYPES,
+    VideoAnalysis,
+    VideoJobRequest,
+    VideoJobView,
+)
+from dailydoco.storage import video_jobs
+
+from .auth import require_reader_of, require_service
+from .bodies import json_response, read_body
+
+UPLOAD_FOLDER = "uploads"
+
+
+def new_job_id() -> str:
+    return "vid_" + secrets.token_urlsafe(12)
+
+
+def job_view(row: video_jobs.VideoJobRow) -> VideoJobView:
+    result = msgspec.json.decode(row.result, type=VideoAnalysis) if row.result is not None else None
+    return VideoJobView(job_id=row.job_id, user_id=row.user_id, status=row.status, progress=round(row.progress, 3),
+                        attempts=row.attempts, result=result, error=row.error, created_at=row.created_at,
+                        updated_at=row.updated_at)
+
+
+class VideoJobs:
+    def __init__(self, api, video_dir: str):
+        self.api = api  # the EngineApi: principal, pool, shards, body reading
+        self.folder = Path(video_dir).resolve()
+
+    def _installed(self) -> None:
+        if any(importlib.util.find_spec(m) is None for m in ("torch", "av")):
+            raise p.ServiceUnavailable("video processing is not installed here (pip install -e '.[video]')")
+
+    async def _require_user(self, user_id: str) -> None:
+        if await self.api._shard_of(user_id).call("get_user", user_id) is None:
+            raise p.UnknownUser(f"user {user_id!r} does not exist")
+
+    def _inside_folder(self, relative: str) -> Path:
+        path = (self.folder / relative).resolve()
+        if not path.is_relative_to(self.folder):
+            raise p.InvalidRequest(f"path {relative!r} leaves the video folder",
+                                   errors=[p.ProblemField(path="$.path", message="must stay inside the video folder")])
+        if not path.is_file():
+            raise p.InvalidRequest(f"no video at {relative!r} in the video folder",
+                                   errors=[p.ProblemField(path="$.path", message="no such file")])
+        return path
+
+    async def _receive_upload(self, request: Request, job_id: str) -> Path:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > VIDEO_UPLOAD_BYTES_MAX:
+            raise p.PayloadTooLarge(f"upload of {declared} bytes exceeds the {VIDEO_UPLOAD_BYTES_MAX}-byte limit")
+        folder = self.folder / UPLOAD_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{job_id}.video"
+        received = 0
+        try:
+            with open(path, "xb") as out:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > VIDEO_UPLOAD_BYTES_MAX:
+                        raise p.PayloadTooLarge(f"upload exceeds the {VIDEO_UPLOAD_BYTES_MAX}-byte limit")
+                    out.write(chunk)
+                # Durable before the job that names it is: the 202 promises both.
+                out.flush()
+                os.fsync(out.fileno())
+            if received == 0:
+                raise p.InvalidRequest("the upload is empty")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    async def create(self, request: Request) -> Response:
+        """POST /v1/videos: JSON {user_id, path}, or the video itself with ?user_id=."""
+        require_service(await self.api.principal(request))
+        self._installed()
+        job_id = new_job_id()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == "application/json":
+            body = await read_body(request, VideoJobRequest)
+            user_id, source = body.user_id, self._inside_folder(body.path)
+            await self._require_user(user_id)
+        elif media in VIDEO_UPLOAD_TYPES:
+            user_id = request.query_params.get("user_id", "")
+            try:
+                msgspec.convert({"user_id": user_id, "path": "upload"}, VideoJobRequest)
+            except msgspec.ValidationError as exc:
+                raise p.InvalidRequest(f"query parameter user_id: {exc}") from exc
+            await self._require_user(user_id)
+            source = await self._receive_upload(request, job_id)
+        else:
+            raise p.UnsupportedMediaType(
+                f"send application/json {{user_id, path}} or the video as one of {', '.join(VIDEO_UPLOAD_TYPES)}"
+                f" (got {media or 'none'!r})")
+        row = await video_jobs.enqueue(self.api.pool, job_id, user_id, str(source))
+        return json_response(job_view(row), 202, headers={"Location": f"/v1/videos/{job_id}"})
+
+    async def get(self, request: Request) -> Response:
+        principal = await self.api.principal(request)
+        row = await video_jobs.get(self.api.pool, request.path_params["job_id"])
+        if row is None:
+            raise p.NotFound(f"video job {request.path_params['job_id']!r} does not exist")
+        require_reader_of(principal, row.user_id)
+        return json_response(job_view(row))
+
