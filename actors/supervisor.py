@@ -65,7 +65,7 @@ class SupervisorActor:
         if video_processing_installed():
             from .video_processor import VideoProcessorActor
 
-            yield VIDEO_PROCESSOR_NAME, VideoProcessorActor, (0, *base)
+            yield VIDEO_PROCESSOR_NAME, VideoProcessorActor, (0, *base, self.nats_url)
 
     def _create(self, name, cls, args):
         # The video processor takes a GPU where the cluster has one: Ray then

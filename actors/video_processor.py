@@ -14,9 +14,12 @@ import logging
 
 import asyncpg
 import msgspec
+import nats
 import ray
 
+from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.protocol.live import VideoProgress, video_subject
 from dailydoco.storage import video_jobs
 from dailydoco.storage.pool import open_pool
 
@@ -24,15 +27,31 @@ PROGRESS_STEP = 0.05  # progress is written at most every 5 % of a video
 QUEUE_IDLE_POLL_S = 1.0  # NOTIFY wakes the processor; this catches a notification lost to a reconnect
 RETRY_BACKOFF_S = 1.0  # Postgres unreachable: wait and try again
 
+_PROGRESS_ENCODER = msgspec.msgpack.Encoder()
 log = logging.getLogger("dailydoco.video")
 
 
 class VideoJobRunner:
-    def __init__(self, pool: asyncpg.Pool, device: str | None = None):
+    def __init__(self, pool: asyncpg.Pool, device: str | None = None, nc: nats.NATS | None = None):
         self.pool = pool
         self.device = device
+        self.nc = nc  # progress frames for the user's live sockets; None: none sent
         self.jobs_done = 0
         self._wake = asyncio.Event()
+
+    async def _announce(self, job: video_jobs.VideoJobRow, status: str, progress: float) -> None:
+        """Best effort: the job's state is in Postgres whatever happens here."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        frame = VideoProgress(job_id=job.job_id, user_id=job.user_id, status=status, progress=round(progress, 3))
+        try:
+            await self.nc.publish(video_subject(job.user_id), _PROGRESS_ENCODER.encode(frame))
+        except nats.errors.Error as exc:
+            log.warning("video progress not sent: %s", exc)
+
+    async def _progressed(self, job: video_jobs.VideoJobRow, share: float) -> None:
+        await video_jobs.set_progress(self.pool, job.job_id, share)
+        await self._announce(job, "running", share)
 
     def wake(self, *_args) -> None:
         self._wake.set()
@@ -52,17 +71,21 @@ class VideoJobRunner:
             share = min(1.0, done / expected)
             if share - reported[0] >= PROGRESS_STEP:
                 reported[0] = share
-                asyncio.run_coroutine_threadsafe(video_jobs.set_progress(self.pool, job.job_id, share), loop)
+                asyncio.run_coroutine_threadsafe(self._progressed(job, share), loop)
 
+        await self._announce(job, "running", 0.0)
         try:
             result = await asyncio.to_thread(analyze, job.source_path, device=self.device, progress=progress)
         except VideoError as exc:
             await video_jobs.fail(self.pool, job.job_id, str(exc))
+            await self._announce(job, "failed", reported[0])
         except Exception as exc:  # noqa: BLE001 - the job fails, the processor goes on
             log.exception("video job %s failed", job.job_id)
             await video_jobs.fail(self.pool, job.job_id, f"internal error: {type(exc).__name__}")
+            await self._announce(job, "failed", reported[0])
         else:
             await video_jobs.finish(self.pool, job.job_id, msgspec.json.encode(result).decode())
+            await self._announce(job, "done", 1.0)
         self.jobs_done += 1
         return True
 
@@ -87,8 +110,9 @@ class VideoProcessorActor:
     """The Ray shell, watched by the supervisor; created with num_gpus=1 where
     the cluster has a GPU, so the analysis runs on it."""
 
-    def __init__(self, index: int, config: EngineConfig, postgres_url: str):
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
         self.postgres_url = postgres_url
+        self.nats_url = nats_url
         self.runner: VideoJobRunner | None = None
         self._task: asyncio.Task | None = None
         self._listener: asyncpg.Connection | None = None
@@ -101,10 +125,15 @@ class VideoProcessorActor:
                 log.warning("video jobs left running by a stopped processor: %d queued again, %d failed",
                             requeued, failed)
             self.runner = VideoJobRunner(pool, "cuda" if ray.get_gpu_ids() else "cpu")
+            asyncio.get_running_loop().create_task(self._connect_nats())
             self._listener = await asyncpg.connect(self.postgres_url)
             await self._listener.add_listener(video_jobs.VIDEO_JOBS_NOTIFY_CHANNEL, self.runner.wake)
             self._task = asyncio.get_running_loop().create_task(self.runner.run())
         return True
+
+    async def _connect_nats(self) -> None:
+        # In the background: jobs run while NATS is down, only without progress frames.
+        self.runner.nc = await nats_io.connect(self.nats_url, name="dailydoco-video")
 
     def jobs_done(self) -> int:
         return self.runner.jobs_done if self.runner else 0

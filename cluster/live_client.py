@@ -34,6 +34,7 @@ from dailydoco.protocol.live import (
     LiveSession,
     Publication,
     StreamReset,
+    VideoProgress,
 )
 
 RECEIVE_CHUNK_BYTES = 65_536
@@ -157,7 +158,7 @@ class LiveClient:
         self.session = LiveSession("", encoding=encoding, offset=offset, epoch=epoch)
         self.connections = 0
 
-    async def events(self) -> AsyncIterator[Publication | StreamReset]:
+    async def events(self) -> AsyncIterator[Publication | StreamReset | VideoProgress]:
         need_token = True
         while True:
             if need_token:

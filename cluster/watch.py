@@ -16,7 +16,7 @@ import anyio
 import httpx
 import msgspec
 
-from dailydoco.protocol.live import Publication, StreamReset
+from dailydoco.protocol.live import Publication, StreamReset, VideoProgress
 
 from .live_client import LiveClient, LiveStreamEnded
 
@@ -68,6 +68,9 @@ async def watch(api_url: str, user_id: str, token: str | None, state_dir: str, e
         printed = 0
         try:
             async for item in client.events():
+                if isinstance(item, VideoProgress):
+                    print(f"video job {item.job_id}: {item.status} {item.progress:.0%}", file=out, flush=True)
+                    continue
                 if isinstance(item, StreamReset):
                     print("stream could not be resumed: reloading", file=out, flush=True)
                     balance = await reload()

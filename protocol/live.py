@@ -145,6 +145,17 @@ class Ping(_Frame, tag="ping"):
     pass
 
 
+class VideoProgress(_Frame, tag="video"):
+    """A video job of this user moved on. Outside the stream (no offset): a
+    frame lost to a reconnect is not replayed, as GET /v1/videos/{id} holds
+    the job's state; progress only says how far it got."""
+
+    job_id: str
+    user_id: str
+    status: Literal["running", "done", "failed"]
+    progress: float  # 0..1
+
+
 class Connect(_Frame, tag="connect"):
     """The client's first frame: who it is, and where its stream stopped."""
 
@@ -158,7 +169,7 @@ class Pong(_Frame, tag="pong"):
     pass
 
 
-ServerFrame = Union[Publication, Connected, Ping]
+ServerFrame = Union[Publication, Connected, Ping, VideoProgress]
 ClientFrame = Union[Connect, Pong]
 
 _event_list_decoder = msgspec.msgpack.Decoder(list[LiveEvent])
@@ -189,6 +200,13 @@ class TokenRevoked(Struct, frozen=True, array_like=True):
 
     user_id: str
     revoked_before: dt.datetime
+
+
+VIDEO_SUBJECT_ROOT = "dd.video"  # dd.video.<user token>: progress of the user's video jobs, not kept
+
+
+def video_subject(user_id: str) -> str:
+    return f"{VIDEO_SUBJECT_ROOT}.{user_token(user_id)}"
 
 
 def user_subject(region: str, user_id: str) -> str:
@@ -312,8 +330,10 @@ class LiveSession:
 
     # bytes in -> events out
 
-    def receive(self, data: bytes | str) -> list[Publication | StreamReset]:
+    def receive(self, data: bytes | str) -> list[Publication | StreamReset | VideoProgress]:
         frame = decode_server_frame(data)
+        if isinstance(frame, VideoProgress):
+            return [frame]  # not part of the stream: no offset to check
         if isinstance(frame, Ping):
             pong = encode_frame(Pong(), self.encoding)
             self._outgoing.append(pong if self.encoding == "msgpack" else pong.decode())

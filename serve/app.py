@@ -130,6 +130,7 @@ class EngineApi:
         self.nats = await nats_io.connect(self.nats_url, name="dailydoco-api",
                                           reconnected_cb=self._on_nats_reconnected)
         await self.nats.subscribe(TOKEN_REVOCATION_SUBJECT, cb=self._on_revocation_notice)
+        await self.live.follow_video_progress(self.nats)
 
     async def _on_nats_reconnected(self) -> None:
         await self._load_revocations()  # notices sent while disconnected are lost to us

@@ -29,6 +29,9 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from dailydoco.protocol import Unauthorized
 from dailydoco.protocol.live import (
+    VIDEO_SUBJECT_ROOT,
+    VideoProgress,
+    video_subject,
     EVENT_STREAM_NAME,
     LIVE_AUTH_DEADLINE_S,
     LIVE_OUTBOUND_BYTES_MAX,
@@ -56,6 +59,7 @@ GAP_FILL_DEADLINE_S = 20.0  # then the socket closes and the client resumes
 GAP_FILL_BACKOFF_S = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 HISTORY_READ_TIMEOUT_S = 2.0
 
+_video_progress_decoder = msgspec.msgpack.Decoder(VideoProgress)
 log = logging.getLogger("dailydoco.live")
 
 
@@ -321,6 +325,26 @@ class LiveGateway:
         if self.auth.is_revoked(claims):  # revoked while this socket was opening
             connection.close(CloseCode.TOKEN_EXPIRED, "token has been revoked")
         return connection
+
+    async def follow_video_progress(self, nc: nats.NATS) -> None:
+        """One subscription for every user's video progress (rare, small
+        messages): cheaper than a second subscription per connected user."""
+
+        async def deliver(msg) -> None:
+            try:
+                frame = _video_progress_decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.error("undecodable video progress on %s", msg.subject)
+                return
+            entry = self._subscriptions.get(frame.user_id)
+            # The subject names the user too: a frame is sent only where both agree.
+            if entry is None or msg.subject != video_subject(frame.user_id):
+                return
+            for member in list(entry[1]):
+                if member.live_ready:
+                    member.send_frame(frame)
+
+        await nc.subscribe(f"{VIDEO_SUBJECT_ROOT}.*", cb=deliver)
 
     def close_revoked(self, user_id: str, revoked_before: dt.datetime) -> int:
         """Close the user's sockets whose tokens a revocation covers; returns how many."""

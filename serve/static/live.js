@@ -280,6 +280,27 @@ function appendToFeed(pub) {
   while (feed.children.length > FEED_ITEMS_MAX) feed.lastElementChild.remove();
 }
 
+function showVideoProgress(frame) {
+  // One line per job, updated in place: progress is not part of the stream.
+  let item = document.querySelector(`#feed li[data-job="${CSS.escape(frame.job_id)}"]`);
+  if (item === null) {
+    item = document.createElement("li");
+    item.dataset.kind = "video";
+    item.dataset.job = frame.job_id;
+    const kind = document.createElement("span");
+    kind.className = "kind";
+    kind.textContent = "video";
+    const text = document.createElement("span");
+    text.className = "text";
+    item.append(document.createElement("span"), kind, text);
+    item.firstChild.className = "offset";
+    $("feed").prepend(item);
+  }
+  item.dataset.status = frame.status;
+  item.querySelector(".text").textContent =
+    `video ${frame.job_id}: ${frame.status} ${Math.round(frame.progress * 100)} %`;
+}
+
 // --- the live stream -----------------------------------------------------------
 
 function apply(pub) {
@@ -332,6 +353,8 @@ function connect() {
       }
     } else if (frame.type === "pub") {
       apply(frame);
+    } else if (frame.type === "video") {
+      showVideoProgress(frame);
     }
   };
   socket.onclose = (event) => {

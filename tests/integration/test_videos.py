@@ -101,3 +101,42 @@ def test_a_job_survives_its_processor_being_killed(api, tmp_path):
     ray.kill(ray.get_actor(VIDEO_PROCESSOR_NAME, namespace=api.engine.config.namespace), no_restart=True)
     done = wait_for_job(api, job_id)
     assert done["status"] == "done" and done["attempts"] == 2, done["status"]
+
+
+def test_progress_reaches_the_owners_live_socket_only(api, recording):
+    import anyio
+
+    from dailydoco.cluster.live_client import LiveClient
+    from dailydoco.protocol.live import VideoProgress
+
+    from .test_live import live_url
+
+    owner = api.register(unique("vid"))["user_id"]
+    bystander = api.register(unique("vid"))["user_id"]
+
+    async def run() -> None:
+        seen: dict[str, list] = {owner: [], bystander: []}
+
+        async def follow(user_id: str) -> None:
+            async def token() -> str:
+                return token_for(api, user_id)
+
+            async for item in LiveClient(live_url(api), token).events():
+                if isinstance(item, VideoProgress):
+                    seen[user_id].append(item)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow, owner)
+            tg.start_soon(follow, bystander)
+            await anyio.sleep(1.0)  # both sockets connected
+            job_id = (await anyio.to_thread.run_sync(upload, api, owner, recording.read_bytes())).json()["job_id"]
+            with anyio.fail_after(JOB_WAIT_S):
+                while not any(p.status == "done" for p in seen[owner]):
+                    await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        progress = [p.progress for p in seen[owner]]
+        assert {p.job_id for p in seen[owner]} == {job_id}
+        assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) >= 3
+        assert seen[bystander] == []
+
+    anyio.run(run)
