@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+from pathlib import Path
 
 import asyncpg
 import msgspec
@@ -31,9 +33,18 @@ _PROGRESS_ENCODER = msgspec.msgpack.Encoder()
 log = logging.getLogger("dailydoco.video")
 
 
+JOB_OUTPUTS_FOLDER = "outputs"  # under the video folder: outputs/<job_id>/{thumbnails,variants}/
+
+
+def job_outputs(video_dir: str | Path, job_id: str) -> Path:
+    return Path(video_dir).resolve() / JOB_OUTPUTS_FOLDER / job_id
+
+
 class VideoJobRunner:
-    def __init__(self, pool: asyncpg.Pool, device: str | None = None, nc: nats.NATS | None = None):
+    def __init__(self, pool: asyncpg.Pool, video_dir: str | Path, device: str | None = None,
+                 nc: nats.NATS | None = None):
         self.pool = pool
+        self.video_dir = video_dir
         self.device = device
         self.nc = nc  # progress frames for the user's live sockets; None: none sent
         self.jobs_done = 0
@@ -74,8 +85,13 @@ class VideoJobRunner:
                 asyncio.run_coroutine_threadsafe(self._progressed(job, share), loop)
 
         await self._announce(job, "running", 0.0)
+        outputs = job_outputs(self.video_dir, job.job_id)
+        shutil.rmtree(outputs, ignore_errors=True)  # a retried job starts clean
         try:
-            result = await asyncio.to_thread(analyze, job.source_path, device=self.device, progress=progress)
+            result = await asyncio.to_thread(
+                analyze, job.source_path, device=self.device, progress=progress, thumbnails_dir=outputs / "thumbnails",
+                variants_dir=outputs / "variants" if job.variants else None)
+            result = _relative_outputs(result, outputs)
         except VideoError as exc:
             await video_jobs.fail(self.pool, job.job_id, str(exc))
             await self._announce(job, "failed", reported[0])
@@ -105,12 +121,25 @@ class VideoJobRunner:
                 pass
 
 
+def _relative_outputs(result, outputs: Path):
+    """Thumbnail and variant paths as the API serves them, relative to the
+    job's outputs: the server's own folders are nobody's business."""
+    def relative(path: str | None) -> str | None:
+        return None if path is None else Path(path).relative_to(outputs).as_posix()
+
+    return msgspec.structs.replace(
+        result,
+        keyframes=[msgspec.structs.replace(kf, thumbnail=relative(kf.thumbnail)) for kf in result.keyframes],
+        variants=[msgspec.structs.replace(v, path=relative(v.path)) for v in result.variants])
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
 class VideoProcessorActor:
     """The Ray shell, watched by the supervisor; created with num_gpus=1 where
     the cluster has a GPU, so the analysis runs on it."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
+        self.video_dir = config.video_dir
         self.postgres_url = postgres_url
         self.nats_url = nats_url
         self.runner: VideoJobRunner | None = None
@@ -124,7 +153,7 @@ class VideoProcessorActor:
             if requeued or failed:
                 log.warning("video jobs left running by a stopped processor: %d queued again, %d failed",
                             requeued, failed)
-            self.runner = VideoJobRunner(pool, "cuda" if ray.get_gpu_ids() else "cpu")
+            self.runner = VideoJobRunner(pool, self.video_dir, "cuda" if ray.get_gpu_ids() else "cpu")
             asyncio.get_running_loop().create_task(self._connect_nats())
             self._listener = await asyncpg.connect(self.postgres_url)
             await self._listener.add_listener(video_jobs.VIDEO_JOBS_NOTIFY_CHANNEL, self.runner.wake)

@@ -73,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     watch.add_argument("--max-events", type=int, default=None, help="exit after this many events")
     video = sub.add_parser("video", help="video processing").add_subparsers(dest="video_command", required=True)
-    analyze = video.add_parser("analyze", help="shots, chapters, keyframes, quality of a screen recording")
+    analyze = video.add_parser("analyze", help="shots, chapters, keyframes, activity, quality, crops of a screen recording")
     analyze.add_argument("file")
     analyze.add_argument("--batch-frames", type=int, default=32)
     analyze.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     analyze.add_argument("--backend", choices=("auto", "eager", "compile"), default="auto",
                          help="torch.compile where it can build (default), or eager")
     analyze.add_argument("--thumbnails", metavar="DIR", default=None, help="write a JPEG per keyframe into DIR")
+    analyze.add_argument("--variants", metavar="DIR", default=None,
+                         help="encode the 16:9, 9:16 and 1:1 crops that follow the saliency into DIR")
     analyze.add_argument("--json", action="store_true", help="print the full result as JSON")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ def run_video(args) -> int:
     started = time.monotonic()
     try:
         result = analyze(args.file, batch_frames=args.batch_frames, device=args.device, backend=args.backend,
-                         thumbnails_dir=args.thumbnails,
+                         thumbnails_dir=args.thumbnails, variants_dir=args.variants,
                          progress=None if args.quiet else _progress(started))
     except VideoError as exc:
         print(f"\ndailydoco video: {exc}", file=sys.stderr)
@@ -56,10 +56,14 @@ def run_video(args) -> int:
     print("keyframes: " + ", ".join(f"{kf.time_s:.2f}s" for kf in result.keyframes))
     if args.thumbnails:
         print(f"thumbnails: {len(result.keyframes)} JPEGs in {args.thumbnails}")
+    print("activity: " + ", ".join(f"{a.start_s:.1f}-{a.end_s:.1f}s {a.kind}" for a in result.activity))
+    for v in result.variants:
+        print(f"variant {v.aspect}: {v.width}x{v.height} crop" + (f" -> {v.path}" if v.path else ""))
     q, pace = result.quality, result.pacing
     print(f"quality {q.score}/100 (sharpness {q.sharpness}, exposure {q.exposure}, stability {q.stability}, "
           f"information {q.information})")
     print(f"pacing: {pace.shots_per_minute} shots/min, median shot {pace.shot_s_median} s, idle {pace.idle_share:.0%}, "
-          f"longest still {pace.longest_idle_s} s")
+          f"longest still {pace.longest_idle_s} s, scrolling {pace.scrolling_share:.0%}, "
+          f"text density {pace.text_density_mean:.2f}")
     print(f"prediction ({result.prediction.method}): expected watch share {result.prediction.expected_watch_share:.0%}")
     return 0

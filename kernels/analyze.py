@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from dailydoco.protocol.video import (
+    ACTIVITIES,
     CHAPTER_S_MIN,
+    ActivitySpan,
     CHAPTERS_MIN,
     Chapter,
     Keyframe,
@@ -34,6 +36,7 @@ from dailydoco.protocol.video import (
 )
 
 from . import frame_kernels as k
+from .crops import plan_crops, summarise, write_variants
 from .decode import VideoError, analysis_size, decode_batches, open_video, prefetched
 from .thumbnails import write_thumbnails
 
@@ -45,7 +48,12 @@ DISSOLVE_SCORE_MIN = 2.0  # per-frame change inside a dissolve: steady, well abo
 DISSOLVE_FRAMES_MIN, DISSOLVE_FRAMES_MAX = 8, 45  # ...lasting a quarter second to a second and a half
 DISSOLVE_PHASH_BITS_MIN = 16  # and the screens either side of it differ
 KEYFRAME_PHASH_BITS_MIN = 10  # a keyframe this close to a chosen one is a near-duplicate
-IDLE_MOTION_ENERGY_MAX = 0.05  # mean luma change per pixel below which the screen is still
+ADAPTIVE_THRESHOLD = 3.0  # AdaptiveDetector's: a frame changing 3x its neighbours' mean is a cut...
+ADAPTIVE_CONTENT_MIN = 15.0  # ...when it also changes at least this much (catches low-contrast window switches)
+TYPING_MOTION_SHARE_MAX = 0.02  # a keystroke or the cursor changes under 2% of the screen
+ACTIVITY_SMOOTH_S = 0.5  # per-frame activity labels take the majority of this window
+ACTIVITY_SPAN_S_MIN = 0.5  # shorter spans join the one before them
+IDLE_SPAN_S_MIN = 2.0  # a still screen counts as a dwell from this long
 SHAKE_MOTION_SHARE_MIN = 0.5  # inside a shot, over half the screen changing at once
 SHARPNESS_REFERENCE = 2_000.0  # variance of the Laplacian of crisp text at analysis size
 BACKENDS = ("eager", "compile")
@@ -114,9 +122,10 @@ def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, devi
                     luma = torch.cat((luma, luma[-1:].expand(batch_frames - n, -1, -1)))
                 if previous_hsv is None:
                     previous_hsv, previous_luma = k.rgb_to_hsv(rgb[:1])[0], luma[0]
-                out = step(rgb, luma, previous_hsv, previous_luma)
+                    previous_dwell = torch.zeros((), dtype=torch.int64, device=device)
+                out = step(rgb, luma, previous_hsv, previous_luma, previous_dwell)
                 # Padding repeats frame n-1, so the batch's last HSV frame is that one's.
-                previous_hsv, previous_luma = out.pop("last_hsv"), luma[n - 1]
+                previous_hsv, previous_luma, previous_dwell = out.pop("last_hsv"), luma[n - 1], out["dwell"][n - 1]
                 series.add(**{name: value[:n] for name, value in out.items()})
                 if progress:
                     progress(batch.first_index + n, expected)
@@ -130,8 +139,11 @@ def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, devi
 # --- shots -------------------------------------------------------------------------
 
 
-def detect_transitions(content: np.ndarray, mean_luma: np.ndarray, phash: np.ndarray) -> list[tuple[int, str]]:
-    """(first frame of the new shot, kind), in order."""
+def detect_transitions(series: dict[str, np.ndarray]) -> list[tuple[int, str]]:
+    """(first frame of the new shot, kind), in order. Reads the per-frame
+    content score, adaptive ratio, mean luma, pHash and scroll shift."""
+    content, mean_luma, phash = series["content"], series["mean_luma"], series["phash"]
+    scrolling = series["scroll"] != 0  # a scrolled page changes a lot, steadily, and is no transition
     n = len(content)
     found: list[tuple[int, str]] = []
     # Fades: runs of black frames; the shot changes at the darkest one.
@@ -150,11 +162,12 @@ def detect_transitions(content: np.ndarray, mean_luma: np.ndarray, phash: np.nda
         else:
             i += 1
     # Dissolves: a steady, moderate change for a short while, between screens that differ.
+    dissolving = (content >= DISSOLVE_SCORE_MIN) & (content < CUT_THRESHOLD) & ~scrolling
     i = 1
     while i < n:
-        if DISSOLVE_SCORE_MIN <= content[i] < CUT_THRESHOLD and not blocked[i]:
+        if dissolving[i] and not blocked[i]:
             j = i
-            while j < n and DISSOLVE_SCORE_MIN <= content[j] < CUT_THRESHOLD:
+            while j < n and dissolving[j]:
                 j += 1
             before, after = phash[i - 1], phash[min(j, n - 1)]
             if DISSOLVE_FRAMES_MIN <= j - i <= DISSOLVE_FRAMES_MAX and \
@@ -164,9 +177,11 @@ def detect_transitions(content: np.ndarray, mean_luma: np.ndarray, phash: np.nda
             i = j
         else:
             i += 1
-    # Cuts: ContentDetector's rule, at most one per SCENE_FRAMES_MIN frames.
+    # Cuts: ContentDetector's rule or AdaptiveDetector's, at most one per
+    # SCENE_FRAMES_MIN frames, never on a frame the previous one scrolled into.
+    adaptive = (series["adaptive_ratio"] >= ADAPTIVE_THRESHOLD) & (content >= ADAPTIVE_CONTENT_MIN)
     last = -SCENE_FRAMES_MIN
-    for frame in np.flatnonzero(content >= CUT_THRESHOLD):
+    for frame in np.flatnonzero(((content >= CUT_THRESHOLD) | adaptive) & ~scrolling):
         if not blocked[frame] and frame - last >= SCENE_FRAMES_MIN:
             found.append((int(frame), "cut"))
             last = int(frame)
@@ -240,17 +255,56 @@ def quality_from(series: dict[str, np.ndarray], boundaries: set[int]) -> Quality
     return QualityReport(score=round(100 * score), **{name: round(100 * v) for name, v in parts.items()})
 
 
-def pacing_from(shots: list[Shot], motion_energy: np.ndarray, fps: float) -> Pacing:
+def activity_from(series: dict[str, np.ndarray], fps: float) -> list[ActivitySpan]:
+    """What the user is doing, as spans: idle (the screen still for at least
+    IDLE_SPAN_S_MIN), scrolling, typing (small changes: keystrokes, the
+    cursor) or motion (anything larger: pop-ups, dragging, video). Each
+    frame's label is the majority of its half-second neighbourhood, so a
+    keystroke every few frames reads as typing, not flickering idle."""
+    n = len(series["dwell"])
+    still = series["dwell"] > 0
+    long_still = _runs_at_least(still, round(IDLE_SPAN_S_MIN * fps))
+    # A short still moment (between keystrokes) does not vote; a long one is idle outright.
+    label = np.where(series["scroll"] != 0, 1,
+                     np.where(still, -1, np.where(series["motion_share"] <= TYPING_MOTION_SHARE_MAX, 2, 3)))
+    window = max(1, round(ACTIVITY_SMOOTH_S * fps)) | 1
+    votes = np.stack([np.convolve(label == kind, np.ones(window), mode="same") for kind in range(len(ACTIVITIES))])
+    votes[0] = np.where(long_still, window + 1, 0)
+    smooth = np.where(votes.sum(axis=0) > 0, votes.argmax(axis=0), 0)  # no vote at all: still
+    spans: list[list[int]] = []  # [kind, start, end]
+    for start in np.flatnonzero(np.diff(smooth, prepend=-1)):
+        spans.append([int(smooth[start]), int(start), n])
+        if len(spans) > 1:
+            spans[-2][2] = int(start)
+    merged: list[list[int]] = []
+    for span in spans:
+        if merged and (span[2] - span[1] < ACTIVITY_SPAN_S_MIN * fps or span[0] == merged[-1][0]):
+            merged[-1][2] = span[2]
+        else:
+            merged.append(span)
+    return [ActivitySpan(kind=ACTIVITIES[kind], start_s=round(a / fps, 3), end_s=round(b / fps, 3))
+            for kind, a, b in merged]
+
+
+def _runs_at_least(mask: np.ndarray, length: int) -> np.ndarray:
+    """The frames of `mask` that lie in a run of at least `length` True frames."""
+    out = np.zeros_like(mask)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    for start, end in zip(edges[::2], edges[1::2], strict=True):
+        if end - start >= length:
+            out[start:end] = True
+    return out
+
+
+def pacing_from(shots: list[Shot], series: dict[str, np.ndarray], fps: float) -> Pacing:
     lengths = [s.end_s - s.start_s for s in shots]
-    idle = motion_energy < IDLE_MOTION_ENERGY_MAX
-    longest, run = 0, 0
-    for still in idle:
-        run = run + 1 if still else 0
-        longest = max(longest, run)
     minutes = sum(lengths) / 60
     return Pacing(shots=len(shots), shots_per_minute=round(len(shots) / minutes, 2) if minutes else 0.0,
                   shot_s_mean=round(statistics.fmean(lengths), 3), shot_s_median=round(statistics.median(lengths), 3),
-                  idle_share=round(float(idle.mean()), 4), longest_idle_s=round(longest / fps, 3))
+                  idle_share=round(float(np.mean(series["dwell"] > 0)), 4),
+                  longest_idle_s=round(int(series["dwell"].max()) / fps, 3),
+                  scrolling_share=round(float(np.mean(series["scroll"] != 0)), 4),
+                  text_density_mean=round(float(np.mean(series["text_density"])), 4))
 
 
 def predict(quality: QualityReport, pacing: Pacing) -> PerformancePrediction:
@@ -264,26 +318,32 @@ def predict(quality: QualityReport, pacing: Pacing) -> PerformancePrediction:
 
 def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: str | None = None,
             progress: Callable[[int, int], None] | None = None, backend: str | None = None,
-            thumbnails_dir: str | Path | None = None) -> VideoAnalysis:
+            thumbnails_dir: str | Path | None = None, variants_dir: str | Path | None = None) -> VideoAnalysis:
+    """The whole analysis; JPEG thumbnails of the keyframes and the encoded
+    platform variants are written only when given a folder for them."""
     dev = choose_device(device)
     chosen = choose_backend(backend, dev)
     info, series = run_kernels(path, batch_frames, dev, progress, chosen)
     arrays = {name: series.array(name) for name in series.parts}
+    arrays["adaptive_ratio"] = k.adaptive_ratios(torch.from_numpy(arrays["content"])).numpy()
     frames, fps = len(arrays["content"]), float(info.fps)
     duration_s = frames / fps
-    transitions = detect_transitions(arrays["content"], arrays["mean_luma"], arrays["phash"])
+    transitions = detect_transitions(arrays)
     shots = shots_from(transitions, frames, fps)
     chapters, note = chapters_from(shots, arrays["content"], duration_s)
     quality = quality_from(arrays, {s.start_frame for s in shots})
-    pacing = pacing_from(shots, arrays["motion_energy"], fps)
+    pacing = pacing_from(shots, arrays, fps)
     keyframes = keyframes_from(shots, arrays["sharpness"], arrays["phash"], fps)
     if thumbnails_dir is not None:
         written = write_thumbnails(path, [kf.frame for kf in keyframes], thumbnails_dir)
         keyframes = [msgspec.structs.replace(kf, thumbnail=str(p)) for kf, p in zip(keyframes, written, strict=True)]
+    plans = plan_crops(info.width, info.height, arrays["saliency_x"], arrays["saliency_y"], shots, fps)
+    encoded = write_variants(path, plans, variants_dir) if variants_dir is not None else [None] * len(plans)
     w, h = analysis_size(info.width, info.height)
     return VideoAnalysis(
         width=info.width, height=info.height, fps=round(fps, 3), frames=frames, duration_s=round(duration_s, 3),
         analysis_width=w, analysis_height=h, device=str(dev), backend=chosen, shots=shots, chapters=chapters,
         chapters_note=note, keyframes=keyframes,
-        quality=quality, pacing=pacing, prediction=predict(quality, pacing),
+        quality=quality, pacing=pacing, activity=activity_from(arrays, fps),
+        variants=[summarise(plan, fps, out) for plan, out in zip(plans, encoded, strict=True)], prediction=predict(quality, pacing),
         content_scores=[round(float(x), 3) for x in arrays["content"]])

@@ -23,6 +23,18 @@ LUMA_BINS = 256
 CLIPPED_DARK_MAX = 16  # luma at or below: crushed black (BT.601 video black is 16)
 CLIPPED_BRIGHT_MIN = 235  # luma at or above: blown highlight (video white is 235)
 MOTION_PIXEL_DELTA_MIN = 12  # luma change that counts as "this pixel changed", above codec noise
+IDLE_MOTION_ENERGY_MAX = 0.05  # mean luma change per pixel below which the screen is still
+ADAPTIVE_WINDOW = 2  # PySceneDetect AdaptiveDetector's window_width: frames either side
+ADAPTIVE_RATIO_MAX = 255.0  # its cap, also given when the neighbours are still and the frame is not
+ADAPTIVE_MIN_CONTENT = 15.0  # its min_content_val
+SCROLL_COLUMN_POOL = 8  # columns averaged before the shift search: rows keep their detail, 8x less work
+SCROLL_SHIFT_MAX_SHARE = 8  # shifts tried: up to 1/8 of the height either way per frame
+SCROLL_CHANGED_SHARE_MIN = 0.03  # a scroll moves every line of a page: far more than a keystroke changes
+SCROLL_MATCH_RATIO = 0.2  # the shifted previous frame must explain the change 5x better than no shift (scrolls: <0.05, cuts: >0.4)
+BLOCK_SIDE = 4  # text density and saliency work on 4x4 blocks of the analysis frame
+BLOCK_CONTRAST_MIN = 48  # luma range inside a block that marks an edge (glyph strokes, rules, borders)
+SALIENCY_BINS = 64  # saliency profiles per axis: crop placement to 1/64 of the frame
+SALIENCY_MOTION_WEIGHT = 4.0  # a changing block draws the eye four times as much as a still edge
 
 
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
@@ -107,13 +119,17 @@ def sharpness(luma: torch.Tensor) -> torch.Tensor:
     return response.flatten(1).var(dim=1, unbiased=False)
 
 
-def motion(luma: torch.Tensor, carry: FrameCarry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Against the previous frame: motion energy (mean absolute luma change,
-    0..255), the share of pixels that changed, and the bounding box of what
-    changed as (x0, y0, x1, y1) in analysis pixels, exclusive ends, or -1s
-    when nothing did."""
+def luma_change(luma: torch.Tensor, carry: FrameCarry) -> torch.Tensor:
+    """(N, H, W) float32 absolute luma change from the previous frame."""
     frames = carry.with_previous_luma(luma).float()
-    delta = (frames[1:] - frames[:-1]).abs()
+    return (frames[1:] - frames[:-1]).abs()
+
+
+def motion(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From `luma_change`: motion energy (mean absolute luma change, 0..255),
+    the share of pixels that changed, and the bounding box of what changed as
+    (x0, y0, x1, y1) in analysis pixels, exclusive ends, or -1s when nothing
+    did."""
     energy = delta.mean(dim=(1, 2))
     changed = delta >= MOTION_PIXEL_DELTA_MIN
     share = changed.float().mean(dim=(1, 2))
@@ -125,6 +141,96 @@ def motion(luma: torch.Tensor, carry: FrameCarry) -> tuple[torch.Tensor, torch.T
     x0 = torch.where(any_change, cols.float().argmax(dim=1), -1)
     x1 = torch.where(any_change, w - cols.flip(1).float().argmax(dim=1), -1)
     return energy, share, torch.stack((x0, y0, x1, y1), dim=1)
+
+
+def scroll_shift(luma: torch.Tensor, carry: FrameCarry) -> torch.Tensor:
+    """Vertical scrolling against the previous frame, in analysis rows per
+    frame: positive when the content moved up (the page scrolled down), 0 when
+    the frame did not scroll. (N,) int64.
+
+    Block matching restricted to what changed: for each shift, how well the
+    previous frame moved by that many rows explains the pixels that changed.
+    A scroll is the best shift explaining them at least five times as well as no
+    shift, over a changed area no keystroke or cursor makes. Columns are
+    averaged first: scrolling is vertical, and text lines keep their rows."""
+    frames = carry.with_previous_luma(luma).float().unsqueeze(1)
+    pooled = F.avg_pool2d(frames, (1, SCROLL_COLUMN_POOL)).squeeze(1)  # (N+1, H, W/8)
+    previous, current = pooled[:-1], pooled[1:]
+    h = pooled.shape[1]
+    changed = ((current - previous).abs() >= MOTION_PIXEL_DELTA_MIN).float()
+    changed_count = changed.sum(dim=(1, 2))
+    still_cost = ((current - previous).abs() * changed).sum(dim=(1, 2)) / changed_count.clamp(min=1)
+    best_cost = torch.full_like(still_cost, float("inf"))
+    best_shift = torch.zeros_like(still_cost, dtype=torch.int64)
+    for shift in range(1, max(2, h // SCROLL_SHIFT_MAX_SHARE + 1)):
+        for signed, now, before, mask in (
+            (shift, current[:, : h - shift], previous[:, shift:], changed[:, : h - shift]),  # content moved up
+            (-shift, current[:, shift:], previous[:, : h - shift], changed[:, shift:]),  # content moved down
+        ):
+            cost = ((now - before).abs() * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
+            better = cost < best_cost
+            best_cost = torch.where(better, cost, best_cost)
+            best_shift = torch.where(better, signed, best_shift)
+    scrolled = (changed_count >= SCROLL_CHANGED_SHARE_MIN * changed[0].numel()) & \
+        (best_cost < SCROLL_MATCH_RATIO * still_cost)
+    return torch.where(scrolled, best_shift, 0)
+
+
+def dwell_frames(still: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """How many frames the screen has been still, up to and including each
+    frame (0 on a frame that moved): (N,) int64. `previous` is the count at
+    the frame before the batch, so runs carry across batches."""
+    index = torch.arange(still.shape[0], device=still.device)
+    last_moved = torch.cummax(torch.where(still, -1, index), dim=0).values
+    return torch.where(last_moved < 0, previous + index + 1, index - last_moved)
+
+
+def block_contrast(luma: torch.Tensor) -> torch.Tensor:
+    """(N, H/4, W/4) bool: 4x4 blocks whose luma range marks an edge."""
+    x = luma.unsqueeze(1).float()
+    high = F.max_pool2d(x, BLOCK_SIDE)
+    low = -F.max_pool2d(-x, BLOCK_SIDE)
+    return (high - low).squeeze(1) >= BLOCK_CONTRAST_MIN
+
+
+def text_density(contrast: torch.Tensor) -> torch.Tensor:
+    """The share of blocks holding an edge, 0..1: on a screen recording,
+    mostly glyphs (a page of text is dense, a desktop or a video is not)."""
+    return contrast.float().mean(dim=(1, 2))
+
+
+def saliency_profiles(contrast: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the eye goes, per frame, as two profiles of SALIENCY_BINS that
+    each sum to 1 (uniform for a blank frame): across the width and down the
+    height. Edges (text, controls) attract; blocks that changed (typing, the
+    cursor, a pop-up) attract more. Crops for other aspect ratios follow it."""
+    moved = F.max_pool2d((delta >= MOTION_PIXEL_DELTA_MIN).float().unsqueeze(1), BLOCK_SIDE).squeeze(1)
+    h, w = contrast.shape[1:]
+    weight = contrast.float() + SALIENCY_MOTION_WEIGHT * moved[:, :h, :w]
+    bins = SALIENCY_BINS
+    across = F.adaptive_avg_pool1d(weight.sum(dim=1).unsqueeze(1), bins).squeeze(1) + 1e-6
+    down = F.adaptive_avg_pool1d(weight.sum(dim=2).unsqueeze(1), bins).squeeze(1) + 1e-6
+    return across / across.sum(dim=1, keepdim=True), down / down.sum(dim=1, keepdim=True)
+
+
+def adaptive_ratios(content: torch.Tensor, window: int = ADAPTIVE_WINDOW) -> torch.Tensor:
+    """PySceneDetect AdaptiveDetector's adaptive ratio over a whole video's
+    content scores: each frame's score against the mean of the `window`
+    frames either side, capped at 255; 255 where the neighbours are still
+    and the frame changed by at least ADAPTIVE_MIN_CONTENT. The first and
+    last `window` frames have no full window: 0."""
+    n = content.shape[0]
+    out = torch.zeros_like(content)
+    if n < 2 * window + 1:
+        return out
+    sums = F.conv1d(content.view(1, 1, -1), torch.ones(1, 1, 2 * window + 1, dtype=content.dtype)).view(-1)
+    target = content[window: n - window]
+    neighbours = (sums - target) / (2 * window)
+    still = neighbours.abs() < 1e-5
+    ratio = torch.where(still, torch.where(target >= ADAPTIVE_MIN_CONTENT, ADAPTIVE_RATIO_MAX, 0.0),
+                        (target / neighbours.where(~still, 1.0)).clamp(max=ADAPTIVE_RATIO_MAX))
+    out[window: n - window] = ratio
+    return out
 
 
 def _dct_matrix(n: int, device) -> torch.Tensor:
@@ -158,16 +264,22 @@ def phash(luma: torch.Tensor) -> torch.Tensor:
 
 
 def batch_step(rgb: torch.Tensor, luma: torch.Tensor, previous_hsv: torch.Tensor,
-               previous_luma: torch.Tensor) -> dict[str, torch.Tensor]:
+               previous_luma: torch.Tensor, previous_dwell: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every per-frame kernel over one batch: the unit the backends run,
     eagerly or compiled into fused loops. `previous_*` is the frame before
-    the batch (the batch's own first frame at the start of a video)."""
+    the batch (the batch's own first frame at the start of a video) and its
+    dwell count (0 at the start)."""
     hsv = rgb_to_hsv(rgb)
     carry = FrameCarry(hsv=previous_hsv, luma=previous_luma)
     histograms = luma_histograms(luma)
-    energy, share, bbox = motion(luma, carry)
+    delta = luma_change(luma, carry)
+    energy, share, bbox = motion(delta)
+    contrast = block_contrast(luma)
+    across, down = saliency_profiles(contrast, delta)
     return {"content": content_scores(hsv, carry), "entropy": luma_entropy_bits(histograms),
             "sharpness": sharpness(luma), "motion_energy": energy, "motion_share": share, "motion_bbox": bbox,
+            "scroll": scroll_shift(luma, carry), "dwell": dwell_frames(energy < IDLE_MOTION_ENERGY_MAX, previous_dwell),
+            "text_density": text_density(contrast), "saliency_x": across, "saliency_y": down,
             "dhash": dhash(luma), "phash": phash(luma), **exposure(histograms), "last_hsv": hsv[-1]}
 
 

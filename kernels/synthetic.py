@@ -20,6 +20,7 @@ FADE_FRAMES = 16  # half to black, half back
 DISSOLVE_FRAMES = 20
 SCREEN_S_MIN, SCREEN_S_MAX = 2.5, 6.0
 ACTIVITIES = ("typing", "scrolling", "idle", "popup")
+SCROLL_HEIGHTS_PER_FRAME = 72  # a scroll moves the page 1/72 of the screen a frame: about 0.4 screens a second
 
 
 @dataclass
@@ -29,10 +30,18 @@ class Transition:
 
 
 @dataclass
+class ScreenSpan:
+    activity: str  # one of ACTIVITIES
+    start_frame: int
+    end_frame: int  # exclusive; transitions lie between screens
+
+
+@dataclass
 class GroundTruth:
     frames: int
     fps: int
     transitions: list[Transition] = field(default_factory=list)
+    screens: list[ScreenSpan] = field(default_factory=list)
 
     def frames_of(self, kind: str) -> list[int]:
         return [t.frame for t in self.transitions if t.kind == kind]
@@ -64,7 +73,7 @@ class _Screen:
         bar = max(6, self.h // 30)
         img[y0:y0 + bar, x0:x1] = self.title
         lh = self.line_h
-        scroll = (t * max(1, self.h // 360)) if self.activity == "scrolling" else 0
+        scroll = (t * max(1, self.h // SCROLL_HEIGHTS_PER_FRAME)) if self.activity == "scrolling" else 0
         typed_chars = t * 2 if self.activity == "typing" else 10**9
         first = scroll // (2 * lh)
         y = y0 + bar + lh - scroll % (2 * lh)
@@ -124,9 +133,11 @@ def write_recording(path: str | Path, seed: int, duration_s: float, width: int =
         t = 0
         while written < total:
             length = int(rng.uniform(SCREEN_S_MIN, SCREEN_S_MAX) * fps)
+            start = written
             for _ in range(min(length, total - written)):
                 emit(screen.render(t))
                 written, t = written + 1, t + 1
+            truth.screens.append(ScreenSpan(screen.activity, start, written))
             if written >= total:
                 break
             following, kind = _Screen(rng, width, height), rng.choices(("cut", "fade", "dissolve"), (6, 1, 1))[0]

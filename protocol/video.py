@@ -60,6 +60,31 @@ class Pacing(_Result):
     shot_s_median: float
     idle_share: float  # frames where almost nothing moved
     longest_idle_s: float  # the longest dwell on an unchanging screen
+    scrolling_share: float  # frames that scrolled
+    text_density_mean: float  # mean share of 4x4 blocks holding an edge: how much text is on screen
+
+
+ACTIVITIES = ("idle", "scrolling", "typing", "motion")
+CROP_ASPECTS = ("16:9", "9:16", "1:1")  # YouTube and LinkedIn, Shorts/Reels/TikTok, square feeds
+
+
+class ActivitySpan(_Result):
+    """A stretch of one kind of activity; spans cover the video end to end."""
+
+    kind: Literal["idle", "scrolling", "typing", "motion"]  # ACTIVITIES
+    start_s: float
+    end_s: float
+
+
+class CropVariant(_Result):
+    """A platform variant: a crop of the source that follows the saliency."""
+
+    aspect: Literal["16:9", "9:16", "1:1"]  # CROP_ASPECTS
+    width: int  # crop size in source pixels
+    height: int
+    path: str | None  # the encoded MP4, when variants were asked for
+    x_per_s: list[int]  # the crop's left edge, once a second
+    y_per_s: list[int]  # its top edge
 
 
 class PerformancePrediction(_Result):
@@ -85,6 +110,8 @@ class VideoAnalysis(_Result):
     keyframes: list[Keyframe]
     quality: QualityReport
     pacing: Pacing
+    activity: list[ActivitySpan]
+    variants: list[CropVariant]
     prediction: PerformancePrediction
     content_scores: list[float]  # per frame, PySceneDetect ContentDetector's scale
 
@@ -100,6 +127,7 @@ class VideoJobRequest(_Result):
 
     user_id: Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
     path: Annotated[str, Meta(min_length=1, max_length=1024)]  # relative to the video folder
+    variants: bool = False  # also encode the 16:9, 9:16 and 1:1 variants (costs more than the analysis)
 
 
 class VideoJobView(_Result):
@@ -108,7 +136,7 @@ class VideoJobView(_Result):
     status: Literal["queued", "running", "done", "failed"]
     progress: float  # 0..1
     attempts: int
-    result: VideoAnalysis | None
+    result: VideoAnalysis | None  # its thumbnail and variant paths are relative: GET /v1/videos/{job_id}/files/{path}
     error: str | None
     created_at: dt.datetime
     updated_at: dt.datetime

@@ -419,6 +419,7 @@ class EngineApi:
             r("/v1/admin/house", self.house, ["GET"], "house"),
             r("/v1/videos", self.videos.create, ["POST"], "create_video_job"),
             r("/v1/videos/{job_id}", self.videos.get, ["GET"], "get_video_job"),
+            r("/v1/videos/{job_id}/files/{path:path}", self.videos.file, ["GET"], "get_video_job_file"),
             r("/healthz", self.healthz, ["GET"], "healthz"),
             r("/readyz", self.readyz, ["GET"], "readyz"),
             r("/metrics", self.metrics, ["GET"], "metrics"),

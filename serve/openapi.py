@@ -7,7 +7,9 @@ import msgspec
 from dailydoco import protocol as p
 from dailydoco.protocol.video import VideoJobRequest, VideoJobView
 
-# (method, path, summary, request type, response type, auth)
+BINARY_FILE = {media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/jpeg", "video/mp4")}
+
+# (method, path, summary, request type, response type (a Struct, or BINARY_FILE), auth)
 ROUTES = [
     ("post", "/v1/users", "Register a user, optionally under a referral code", p.RegisterUserRequest, p.UserView, "api_key"),
     ("get", "/v1/users/{user_id}", "A user's record", None, p.UserView, "either"),
@@ -23,13 +25,14 @@ ROUTES = [
     ("post", "/v1/admin/clock", "Move engine time forward (test deployments only)", p.ClockAdvanceRequest, p.ClockView, "admin"),
     ("post", "/v1/videos", "Queue a video analysis: JSON {user_id, path} or the video as the body (?user_id=)", VideoJobRequest, VideoJobView, "api_key"),
     ("get", "/v1/videos/{job_id}", "A video job: status, progress, result", None, VideoJobView, "either"),
+    ("get", "/v1/videos/{job_id}/files/{path}", "A thumbnail or platform variant that a done job's result names", None, BINARY_FILE, "either"),
     ("get", "/healthz", "Liveness", None, p.Health, None),
     ("get", "/readyz", "Readiness of every dependency", None, p.Health, None),
 ]
 
 
 def openapi_document() -> dict:
-    types = {t for r in ROUTES for t in (r[3], r[4]) if t is not None} | {p.Problem}
+    types = {t for r in ROUTES for t in (r[3], r[4]) if isinstance(t, type)} | {p.Problem}
     (_, components) = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
                                                      ref_template="#/components/schemas/{name}")
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
@@ -38,7 +41,8 @@ def openapi_document() -> dict:
         op: dict = {
             "summary": summary,
             "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{resp.__name__}"}}}},
+                "200": {"description": "OK", "content": resp if resp is BINARY_FILE else
+                        {"application/json": {"schema": {"$ref": f"#/components/schemas/{resp.__name__}"}}}},
                 "default": {"description": "Problem (RFC 9457)", "content": problem},
             },
         }

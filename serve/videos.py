@@ -14,9 +14,10 @@ from pathlib import Path
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from dailydoco import protocol as p
+from dailydoco.actors.video_processor import job_outputs
 from dailydoco.protocol.video import (
     VIDEO_UPLOAD_BYTES_MAX,
     VIDEO_UPLOAD_TYPES,
@@ -30,6 +31,7 @@ from .auth import require_reader_of, require_service
 from .bodies import json_response, read_body
 
 UPLOAD_FOLDER = "uploads"
+OUTPUT_MEDIA_TYPES = {".jpg": "image/jpeg", ".mp4": "video/mp4"}
 
 
 def new_job_id() -> str:
@@ -102,25 +104,40 @@ class VideoJobs:
             user_id, source = body.user_id, self._inside_folder(body.path)
             await self._require_user(user_id)
         elif media in VIDEO_UPLOAD_TYPES:
-            user_id = request.query_params.get("user_id", "")
+            query = dict(request.query_params)
             try:
-                msgspec.convert({"user_id": user_id, "path": "upload"}, VideoJobRequest)
+                body = msgspec.convert({**query, "path": "upload"}, VideoJobRequest, strict=False)
             except msgspec.ValidationError as exc:
-                raise p.InvalidRequest(f"query parameter user_id: {exc}") from exc
+                raise p.InvalidRequest(f"query parameters: {exc}") from exc
+            user_id = body.user_id
             await self._require_user(user_id)
             source = await self._receive_upload(request, job_id)
         else:
             raise p.UnsupportedMediaType(
                 f"send application/json {{user_id, path}} or the video as one of {', '.join(VIDEO_UPLOAD_TYPES)}"
                 f" (got {media or 'none'!r})")
-        row = await video_jobs.enqueue(self.api.pool, job_id, user_id, str(source))
+        row = await video_jobs.enqueue(self.api.pool, job_id, user_id, str(source), body.variants)
         return json_response(job_view(row), 202, headers={"Location": f"/v1/videos/{job_id}"})
 
-    async def get(self, request: Request) -> Response:
+    async def _readable_job(self, request: Request) -> video_jobs.VideoJobRow:
         principal = await self.api.principal(request)
         row = await video_jobs.get(self.api.pool, request.path_params["job_id"])
         if row is None:
             raise p.NotFound(f"video job {request.path_params['job_id']!r} does not exist")
         require_reader_of(principal, row.user_id)
-        return json_response(job_view(row))
+        return row
+
+    async def get(self, request: Request) -> Response:
+        return json_response(job_view(await self._readable_job(request)))
+
+    async def file(self, request: Request) -> Response:
+        """GET /v1/videos/{job_id}/files/{path}: a thumbnail or variant the result names."""
+        row = await self._readable_job(request)
+        relative = request.path_params["path"]
+        outputs = job_outputs(self.folder, row.job_id)
+        path = (outputs / relative).resolve()
+        media = OUTPUT_MEDIA_TYPES.get(path.suffix)
+        if row.status != "done" or media is None or not path.is_relative_to(outputs) or not path.is_file():
+            raise p.NotFound(f"video job {row.job_id!r} has no file {relative!r}")
+        return FileResponse(path, media_type=media)
 

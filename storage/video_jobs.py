@@ -1,4 +1,4 @@
-"""The SQL of video analysis jobs (migration 004)."""
+"""The SQL of video analysis jobs (migrations 004 and 005)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,19 @@ class VideoJobRow(NamedTuple):
     error: str | None
     created_at: object
     updated_at: object
+    variants: bool  # encode the platform variants too (migration 005)
 
 
-_COLUMNS = "job_id, user_id, source_path, status, progress, attempts, result::text, error, created_at, updated_at"
+_COLUMNS = ("job_id, user_id, source_path, status, progress, attempts, result::text, error, created_at, updated_at,"
+            " variants")
 
 
-async def enqueue(pool: asyncpg.Pool, job_id: str, user_id: str, source_path: str) -> VideoJobRow:
+async def enqueue(pool: asyncpg.Pool, job_id: str, user_id: str, source_path: str,
+                  variants: bool = False) -> VideoJobRow:
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            f"INSERT INTO video_jobs (job_id, user_id, source_path, status) VALUES ($1, $2, $3, 'queued')"
-            f" RETURNING {_COLUMNS}", job_id, user_id, source_path)
+            f"INSERT INTO video_jobs (job_id, user_id, source_path, status, variants)"
+            f" VALUES ($1, $2, $3, 'queued', $4) RETURNING {_COLUMNS}", job_id, user_id, source_path, variants)
         await conn.execute(f"NOTIFY {VIDEO_JOBS_NOTIFY_CHANNEL}")
     return VideoJobRow(*row)
 

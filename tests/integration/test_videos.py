@@ -3,6 +3,7 @@ VideoProcessor actor -> result, including a processor killed mid-job."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +57,38 @@ def test_an_uploaded_video_is_analysed_and_only_its_owner_reads_it(api, recordin
     assert api.anonymous.get(f"/v1/videos/{job['job_id']}", headers=bearer).status_code == 200
     foreign = {"Authorization": f"Bearer {token_for(api, other)}"}
     assert api.anonymous.get(f"/v1/videos/{job['job_id']}", headers=foreign).status_code == 403
+
+
+def test_thumbnails_and_variants_are_served_to_the_owner_only(api, recording):
+    import av
+
+    owner = api.register(unique("vid"))["user_id"]
+    other = api.register(unique("vid"))["user_id"]
+    assert api.service.post(f"/v1/videos?user_id={owner}&variants=maybe", content=recording.read_bytes(),
+                            headers={"Content-Type": "video/mp4"}).status_code == 422
+    r = api.service.post(f"/v1/videos?user_id={owner}&variants=true", content=recording.read_bytes(),
+                         headers={"Content-Type": "video/mp4"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    result = wait_for_job(api, job_id)["result"]
+    thumbnails = [kf["thumbnail"] for kf in result["keyframes"]]
+    variants = {v["aspect"]: v for v in result["variants"]}
+    assert thumbnails and all(t.startswith("thumbnails/") for t in thumbnails)
+    assert set(variants) == {"16:9", "9:16", "1:1"} and all(v["path"].startswith("variants/") for v in variants.values())
+    owner_auth = {"Authorization": f"Bearer {token_for(api, owner)}"}
+    jpeg = api.anonymous.get(f"/v1/videos/{job_id}/files/{thumbnails[0]}", headers=owner_auth)
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    vertical = api.anonymous.get(f"/v1/videos/{job_id}/files/{variants['9:16']['path']}", headers=owner_auth)
+    assert vertical.status_code == 200 and vertical.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(vertical.content)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (variants["9:16"]["width"], 180)
+        assert sum(1 for _ in container.decode(stream)) == result["frames"]
+    foreign = {"Authorization": f"Bearer {token_for(api, other)}"}
+    assert api.anonymous.get(f"/v1/videos/{job_id}/files/{thumbnails[0]}", headers=foreign).status_code == 403
+    for name in ("..%2F..%2F..%2Fsecrets.json", "thumbnails/none.jpg", "variants", "../uploads/x.video"):
+        r = api.service.get(f"/v1/videos/{job_id}/files/{name}")
+        assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json", (name, r.text)
 
 
 def test_a_server_path_stays_inside_the_video_folder(api, recording):
