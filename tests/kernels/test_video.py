@@ -176,7 +176,7 @@ def test_scroll_shift_finds_the_rows_the_page_moved():
 def test_dwell_counts_still_frames_across_batches():
     still = torch.tensor([True, True, False, True, True, True])
     assert k.dwell_frames(still, torch.tensor(4)).tolist() == [5, 6, 0, 1, 2, 3]
-    first, second = k.dwell_frames(still[:4], torch.tensor(0)), None
+    first = k.dwell_frames(still[:4], torch.tensor(0))
     second = k.dwell_frames(still[4:], first[-1])
     assert torch.cat((first, second)).tolist() == [1, 2, 0, 1, 2, 3]
 
@@ -211,8 +211,6 @@ def test_text_density_tells_a_page_from_a_blank_screen():
 
 def test_crops_follow_the_saliency(tmp_path):
     """A page whose text is on the right: the 9:16 and 1:1 crops sit on the right."""
-    import av
-
     path = tmp_path / "right.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=30)
@@ -243,8 +241,6 @@ def test_crops_follow_the_saliency(tmp_path):
 
 
 def test_variants_keep_the_audio(tmp_path):
-    import av
-
     path = tmp_path / "talk.mp4"
     with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=30)
