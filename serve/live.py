@@ -75,6 +75,12 @@ class _Closed(Exception):
 class LiveConnection:
     """One authenticated socket: its outbound queue and its stream position."""
 
+    # Slots: an instance dict costs ~1 KiB, and 10,000 sockets on one replica
+    # must fit in 50 KiB each (bench/live_bench.py).
+    __slots__ = ("gateway", "ws", "user_id", "issued_at", "expires_at", "encoding", "epoch", "sent_offset",
+                 "waiting", "live_ready", "outbound", "outbound_bytes", "_writer_waiting", "closing", "last_pong",
+                 "ping_sent_at", "_filling")
+
     def __init__(self, gateway: "LiveGateway", ws: WebSocket, user_id: str, encoding: str, epoch: str,
                  issued_at: dt.datetime, expires_at: dt.datetime):
         self.gateway = gateway
@@ -87,8 +93,11 @@ class LiveConnection:
         self.sent_offset = 0  # the last offset queued for this client
         self.waiting: dict[int, EventBatch] = {}  # batches after a gap, by first offset
         self.live_ready = False  # history replayed: live batches may be sent
-        self.outbound: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # A list the writer takes whole, and a future made only while it
+        # waits: an asyncio.Queue costs ~3 KiB a socket.
+        self.outbound: list[bytes] = []
         self.outbound_bytes = 0
+        self._writer_waiting: asyncio.Future | None = None
         self.closing: _Closed | None = None
         self.last_pong = time.monotonic()
         self.ping_sent_at: float | None = None
@@ -102,24 +111,37 @@ class LiveConnection:
             self.close(CloseCode.SLOW_CONSUMER, f"outbound queue over {LIVE_OUTBOUND_BYTES_MAX} bytes; resume to go on")
             return
         self.outbound_bytes += len(data)
-        self.outbound.put_nowait(data)
+        self.outbound.append(data)
+        self.wake_writer()
 
     def close(self, code: int, reason: str) -> None:
         if self.closing is None:
             self.closing = _Closed(code, _reason(reason))
-            self.outbound.put_nowait(None)  # wakes the writer, which closes
+            self.wake_writer()  # it stops, and the socket is closed with this code
 
-    async def write_loop(self) -> None:
+    def wake_writer(self) -> None:
+        if self._writer_waiting is not None and not self._writer_waiting.done():
+            self._writer_waiting.set_result(None)
+
+    async def write_loop(self, reader: asyncio.Task) -> None:
+        """Send queued frames until the connection is closing or `reader` ended."""
         text = self.encoding == "json"
         while True:
-            data = await self.outbound.get()
-            if data is None or self.closing is not None:
+            while not self.outbound and self.closing is None and not reader.done():
+                self._writer_waiting = asyncio.get_running_loop().create_future()
+                await self._writer_waiting
+                self._writer_waiting = None
+            if self.closing is not None or reader.done():
                 return
-            self.outbound_bytes -= len(data)
-            if text:
-                await self.ws.send_text(data.decode())
-            else:
-                await self.ws.send_bytes(data)
+            frames, self.outbound = self.outbound, []
+            for data in frames:
+                if self.closing is not None or reader.done():
+                    return
+                self.outbound_bytes -= len(data)
+                if text:
+                    await self.ws.send_text(data.decode())
+                else:
+                    await self.ws.send_bytes(data)
 
     # --- the stream ----------------------------------------------------------
 
@@ -247,8 +269,8 @@ class LiveGateway:
         try:
             if not self._origin_allowed(ws):
                 raise _Closed(CloseCode.FORBIDDEN_ORIGIN, f"origin {ws.headers.get('origin')!r} is not allowed")
-            hello, claims = await self._authenticate(ws)
-            connection = await self._open(ws, hello, claims)
+            # The token and its claims are not kept: the connection copies what it needs.
+            connection = await self._open(ws, *await self._authenticate(ws))
             await self._serve(connection)
         except _Closed as closed:
             await self._close(ws, closed)
@@ -268,7 +290,8 @@ class LiveGateway:
 
     async def _receive(self, ws: WebSocket, timeout_s: float | None) -> bytes | str:
         try:
-            message = await asyncio.wait_for(ws.receive(), timeout_s)
+            # No wait_for without a deadline: its frame would stay for the socket's life.
+            message = await (ws.receive() if timeout_s is None else asyncio.wait_for(ws.receive(), timeout_s))
         except asyncio.TimeoutError:
             raise _Closed(CloseCode.AUTH_TIMEOUT, f"no connect frame within {LIVE_AUTH_DEADLINE_S:g} s") from None
         if message["type"] == "websocket.disconnect":
@@ -362,20 +385,19 @@ class LiveGateway:
         expires_in_s = (connection.expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, expires_in_s), connection.close, CloseCode.TOKEN_EXPIRED, "token expired; connect with a new one")
-        writer = asyncio.get_running_loop().create_task(connection.write_loop())
+        # The reader is a task; this handler is the writer (one task a socket
+        # fewer), woken when the reader ends.
         reader = asyncio.get_running_loop().create_task(self._read_loop(connection))
+        reader.add_done_callback(lambda _: connection.wake_writer())
         try:
-            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await connection.write_loop(reader)
+        except (OSError, RuntimeError):
+            pass  # the client is gone mid-send: nothing left to close
         finally:
             expiry.cancel()
-            for task in (writer, reader):
-                task.cancel()
+            reader.cancel()
         if reader.done() and not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()
-        if writer.done() and not writer.cancelled() and writer.exception() is not None:
-            exc = writer.exception()
-            if not isinstance(exc, (OSError, RuntimeError)):
-                raise exc
         if connection.closing is not None:
             raise connection.closing
 
