@@ -119,6 +119,13 @@ def _retry_aborted(write):
     return retrying
 
 
+# This transaction's xid and engine time (see Ledger.begin_write).
+_CLOCK_QUERY = (
+    "SELECT pg_current_xact_id()::text::bigint AS xid,"
+    " now() + make_interval(secs => offset_us / 1e6) AS now FROM engine_clock"
+)
+
+
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, hold_period_s: int):
         self.pool = pool
@@ -133,10 +140,7 @@ class Ledger:
         Engine time is the database's clock plus the adjustable offset, so
         every process stamps rows from one clock that tests can move.
         """
-        row = await conn.fetchrow(
-            "SELECT pg_current_xact_id()::text::bigint AS xid,"
-            " now() + make_interval(secs => offset_us / 1e6) AS now FROM engine_clock"
-        )
+        row = await conn.fetchrow(_CLOCK_QUERY)
         return row["xid"], row["now"]
 
     async def engine_now(self) -> tuple[dt.datetime, int]:
@@ -220,28 +224,26 @@ class Ledger:
         fresh.sort(key=lambda i: purchases[i].request.transaction_id)
         splits = {i: split_commission(purchases[i].request.amount_micros, len(purchases[i].upline)) for i in fresh}
         async with self.pool.acquire() as conn, conn.transaction():
-            xid, now = await self.begin_write(conn)
-            hold_until = now + self.hold_period
             reqs = [purchases[i].request for i in fresh]
-            inserted = {
-                r[0]
-                for r in await conn.fetch(
-                    "INSERT INTO transactions (transaction_id, user_id, amount_micros, currency, kind,"
-                    " body_hash, house_micros, created_at, xid)"
-                    " SELECT t.*, $8::timestamptz, $9::bigint FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
-                    " $5::text[], $6::bytea[], $7::bigint[]) AS t"
-                    " ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id",
-                    [r.transaction_id for r in reqs],
-                    [r.user_id for r in reqs],
-                    [r.amount_micros for r in reqs],
-                    [r.currency for r in reqs],
-                    [r.kind for r in reqs],
-                    [purchases[i].body_hash for i in fresh],
-                    [splits[i][1] for i in fresh],
-                    now,
-                    xid,
-                )
-            }
+            # begin_write's clock and xid in the insert's own statement: one round trip, not two.
+            xid, now, inserted_ids = await conn.fetchrow(
+                "WITH clock AS (" + _CLOCK_QUERY + "),"
+                " inserted AS (INSERT INTO transactions (transaction_id, user_id, amount_micros, currency, kind,"
+                " body_hash, house_micros, created_at, xid)"
+                " SELECT t.*, clock.now, clock.xid FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
+                " $5::text[], $6::bytea[], $7::bigint[]) AS t, clock"
+                " ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id)"
+                " SELECT clock.xid, clock.now, ARRAY(SELECT transaction_id FROM inserted) FROM clock",
+                [r.transaction_id for r in reqs],
+                [r.user_id for r in reqs],
+                [r.amount_micros for r in reqs],
+                [r.currency for r in reqs],
+                [r.kind for r in reqs],
+                [purchases[i].body_hash for i in fresh],
+                [splits[i][1] for i in fresh],
+            )
+            inserted = set(inserted_ids)
+            hold_until = now + self.hold_period
             records = []
             outbox = OutboxWriter()
             # Summed per beneficiary here, handed to the deltas once each: the

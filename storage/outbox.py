@@ -66,21 +66,25 @@ class OutboxWriter:
             return
         users = sorted(self._events)
         counts = [len(self._events[u]) for u in users]
-        last_seqs = dict(await conn.fetch(
-            "INSERT INTO event_streams (user_id, vshard, last_seq)"
+        # Offsets, outbox rows and the relay's wake-up in one statement: one
+        # round trip where three were (the write holds its locks meanwhile).
+        written_users, first_seqs = await conn.fetchrow(
+            "WITH streams AS (INSERT INTO event_streams (user_id, vshard, last_seq)"
             " SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[])"
             " ON CONFLICT (user_id) DO UPDATE SET last_seq = event_streams.last_seq + excluded.last_seq"
-            " RETURNING user_id, last_seq",
-            users, [vshard_of(u) for u in users], counts,
-        ))
-        records = []
+            " RETURNING user_id, last_seq),"
+            " rows AS (INSERT INTO outbox (user_id, first_seq, events, created_at)"
+            " SELECT s.user_id, s.last_seq - b.n + 1, b.events, $5::timestamptz"
+            " FROM streams s JOIN unnest($1::text[], $3::bigint[], $4::bytea[]) AS b(user_id, n, events) USING (user_id)"
+            " ORDER BY s.user_id RETURNING user_id, first_seq)"
+            # An aggregate: one row, so one NOTIFY, whatever the number of users.
+            f" SELECT array_agg(user_id), array_agg(first_seq) FROM rows, pg_notify('{OUTBOX_NOTIFY_CHANNEL}', '')",
+            users, [vshard_of(u) for u in users], counts, [encode_events(self._events[u]) for u in users], now,
+        )
+        first_by_user = dict(zip(written_users, first_seqs, strict=True))
         for user_id, count in zip(users, counts, strict=True):
-            last_seq = last_seqs[user_id]
-            records.append((user_id, last_seq - count + 1, encode_events(self._events[user_id]), now))
-            deltas.for_user(user_id).event_seqs[user_id] = (last_seq - count + 1, last_seq)
-        await conn.copy_records_to_table(
-            "outbox", records=records, columns=("user_id", "first_seq", "events", "created_at"))
-        await conn.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
+            first = first_by_user[user_id]
+            deltas.for_user(user_id).event_seqs[user_id] = (first, first + count - 1)
 
 
 # --- the relay's side -------------------------------------------------------------

@@ -17,4 +17,12 @@ async def open_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.P
         command_timeout=POOL_COMMAND_TIMEOUT_S,
         # JIT compilation costs more than it saves on our short statements.
         server_settings={"jit": "off", "application_name": "dailydoco"},
+        reset=_keep_session,
     )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection without asyncpg's reset round trip (UNLISTEN, RESET
+    ALL, advisory unlock, CLOSE ALL): pool connections never hold session
+    state here. LISTEN and the migration lock use their own connections, and
+    asyncpg still rolls back a transaction left open before this runs."""
