@@ -27,6 +27,7 @@ import nats
 from nats.js.errors import NotFoundError
 from starlette.websockets import WebSocket, WebSocketState
 
+from dailydoco.cluster import nats_interest
 from dailydoco.protocol import Unauthorized
 from dailydoco.protocol.live import (
     VIDEO_SUBJECT_ROOT,
@@ -209,7 +210,7 @@ class LiveGateway:
         self._nats = nats_client
         self._pool = pool
         self.connections: set[LiveConnection] = set()
-        self._subscriptions: dict[str, tuple[object, set[LiveConnection]]] = {}
+        self._subscriptions: dict[str, tuple[nats_interest.Interest | None, set[LiveConnection]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._epoch: str | None = None
         self._pinger: asyncio.Task | None = None
@@ -441,7 +442,7 @@ class LiveGateway:
         members: set[LiveConnection] = {connection}
         self._subscriptions[connection.user_id] = (None, members)  # later connections join while we subscribe
 
-        async def deliver(msg) -> None:
+        def deliver(msg) -> None:
             try:
                 batch = decode_event_batch(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
@@ -451,7 +452,8 @@ class LiveGateway:
                 member.offer(batch)
 
         try:
-            subscription = await nc.subscribe(user_subject_all_regions(connection.user_id), cb=deliver)
+            # One interest per user, not a nats-py Subscription: ~4 KiB less per user (see nats_interest).
+            subscription = await nats_interest.subscribe(nc, user_subject_all_regions(connection.user_id), deliver)
         except BaseException:
             del self._subscriptions[connection.user_id]
             raise

@@ -1,0 +1,71 @@
+"""The gateway's light per-user interest, against a real nats-server: it gets
+exactly its subject's messages, stops at unsubscribe, comes back after the
+server restarts, and a failing callback leaves the connection working."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dailydoco.cluster import nats_interest, nats_io
+from dailydoco.cluster.regions import NatsRegions
+
+REGION = "test-interest"
+WAIT_S = 10.0
+
+
+async def _until(condition, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _exercise(regions: NatsRegions) -> None:
+    nc = await nats_io.connect(regions.url(REGION), name="interest-test")
+    publisher = await nats_io.connect(regions.url(REGION), name="interest-publisher")
+    try:
+        got_a: list[bytes] = []
+        got_b: list[bytes] = []
+        a = await nats_interest.subscribe(nc, "ev.*.a", lambda msg: got_a.append(msg.data))
+        b = await nats_interest.subscribe(nc, "ev.*.ab", lambda msg: got_b.append(msg.data))
+
+        def explode(msg) -> None:
+            raise RuntimeError("a callback's bug")
+
+        await nats_interest.subscribe(nc, "ev.*.boom", explode)
+        await nc.flush()
+        for i in range(5):
+            await publisher.publish("ev.east.a", b"a%d" % i)
+            await publisher.publish("ev.west.ab", b"ab%d" % i)
+            await publisher.publish("ev.east.boom", b"x")
+        await publisher.flush()
+        await _until(lambda: len(got_a) == 5 and len(got_b) == 5, "the first messages")
+        assert got_a == [b"a%d" % i for i in range(5)]  # in order, and never the other subject's
+        assert got_b == [b"ab%d" % i for i in range(5)]
+        assert nc.is_connected  # the exploding callback did not end the client's reader
+
+        await a.unsubscribe()
+        await nc.flush()
+        await publisher.publish("ev.east.a", b"after")
+        await publisher.publish("ev.east.ab", b"ab-after")
+        await publisher.flush()
+        await _until(lambda: len(got_b) == 6, "the remaining interest's message")
+        assert got_a == [b"a%d" % i for i in range(5)]
+
+        await asyncio.to_thread(regions.restart_region, REGION)  # the clients notice while it is down
+        await _until(lambda: nc.is_connected and publisher.is_connected, "both clients to reconnect")
+        await nc.flush()  # the client resent its interests before this round trip completes
+        await publisher.publish("ev.east.ab", b"ab-restarted")
+        await publisher.publish("ev.east.a", b"a-restarted")
+        await publisher.flush()
+        await _until(lambda: got_b[-1:] == [b"ab-restarted"], "a message after the restart")
+        assert got_a == [b"a%d" % i for i in range(5)]  # the dropped interest stayed dropped
+        await b.unsubscribe()
+    finally:
+        await nc.close()
+        await publisher.close()
+
+
+def test_interest_delivers_unsubscribes_and_survives_a_restart(tmp_path):
+    with NatsRegions(tmp_path, [REGION]) as regions:
+        asyncio.run(_exercise(regions))
