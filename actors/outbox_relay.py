@@ -2,10 +2,18 @@
 
 Guarantees: every outbox row reaches the stream at least once, and the stream
 keeps it once: each message carries `Nats-Msg-Id` = epoch.user.first offset,
-so a row published again (after a crash between the ack and the delete, or
-two relays at once) is dropped by JetStream's duplicate window, and clients
-drop any offset they hold already. While NATS is down rows wait in Postgres
-and flow, in order, when it returns.
+so a row published again (after a crash between the ack and the delete, a
+lost ack, or two relays at once) is dropped by JetStream's duplicate window,
+and clients drop any offset they hold already. While NATS is down rows wait
+in Postgres and flow, in order, when it returns.
+
+Rounds overlap: a round publishes and returns; its acks are awaited, and its
+rows deleted, in the background while the next round reads what committed
+meanwhile, so a row waits for one read, not for the previous round's acks and
+delete. A user's rows keep their order on the wire (a later offset's row has
+a higher id and goes in a later or the same round); if a round's acks fail its
+rows are published again after later ones, and readers fill such gaps from
+the stream's history (serve/live.py).
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_
 from dailydoco.storage.outbox import OUTBOX_NOTIFY_CHANNEL, delete_relayed, pending_batches, stream_epoch
 from dailydoco.storage.pool import open_pool
 
-RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes in flight, one DELETE
+RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes
+RELAY_ROWS_IN_FLIGHT_MAX = 4_000  # published, awaiting acks and delete; the next read skips them
 RELAY_IDLE_POLL_S = 1.0  # NOTIFY wakes the relay; this catches a notification lost to a reconnect
 RELAY_RETRY_BACKOFF_S = 0.5  # NATS or Postgres unreachable: wait, keep the rows, try again
 PUBLISH_ACK_TIMEOUT_S = 5.0
+RELAY_POOL_SIZE = 3  # a round's read, and the deletes of earlier rounds beside it
 
 log = logging.getLogger("dailydoco.relay")
 
@@ -35,52 +45,85 @@ class OutboxRelay:
     def __init__(self, pool: asyncpg.Pool, nc: nats.NATS, region: str):
         self.pool = pool
         self.nc = nc
-        self.js = nc.jetstream(timeout=PUBLISH_ACK_TIMEOUT_S)
+        # Room for every row in flight plus a full round: publishing never stalls on it.
+        self.js = nc.jetstream(publish_async_max_pending=RELAY_ROWS_IN_FLIGHT_MAX + RELAY_ROWS_MAX)
         self.region = region
         self.epoch: str | None = None
-        self.relayed_rows = 0
+        self.relayed_rows = 0  # acknowledged by JetStream and deleted
         self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()  # outbox ids published and not yet deleted
+        self._settling: set[asyncio.Task] = set()
 
     def wake(self, *_args) -> None:
         self._wake.set()
 
     async def relay_once(self) -> int:
-        """Publish one round of outbox rows and delete them; returns rows relayed."""
+        """Publish one round of outbox rows; returns how many. Their acks and
+        delete follow in the background (see `settled`)."""
         if self.epoch is None:
             self.epoch = await stream_epoch(self.pool)
-        rows = await pending_batches(self.pool, RELAY_ROWS_MAX)
+        # Rows still in flight come back first (outbox order): read past them.
+        rows = [r for r in await pending_batches(self.pool, RELAY_ROWS_MAX + len(self._in_flight))
+                if r.outbox_id not in self._in_flight][:RELAY_ROWS_MAX]
         if not rows:
             return 0
-        # Published in outbox order, acks awaited together: a user's rows keep
-        # their order on the wire, and the round costs one ack wait.
-        acks = [
-            self.js.publish(
-                user_subject(self.region, r.user_id),
-                encode_event_batch(self.epoch, r.first_seq, r.created_at, r.events),
-                stream=EVENT_STREAM_NAME,
-                headers={"Nats-Msg-Id": f"{self.epoch}.{user_token(r.user_id)}.{r.first_seq}"},
-            )
-            for r in rows
-        ]
-        await asyncio.gather(*acks)
-        await delete_relayed(self.pool, [r.outbox_id for r in rows])
-        self.relayed_rows += len(rows)
+        acks: list[asyncio.Future] = []
+        try:
+            for r in rows:  # in outbox order, one after another: the wire keeps it
+                acks.append(await self.js.publish_async(
+                    user_subject(self.region, r.user_id),
+                    encode_event_batch(self.epoch, r.first_seq, r.created_at, r.events),
+                    stream=EVENT_STREAM_NAME,
+                    headers={"Nats-Msg-Id": f"{self.epoch}.{user_token(r.user_id)}.{r.first_seq}"},
+                ))
+        except BaseException:
+            for ack in acks:
+                ack.cancel()
+            raise
+        ids = [r.outbox_id for r in rows]
+        self._in_flight.update(ids)
+        task = asyncio.get_running_loop().create_task(self._settle(ids, acks))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
         return len(rows)
+
+    async def _settle(self, ids: list[int], acks: list[asyncio.Future]) -> None:
+        """Delete a round's rows once JetStream holds them all; if it does not
+        say so in time, leave them to be published again."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_ACK_TIMEOUT_S)
+            await delete_relayed(self.pool, ids)
+            self.relayed_rows += len(ids)
+        except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+            log.warning("relay round of %d rows unconfirmed (%s); they stay in the outbox", len(ids), exc)
+            for ack in acks:
+                ack.cancel()
+        finally:
+            self._in_flight.difference_update(ids)
+            self.wake()  # room for another round, or rows to take again
+
+    async def settled(self) -> None:
+        """Wait until every round published so far is acknowledged or given up (tests, shutdown)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def run(self) -> None:
         while True:
-            try:
-                relayed = await self.relay_once()
-            except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
-                log.warning("relay round failed (%s); rows stay in the outbox", exc)
-                await asyncio.sleep(RELAY_RETRY_BACKOFF_S)
-                continue
-            if relayed < RELAY_ROWS_MAX:
-                self._wake.clear()
+            # Cleared before reading: a NOTIFY that lands during the round wakes the next one.
+            self._wake.clear()
+            if len(self._in_flight) < RELAY_ROWS_IN_FLIGHT_MAX:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), RELAY_IDLE_POLL_S)
-                except asyncio.TimeoutError:
-                    pass
+                    relayed = await self.relay_once()
+                except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+                    log.warning("relay round failed (%s); rows stay in the outbox", exc)
+                    await asyncio.sleep(RELAY_RETRY_BACKOFF_S)
+                    continue
+                if relayed == RELAY_ROWS_MAX:
+                    continue  # more are waiting
+            try:
+                await asyncio.wait_for(self._wake.wait(), RELAY_IDLE_POLL_S)
+            except asyncio.TimeoutError:
+                pass
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10)
@@ -97,7 +140,7 @@ class OutboxRelayActor:
 
     async def ready(self) -> bool:
         if self._task is None:
-            pool = await open_pool(self.postgres_url, min_size=1, max_size=2)
+            pool = await open_pool(self.postgres_url, min_size=1, max_size=RELAY_POOL_SIZE)
             self._task = asyncio.get_running_loop().create_task(self._run(pool))
         return True
 
