@@ -52,14 +52,14 @@ class OutboxRelay:
         self.relayed_rows = 0  # acknowledged by JetStream and deleted
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()  # outbox ids published and not yet deleted
-        self._settling: set[asyncio.Task] = set()
+        self._settling: set[asyncio.Task] = set()  # held so the loop does not drop them
 
     def wake(self, *_args) -> None:
         self._wake.set()
 
     async def relay_once(self) -> int:
         """Publish one round of outbox rows; returns how many. Their acks and
-        delete follow in the background (see `settled`)."""
+        delete follow in the background (`_settle`)."""
         if self.epoch is None:
             self.epoch = await stream_epoch(self.pool)
         # Rows still in flight come back first (outbox order): read past them.
@@ -101,11 +101,6 @@ class OutboxRelay:
         finally:
             self._in_flight.difference_update(ids)
             self.wake()  # room for another round, or rows to take again
-
-    async def settled(self) -> None:
-        """Wait until every round published so far is acknowledged or given up (tests, shutdown)."""
-        while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def run(self) -> None:
         while True:
