@@ -52,6 +52,8 @@ class OutboxRelay:
         self.relayed_rows = 0  # acknowledged by JetStream and deleted
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()  # outbox ids published and not yet deleted
+        # Deleted while the current read ran: that read's snapshot may still hold them.
+        self._deleted_during_read: set[int] = set()
         self._settling: set[asyncio.Task] = set()  # held so the loop does not drop them
 
     def wake(self, *_args) -> None:
@@ -63,8 +65,10 @@ class OutboxRelay:
         if self.epoch is None:
             self.epoch = await stream_epoch(self.pool)
         # Rows still in flight come back first (outbox order): read past them.
-        rows = [r for r in await pending_batches(self.pool, RELAY_ROWS_MAX + len(self._in_flight))
-                if r.outbox_id not in self._in_flight][:RELAY_ROWS_MAX]
+        self._deleted_during_read = set()
+        read = await pending_batches(self.pool, RELAY_ROWS_MAX + len(self._in_flight))
+        taken = self._in_flight | self._deleted_during_read
+        rows = [r for r in read if r.outbox_id not in taken][:RELAY_ROWS_MAX]
         if not rows:
             return 0
         acks: list[asyncio.Future] = []
@@ -94,6 +98,7 @@ class OutboxRelay:
             await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_ACK_TIMEOUT_S)
             await delete_relayed(self.pool, ids)
             self.relayed_rows += len(ids)
+            self._deleted_during_read.update(ids)
         except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
             log.warning("relay round of %d rows unconfirmed (%s); they stay in the outbox", len(ids), exc)
             for ack in acks:
