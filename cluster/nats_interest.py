@@ -25,6 +25,17 @@ from nats.aio.msg import Msg
 log = logging.getLogger("dailydoco.nats")
 
 
+class _IgnoredCounter:
+    """A counter the client bumps per message and nothing here reads: reads 0,
+    and keeps no per-interest slot."""
+
+    def __get__(self, obj, owner=None) -> int:
+        return 0
+
+    def __set__(self, obj, value: int) -> None:
+        pass
+
+
 class Interest:
     __slots__ = ("_id", "_subject", "_deliver", "_nc")
 
@@ -44,26 +55,7 @@ class Interest:
         self._subject = subject
         self._deliver = deliver
 
-    @property
-    def subject(self) -> str:
-        return self._subject
-
-    # Counters the client bumps per message; nothing here reads them.
-    @property
-    def _received(self) -> int:
-        return 0
-
-    @_received.setter
-    def _received(self, _: int) -> None:
-        pass
-
-    @property
-    def _pending_size(self) -> int:
-        return 0
-
-    @_pending_size.setter
-    def _pending_size(self, _: int) -> None:
-        pass
+    _received = _pending_size = _IgnoredCounter()
 
     @property
     def _pending_queue(self) -> Interest:
