@@ -3,6 +3,8 @@
   (a) end to end: single POST /v1/transactions at fixed rates (open loop),
       latency from each transaction's HTTP 2xx to the beneficiary's WebSocket
       frame, through Serve (HAProxy ingress), outbox, relay, NATS, gateway;
+      the engine runs two regions as `dailydoco up` does, and the sockets are
+      in the home region, then (at the top rate) in the other one;
   (b) the lower bound: nats-server's own WebSocket listener delivering the
       same event batches, at the same rates, to the same number of clients;
   (c) fan-out: frames/s the gateway delivers to many sockets;
@@ -32,10 +34,10 @@ import nats
 import psutil
 from open_loop import _Connection, build_request
 
-from dailydoco.cluster.config import load_config
+from dailydoco.cluster.config import DEFAULT_REGIONS, load_config
 from dailydoco.cluster.embedded import EmbeddedServers, _nats_server_bin, _wait_for_port, free_port
 from dailydoco.cluster.live_client import WebSocketConnection
-from dailydoco.cluster.system import EngineSystem
+from dailydoco.cluster.system import EngineSystem, serve_app_name
 from dailydoco.protocol.live import (
     CommissionEarned,
     Publication,
@@ -49,6 +51,7 @@ from dailydoco.serve.auth import TokenAuthority
 
 RESULTS = Path(__file__).parent / "results" / "live.json"
 FRAME_WAIT_S = 10.0  # after the last request, frames still in flight get this long
+QUIESCE_S = 3.0
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -82,9 +85,10 @@ async def open_socket(url: str, token: str) -> WebSocketConnection:
 
 
 async def end_to_end(system: EngineSystem, auth: TokenAuthority, pairs: list[tuple[str, str]], rate_per_s: int,
-                     duration_s: float) -> dict:
+                     duration_s: float, region: str) -> dict:
+    """Purchases through the home region's API; the sockets in `region`."""
     loop = asyncio.get_running_loop()
-    ws_url = system.url.replace("http://", "ws://") + "/v1/live"
+    ws_url = system.region_urls[region].replace("http://", "ws://") + "/v1/live"
     framed: dict[str, float] = {}
 
     def on_publication(p: Publication) -> None:
@@ -143,10 +147,22 @@ async def end_to_end(system: EngineSystem, auth: TokenAuthority, pairs: list[tup
     delivered = [t for t in acked if t in framed]
     latencies = [max(0.0, 1000 * (framed[t] - acked[t])) for t in delivered]
     from_request = summary([1000 * (framed[t] - sent[t]) for t in delivered])
-    return summary(latencies, rate_per_s=rate_per_s, sockets=len(sockets), acked=len(acked),
+    return summary(latencies, region=region, rate_per_s=rate_per_s, sockets=len(sockets), acked=len(acked),
                    missing_frames=len(set(acked) - set(framed)), errors=errors,
                    frames_before_2xx=sum(1 for t in delivered if framed[t] < acked[t]),
                    request_to_frame_p50_ms=from_request["p50_ms"], request_to_frame_p99_ms=from_request["p99_ms"])
+
+
+def quiesce(system: EngineSystem) -> None:
+    """Start the next run on an idle engine: requests a saturated run left
+    queued (its client gave up on them) are still being served."""
+    import ray
+
+    from dailydoco.actors.refs import chain_actor_name
+
+    time.sleep(QUIESCE_S)  # what HAProxy and the replica still hold reaches the chains
+    ray.get([ray.get_actor(chain_actor_name(i), namespace=system.config.namespace).drained.remote()
+             for i in range(system.config.chain_actors)])
 
 
 # --- (b) nats-server's WebSocket listener, the lower bound -------------------------------
@@ -257,10 +273,11 @@ def _epoch(system: EngineSystem) -> str:
 # --- (d) connections and memory --------------------------------------------------------------
 
 
-def replica_process() -> psutil.Process:
-    found = [p for p in psutil.process_iter(["cmdline"]) if any("ServeReplica" in a for a in p.info["cmdline"] or ())]
+def replica_process(app_name: str) -> psutil.Process:
+    title = f"ServeReplica:{app_name}:"
+    found = [p for p in psutil.process_iter(["cmdline"]) if any(title in a for a in p.info["cmdline"] or ())]
     if len(found) != 1:
-        raise RuntimeError(f"expected one Serve replica process, found {len(found)}")
+        raise RuntimeError(f"expected one Serve replica process of {app_name}, found {len(found)}")
     return found[0]
 
 
@@ -282,7 +299,7 @@ async def connections(system: EngineSystem, auth: TokenAuthority, n: int) -> dic
     # descriptors, and 10,000 of them exceed this machine's hard limit of
     # 20,000 per process (HAProxy then refuses to start). The replica is the
     # gateway process whose memory per connection is measured.
-    replica = replica_process()
+    replica = replica_process(serve_app_name(system.config, system.config.region))
     ws_url = f"ws://127.0.0.1:{replica_http_port(replica)}/v1/live"
     before = replica.memory_info().rss
     sockets = []
@@ -323,10 +340,12 @@ def main() -> int:
     results: dict = {"machine": f"{psutil.cpu_count()} cores", "when": dt.datetime.now(dt.timezone.utc).isoformat()}
     with tempfile.TemporaryDirectory(prefix="dd-live-bench-") as state:
         servers = EmbeddedServers(state)
-        urls = servers.resolve(None, None, None)
+        urls = servers.resolve(None, None, None, DEFAULT_REGIONS)
+        home, *others = DEFAULT_REGIONS
         ws_server, floor_nats, floor_ws = start_nats_websocket(Path(state))
         config = load_config(state_dir=state, postgres_url=urls[0], nats_url=urls[1], redis_url=urls[2],
-                             http_port=free_port(), namespace="dailydoco-live-bench")
+                             http_port=free_port(), namespace="dailydoco-live-bench", region=home,
+                             region_nats_urls={r: servers.nats_urls[r] for r in others})
         system = EngineSystem(config).start()
         try:
             auth = TokenAuthority(system.secrets)
@@ -344,7 +363,14 @@ def main() -> int:
             print(json.dumps(results["connections"]), flush=True)
             if args.only_connections:
                 return 0
-            results["end_to_end"] = [asyncio.run(end_to_end(system, auth, pairs, r, duration_s)) for r in rates]
+            results["end_to_end"] = []
+            for rate in rates:
+                results["end_to_end"].append(asyncio.run(end_to_end(system, auth, pairs, rate, duration_s, home)))
+                quiesce(system)
+            results["end_to_end_other_region"] = asyncio.run(
+                end_to_end(system, auth, pairs, rates[-1], duration_s, others[0]))
+            quiesce(system)
+            print(json.dumps(results["end_to_end_other_region"]), flush=True)
             print(json.dumps(results["end_to_end"]), flush=True)
             results["nats_websocket_floor"] = [
                 asyncio.run(nats_websocket_floor(floor_nats, floor_ws, pairs_n, r, duration_s)) for r in rates]
@@ -365,7 +391,7 @@ def print_table(r: dict) -> None:
     print(f"\nlive benchmark ({r['machine']})")
     print(f"{'path':<48}{'rate/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'missing':>9}")
     for e2e, floor in zip(r["end_to_end"], r["nats_websocket_floor"], strict=True):
-        print(f"{'HTTP 2xx -> gateway WebSocket frame':<48}{e2e['rate_per_s']:>8}{e2e['p50_ms']:>9.2f}"
+        print(f"{'HTTP 2xx -> gateway WebSocket frame, ' + e2e['region']:<48}{e2e['rate_per_s']:>8}{e2e['p50_ms']:>9.2f}"
               f"{e2e['p95_ms']:>9.2f}{e2e['p99_ms']:>9.2f}{e2e['missing_frames']:>9}")
         print(f"{'  (request sent -> frame)':<48}{'':>8}{e2e['request_to_frame_p50_ms']:>9.2f}{'':>9}"
               f"{e2e['request_to_frame_p99_ms']:>9.2f}   {e2e['frames_before_2xx']:,} of {e2e['acked']:,} "
@@ -373,6 +399,9 @@ def print_table(r: dict) -> None:
         print(f"{'  floor: nats-server WebSocket, publish->frame':<48}{floor['rate_per_s']:>8}{floor['p50_ms']:>9.2f}"
               f"{floor['p95_ms']:>9.2f}{floor['p99_ms']:>9.2f}{floor['missing_frames']:>9}")
         print(f"{'  ratio p99 gateway / floor':<48}{'':>8}{'':>9}{'':>9}{e2e['p99_ms'] / floor['p99_ms']:>9.1f}")
+    e2e = r["end_to_end_other_region"]
+    print(f"{'  the same, sockets in ' + e2e['region'] + ' (other region)':<48}{e2e['rate_per_s']:>8}"
+          f"{e2e['p50_ms']:>9.2f}{e2e['p95_ms']:>9.2f}{e2e['p99_ms']:>9.2f}{e2e['missing_frames']:>9}")
     f = r["fan_out"]
     print(f"fan-out: {f['frames']:,} frames to {f['sockets']} sockets in {f['seconds']} s = {f['frames_per_s']:,} frames/s")
     c = r["connections"]

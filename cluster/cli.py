@@ -22,7 +22,7 @@ def _raise_stop(*_) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import HTTP_TIMEOUT_S as DEMO_HTTP_TIMEOUT_S, run_demo
     from .system import EngineSystem
 
     config = load_config()
@@ -36,21 +36,31 @@ def _up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
         print(f"dailydoco: API listening on {system.url}", flush=True)
-        print(f"  postgres {system.postgres_url}\n  nats     {system.nats_url}\n  redis    {system.redis_url}")
+        print(f"  postgres {system.postgres_url}\n  redis    {system.redis_url}")
+        for region, nats_url in system.region_nats_urls.items():
+            home = " (home: events are published here)" if region == config.region else ""
+            print(f"  region {region}{home}: nats {nats_url}, API and live gateway {system.region_urls[region]}")
         print(f"  service API key: {system.secrets.service_api_key}  (admin key and signing key in "
               f"{config.state_dir}/secrets.json)")
         print(f"  try: curl -H 'X-API-Key: {system.secrets.service_api_key}' {system.url}/readyz", flush=True)
-        print(f"  live page: {system.url}/live  (sign in with a token from POST /v1/users/{{id}}/tokens)", flush=True)
+        print(f"  live page: {system.url}/live, and <region's API>/live in each region  (sign in with a token "
+              "from POST /v1/users/{id}/tokens)", flush=True)
+        demo_stop = threading.Event()
+        demo = threading.Thread(
+            target=run_demo, daemon=True,
+            args=(system.region_urls, system.secrets.service_api_key, args.demo_users, args.viral_coefficient,
+                  args.demo_purchases_per_s, demo_stop))
         if args.demo:
-            threading.Thread(
-                target=run_demo, daemon=True,
-                args=(system.url, system.secrets.service_api_key, args.demo_users, args.viral_coefficient,
-                      args.demo_purchases_per_s)).start()
+            demo.start()
         try:
             while True:
                 time.sleep(3600)
         except _StopRequested:
             print("dailydoco: stopping ...", flush=True)
+            # The demo's last request finishes before the API goes away.
+            demo_stop.set()
+            if demo.is_alive():
+                demo.join(DEMO_HTTP_TIMEOUT_S)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -39,30 +40,37 @@ class ApiClient:
         return self._ok(self.http.post(path, json=body))
 
 
-def register_network(client: ApiClient, network: ViralNetwork, users: int) -> dict[str, str]:
-    """Register `users` more members; returns user id -> referral code."""
+def register_network(client: ApiClient, network: ViralNetwork, users: int, stop: threading.Event) -> dict[str, str]:
+    """Register `users` more members, or fewer if `stop` is set; returns user id -> referral code."""
     codes: dict[str, str] = {}
     for reg in network.registrations(users):
+        if stop.is_set():
+            break
         view = client.register(reg.user_id, codes.get(reg.referrer_id) if reg.referrer_id else None)
         codes[reg.user_id] = view["referral_code"]
     return codes
 
 
-def run_demo(base_url: str, api_key: str, users: int, viral_coefficient: float, purchases_per_s: int,
-             seed: int = 1) -> None:
-    client = ApiClient(base_url, api_key)
+def run_demo(region_urls: dict[str, str], api_key: str, users: int, viral_coefficient: float,
+             purchases_per_s: int, stop: threading.Event, seed: int = 1) -> None:
+    """Purchases go to the first region's API until `stop` is set; the live
+    page is linked in every region."""
+    client = ApiClient(next(iter(region_urls.values())), api_key)
     network = ViralNetwork(seed, viral_coefficient, id_prefix=f"demo{seed}-")
     started = time.monotonic()
-    register_network(client, network, users)
+    register_network(client, network, users, stop)
+    if stop.is_set():
+        return
     print(f"demo: registered {users} users (viral coefficient {viral_coefficient}) "
           f"in {time.monotonic() - started:.1f}s", flush=True)
     top = max(network.members[: max(1, users // 20)],
               key=lambda u: client.get(f"/v1/users/{u}/network")["stats"]["network_size"])
     token = client.post(f"/v1/users/{top}/tokens", {"ttl_s": DEMO_TOKEN_TTL_S})["token"]
-    print(f"demo: watch the biggest network live: {base_url}/live#token={token}", flush=True)
+    for region, url in region_urls.items():
+        print(f"demo: watch the biggest network live in {region}: {url}/live#token={token}", flush=True)
     total, last_report = 0, time.monotonic()
     batch = max(1, min(DEMO_BATCH_TRANSACTIONS, purchases_per_s))
-    while True:
+    while not stop.is_set():
         tick = time.monotonic()
         chunk = [{"transaction_id": p.transaction_id, "user_id": p.user_id, "amount_micros": p.amount_micros}
                  for p in network.purchases(batch)]
@@ -72,4 +80,4 @@ def run_demo(base_url: str, api_key: str, users: int, viral_coefficient: float, 
             balance = client.get(f"/v1/users/{top}/balance")["balances"]
             print(f"demo: {total} purchases so far; {top}: {balance}", flush=True)
             last_report = time.monotonic()
-        time.sleep(max(0.0, batch / purchases_per_s - (time.monotonic() - tick)))
+        stop.wait(max(0.0, batch / purchases_per_s - (time.monotonic() - tick)))

@@ -17,7 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from .config import DEFAULT_REGIONS
 
 SERVER_START_TIMEOUT_S = 60
 POSTGRES_SYSTEM_USER = "dailydoco_pg"  # Postgres refuses to run as root
@@ -96,8 +99,10 @@ class EmbeddedServers:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._ports_file = self.state_dir / "ports.json"
         self._last_ports = json.loads(self._ports_file.read_text()) if self._ports_file.exists() else {}
-        self.ports: dict[str, int] = {}
+        self.ports: dict[str, int | dict] = {}
+        self.nats_urls: dict[str, str] = {}  # region -> URL of the NATS started here
         self._processes: dict[str, subprocess.Popen] = {}
+        self._nats_regions = None  # NatsRegions, when several regions run here
         self._postgres_started = False
 
     # --- Postgres ------------------------------------------------------------
@@ -184,12 +189,21 @@ class EmbeddedServers:
         _wait_for_port(port, process, name, log)
         self.ports[name] = port
 
-    def start_nats(self) -> str:
+    def start_nats(self, regions: Sequence[str]) -> dict[str, str]:
+        """One JetStream server for one region; for several, one per region,
+        joined by gateways (cluster/regions.py). Returns each region's URL."""
+        if len(regions) > 1:
+            from .regions import NatsRegions  # it builds on this module's helpers
+
+            self._nats_regions = NatsRegions(self.state_dir, list(regions), self._last_ports.get("nats-regions"))
+            self._nats_regions.start()
+            self.ports["nats-regions"] = self._nats_regions.ports
+            return {region: self._nats_regions.url(region) for region in regions}
         port = free_port(self._last_ports.get("nats"))
         store = self.state_dir / "nats"
         store.mkdir(exist_ok=True)
         self._spawn("nats", [_nats_server_bin(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)], port)
-        return f"nats://127.0.0.1:{port}"
+        return {regions[0]: f"nats://127.0.0.1:{port}"}
 
     def start_redis(self) -> str:
         port = free_port(self._last_ports.get("redis"))
@@ -201,11 +215,16 @@ class EmbeddedServers:
 
     # --- all -------------------------------------------------------------------
 
-    def resolve(self, postgres_url: str | None, nats_url: str | None, redis_url: str | None) -> tuple[str, str, str]:
-        """Start an embedded server for each URL not given; return all three URLs."""
+    def resolve(self, postgres_url: str | None, nats_url: str | None, redis_url: str | None,
+                nats_regions: Sequence[str] = (DEFAULT_REGIONS[0],)) -> tuple[str, str, str]:
+        """Start an embedded server for each URL not given; return all three
+        URLs. NATS is started for each of `nats_regions` (`nats_urls`); the
+        URL returned is the first region's."""
         try:
             postgres_url = postgres_url or self.start_postgres()
-            nats_url = nats_url or self.start_nats()
+            if not nats_url:
+                self.nats_urls = self.start_nats(nats_regions)
+                nats_url = self.nats_urls[nats_regions[0]]
             redis_url = redis_url or self.start_redis()
         except BaseException:
             self.stop()
@@ -221,4 +240,7 @@ class EmbeddedServers:
             except subprocess.TimeoutExpired:
                 process.kill()
             del self._processes[name]
+        if self._nats_regions is not None:
+            self._nats_regions.stop()
+            self._nats_regions = None
         self.stop_postgres()

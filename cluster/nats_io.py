@@ -50,8 +50,21 @@ def event_stream_config() -> StreamConfig:
 
 
 async def ensure_event_stream(nc: nats.NATS) -> None:
+    """Create the event stream, or bring an existing one to our settings.
+
+    Waits while JetStream cannot answer yet: regions joined by gateways elect
+    their JetStream meta leader a few seconds after they start.
+    """
     js = nc.jetstream()
-    try:
-        await js.add_stream(event_stream_config())
-    except BadRequestError:
-        await js.update_stream(event_stream_config())  # exists with other settings: bring it to ours
+    while True:
+        try:
+            try:
+                await js.add_stream(event_stream_config())
+            except BadRequestError:
+                await js.update_stream(event_stream_config())  # exists with other settings: bring it to ours
+            return
+        except BadRequestError:
+            raise  # our settings are refused: waiting cannot help
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("JetStream not ready to create %s (%r); retrying", EVENT_STREAM_NAME, exc)
+            await asyncio.sleep(FIRST_CONNECT_RETRY_S)

@@ -55,10 +55,14 @@ gateway {{
 class NatsRegions:
     """`with NatsRegions(dir, ["us-east", "eu-west"]) as regions:` regions.url("eu-west")."""
 
-    def __init__(self, state_dir: str | Path, regions: list[str]):
+    def __init__(self, state_dir: str | Path, regions: list[str],
+                 preferred_ports: dict[str, dict[str, int]] | None = None):
+        """`preferred_ports`: last start's `ports`, taken again where still free."""
         self.state_dir = Path(state_dir).resolve() / "nats-regions"
         self.regions = list(regions)
-        self.ports = {r: {k: free_port() for k in ("client", "cluster", "gateway")} for r in self.regions}
+        preferred_ports = preferred_ports or {}
+        self.ports = {r: {k: free_port(preferred_ports.get(r, {}).get(k)) for k in ("client", "cluster", "gateway")}
+                      for r in self.regions}
         self._processes: dict[str, subprocess.Popen] = {}
 
     def url(self, region: str) -> str:

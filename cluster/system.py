@@ -9,11 +9,21 @@ import tempfile
 from pathlib import Path
 
 import asyncpg
+import msgspec
 
-from .config import EngineConfig
+from .config import EngineConfig, regions_home_first
 from .embedded import EmbeddedServers, free_port
 
 SERVE_APP_NAME = "dailydoco"
+
+
+def serve_app_name(config: EngineConfig, region: str) -> str:
+    return SERVE_APP_NAME if region == config.region else f"{SERVE_APP_NAME}-{region}"
+
+
+def region_route_prefix(config: EngineConfig, region: str) -> str:
+    """Where a region's API answers: the home region's at the root."""
+    return "/" if region == config.region else f"/regions/{region}"
 
 
 def _haproxy_dir(config: EngineConfig) -> Path:
@@ -79,7 +89,12 @@ class EngineSystem:
 
         cfg = self.config
         self.postgres_url, self.nats_url, self.redis_url = self.servers.resolve(
-            cfg.postgres_url, cfg.nats_url, cfg.redis_url)
+            cfg.postgres_url, cfg.nats_url, cfg.redis_url, regions_home_first(cfg))
+        # region -> its NATS: the embedded servers', or the external ones named.
+        self.region_nats_urls = self.servers.nats_urls or {cfg.region: self.nats_url, **cfg.region_nats_urls}
+        # region -> where its gateway (and the whole API) answers; home at the root.
+        self.region_urls = {region: self.url + region_route_prefix(cfg, region).rstrip("/")
+                            for region in self.region_nats_urls}
         try:
             self.migrations_applied = asyncio.run(_migrate(self.postgres_url))
             self.secrets = load_or_create_secrets(cfg.state_dir)
@@ -111,11 +126,17 @@ class EngineSystem:
         ).remote(cfg, self.postgres_url, self.nats_url)
         ray.get(self.supervisor.start.remote())
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-        serve.run(
-            EngineIngress.options(num_replicas=cfg.serve_replicas).bind(
-                cfg, self.postgres_url, self.redis_url, self.nats_url, self.secrets),
-            name=SERVE_APP_NAME, route_prefix="/", blocking=False,
-        )
+        # One Serve application per region, each with its own replicas on its
+        # region's NATS: a client connects to the gateway of its region, and
+        # the events (published in the home region) reach it through the NATS
+        # gateways. Every region serves the whole API.
+        for region, nats_url in self.region_nats_urls.items():
+            serve.run(
+                EngineIngress.options(num_replicas=cfg.serve_replicas).bind(
+                    msgspec.structs.replace(cfg, region=region), self.postgres_url, self.redis_url, nats_url,
+                    self.secrets),
+                name=serve_app_name(cfg, region), route_prefix=region_route_prefix(cfg, region), blocking=False,
+            )
 
     def stop(self) -> None:
         try:
@@ -139,7 +160,8 @@ class EngineSystem:
 
         from dailydoco.actors.refs import RELAY_NAME, SUPERVISOR_NAME, chain_actor_name, shard_actor_name
 
-        serve.delete(SERVE_APP_NAME)
+        for region in self.region_nats_urls:
+            serve.delete(serve_app_name(self.config, region))
         names = [SUPERVISOR_NAME, RELAY_NAME] + [shard_actor_name(i) for i in range(self.config.shard_actors)] + [
             chain_actor_name(i) for i in range(self.config.chain_actors)]
         for name in names:

@@ -277,4 +277,5 @@ class ClockView(_Message):
 class Health(_Message):
     status: Literal["ok", "degraded"]
     checks: dict[str, str]
+    region: str  # the region this replica's live gateway is in (its NATS)
 

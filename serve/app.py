@@ -363,7 +363,7 @@ class EngineApi:
     # --- operations --------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        return json_response(p.Health(status="ok", checks={}))
+        return json_response(p.Health(status="ok", checks={}, region=self.config.region))
 
     async def readyz(self, request: Request) -> Response:
         checks = {}
@@ -387,7 +387,8 @@ class EngineApi:
             *(check(s.name, lambda s=s: s.call("ping", deadline_s=1.0)) for s in self.shards + self.chains),
         )
         ok = all(v == "ok" for v in checks.values())
-        return json_response(p.Health(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503)
+        health = p.Health(status="ok" if ok else "degraded", checks=checks, region=self.config.region)
+        return json_response(health, 200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")

@@ -13,7 +13,7 @@ import tempfile
 import asyncpg
 import pytest
 
-from dailydoco.cluster.config import load_config
+from dailydoco.cluster.config import DEFAULT_REGIONS, load_config
 from dailydoco.cluster.embedded import EmbeddedServers, free_port
 from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partitions
 
@@ -29,12 +29,26 @@ def state_dir():
 
 
 @pytest.fixture(scope="session")
-def servers(state_dir):
+def embedded_servers(state_dir):
+    """The servers the environment names no URL for, started once; embedded
+    NATS runs the default regions joined by gateways, as `dailydoco up` does."""
     embedded = EmbeddedServers(state_dir)
     urls = embedded.resolve(os.environ.get("DD_POSTGRES_URL"), os.environ.get("DD_NATS_URL"),
-                            os.environ.get("DD_REDIS_URL"))
-    yield urls
+                            os.environ.get("DD_REDIS_URL"), DEFAULT_REGIONS)
+    yield embedded, urls
     embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def servers(embedded_servers):
+    """(Postgres, NATS, Redis) URLs; the NATS is the home region's."""
+    return embedded_servers[1]
+
+
+@pytest.fixture(scope="session")
+def other_region_nats_urls(embedded_servers) -> dict[str, str]:
+    """The embedded regions besides the home one; none where NATS is external."""
+    return dict(list(embedded_servers[0].nats_urls.items())[1:])
 
 
 async def _recreate_database(server_url: str, name: str) -> str:
@@ -73,7 +87,7 @@ def simulation_database_url(servers):
 
 
 @pytest.fixture(scope="session")
-def engine(state_dir, servers, engine_database_url):
+def engine(state_dir, servers, other_region_nats_urls, engine_database_url):
     """The whole system on a real local Ray cluster, once per session."""
     from dailydoco.cluster.system import EngineSystem
 
@@ -88,6 +102,8 @@ def engine(state_dir, servers, engine_database_url):
         shard_actors=3,  # more than one of each, so routing across actors is exercised
         chain_actors=2,
         namespace=f"dailydoco-test-{os.getpid()}",
+        region=DEFAULT_REGIONS[0],
+        region_nats_urls=other_region_nats_urls,
     )
     system = EngineSystem(config).start()
     yield system

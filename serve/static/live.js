@@ -16,6 +16,9 @@ const TOKEN_SIGNATURE_BYTES = 64; // PASETO v4.public: payload || Ed25519 signat
 // Close codes after which reconnecting with the same token cannot help (protocol/live.py CloseCode).
 const FATAL_CLOSE_CODES = new Set([4000, 4001, 4004]);
 const TOKEN_EXPIRED = 4003;
+// Where this page's API answers: the page is <API>/live, and a region other
+// than the home one serves the whole API under its own prefix (/regions/<name>).
+const API_BASE = location.pathname.replace(/\/live\/?$/, "");
 
 const state = {
   token: null,
@@ -105,7 +108,7 @@ class ApiError extends Error {
 }
 
 async function api(path) {
-  const response = await fetch(path, { headers: { Authorization: `Bearer ${state.token}` } });
+  const response = await fetch(API_BASE + path, { headers: { Authorization: `Bearer ${state.token}` } });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new ApiError(response.status, body);
   return body;
@@ -323,7 +326,7 @@ function apply(pub) {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const socket = new WebSocket(`${scheme}//${location.host}/v1/live`);
+  const socket = new WebSocket(`${scheme}//${location.host}${API_BASE}/v1/live`);
   state.socket = socket;
   socket.onopen = () => {
     socket.send(JSON.stringify({ type: "connect", token: state.token, offset: state.offset, epoch: state.epoch }));

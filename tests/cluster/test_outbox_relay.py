@@ -22,7 +22,7 @@ from dailydoco.storage.outbox import OUTBOX_NOTIFY_CHANNEL
 from dailydoco.storage.pool import open_pool
 
 from ..conftest import migrated_database
-from .test_regions import NoShards, _await_stream
+from .test_regions import NoShards, await_event_stream
 
 REGION = "relay-test"
 MIDDLE_USERS = 4  # root <- middle users <- buyers: each purchase writes rows for two users
@@ -37,7 +37,7 @@ async def _relay_under_load(nats_url: str, database_url: str) -> None:
     router = NoShards()
     chain = CommissionEngine(ledger, router)
     nc = await nats_io.connect(nats_url, "test-relay")
-    await _await_stream(nc)
+    await await_event_stream(nc)
     wire: list[tuple[str, int, int]] = []  # (subject, first offset, last offset), as published
 
     commissions: dict[str, int] = {}  # per subject

@@ -18,6 +18,7 @@ from dailydoco.actors.commission_core import CommissionEngine
 from dailydoco.actors.outbox_relay import OutboxRelay
 from dailydoco.actors.registration import register_user
 from dailydoco.cluster import nats_io
+from dailydoco.cluster.config import load_config
 from dailydoco.cluster.embedded import free_port
 from dailydoco.cluster.live_client import LiveClient
 from dailydoco.cluster.regions import NatsRegions, nats_region_configs
@@ -59,16 +60,9 @@ def test_region_configs_join_every_region_by_gateway(tmp_path):
         nats_region_configs(["Bad.Region"], {"Bad.Region": ports["a"]}, tmp_path)
 
 
-async def _await_stream(nc) -> None:
-    deadline = asyncio.get_running_loop().time() + STREAM_READY_TIMEOUT_S
-    while True:
-        try:
-            await nats_io.ensure_event_stream(nc)
-            return
-        except Exception:  # noqa: BLE001 - JetStream elects its meta leader first
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.5)
+async def await_event_stream(nc) -> None:
+    """ensure_event_stream waits for JetStream's meta leader: bounded here."""
+    await asyncio.wait_for(nats_io.ensure_event_stream(nc), STREAM_READY_TIMEOUT_S)
 
 
 async def _cross_region(regions: NatsRegions, database_url: str, state_dir: str) -> None:
@@ -77,7 +71,7 @@ async def _cross_region(regions: NatsRegions, database_url: str, state_dir: str)
     router = NoShards()
     chain = CommissionEngine(ledger, router)
     east = await nats_io.connect(regions.url("us-east"), "test-relay")
-    await _await_stream(east)
+    await await_event_stream(east)
     relay = OutboxRelay(pool, east, "us-east")
     listener = await asyncpg.connect(database_url)
     await listener.add_listener(OUTBOX_NOTIFY_CHANNEL, relay.wake)
@@ -162,3 +156,24 @@ def test_events_cross_regions_without_gap_or_duplicate_across_restarts(servers, 
     database_url = asyncio.run(migrated_database(servers[0], f"dailydoco_regions_{os.getpid()}"))
     with NatsRegions(tmp_path, ["us-east", "eu-west"]) as regions:
         asyncio.run(_cross_region(regions, database_url, str(tmp_path)))
+
+
+def test_region_settings_are_checked(monkeypatch):
+    monkeypatch.delenv("DD_REGION", raising=False)
+    monkeypatch.setenv("DD_REGIONS", "eu-west, us-east")
+    monkeypatch.setenv("DD_REGION_NATS_URLS", "us-east=nats://127.0.0.1:1")
+    config = load_config()
+    assert (config.region, config.regions) == ("eu-west", ("eu-west", "us-east"))
+    assert config.region_nats_urls == {"us-east": "nats://127.0.0.1:1"}
+    for name, value, complaint in [
+        ("DD_REGION", "ap-south", "must be one of DD_REGIONS"),
+        ("DD_REGIONS", "us-east,Bad.Region", "must match"),
+        ("DD_REGIONS", " , ", "names no region"),
+        ("DD_REGION_NATS_URLS", "ap-south=nats://127.0.0.1:1", "not one of DD_REGIONS"),
+        ("DD_REGION_NATS_URLS", "eu-west=nats://127.0.0.1:1", "besides the home region"),
+        ("DD_REGION_NATS_URLS", "us-east", "is not REGION=URL"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(ValueError, match=complaint):
+                load_config()

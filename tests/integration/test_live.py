@@ -21,8 +21,8 @@ from .conftest import unique
 EVENT_WAIT_S = 15.0
 
 
-def live_url(api) -> str:
-    return api.engine.url.replace("http://", "ws://") + "/v1/live"
+def live_url(api, api_url: str | None = None) -> str:
+    return (api_url or api.engine.url).replace("http://", "ws://") + "/v1/live"
 
 
 def token_for(api, user_id: str, ttl_s: int = 3600) -> str:
@@ -72,6 +72,47 @@ def test_purchase_reaches_the_referrers_socket(api):
 @pytest.mark.trio
 async def test_the_client_works_under_trio(api):
     await _watch_purchase(api)
+
+
+# --- regions ----------------------------------------------------------------------
+
+async def _cross_region(api) -> None:
+    (home, home_url), (other, other_url) = list(api.engine.region_urls.items())[:2]
+    async with httpx.AsyncClient(headers=api.service.headers) as http:
+        for region, url in ((home, home_url), (other, other_url)):
+            # Each region's replicas are on that region's NATS, connected after their first request.
+            with anyio.fail_after(EVENT_WAIT_S):
+                while (r := await http.get(f"{url}/readyz")).status_code != 200:
+                    await anyio.sleep(0.1)
+            assert r.json()["region"] == region, r.text
+        root, buyer = api.chain(2, "region")
+        token = token_for(api, root)
+
+        async def tokens() -> str:
+            return token
+
+        streams = {region: LiveClient(live_url(api, url), tokens).events()
+                   for region, url in ((home, home_url), (other, other_url))}
+        for events in streams.values():
+            assert [type(item) for item in await take(events, 1)] == [StreamReset]
+        # A purchase through each region's API: the relay publishes it in the
+        # home region, and both regions' sockets get it, in order.
+        for n, url in enumerate((home_url, other_url)):
+            r = await http.post(f"{url}/v1/transactions", json={
+                "transaction_id": unique("tx"), "user_id": buyer, "amount_micros": 1_000_000})
+            assert r.status_code == 201, r.text
+            for region, events in streams.items():
+                got = await take(events, 2)
+                assert [p.offset for p in got] == [2 + 2 * n, 3 + 2 * n], region
+                assert {type(p.event) for p in got} == {CommissionEarned, BalanceChanged}, region
+        for events in streams.values():
+            await events.aclose()
+
+
+def test_events_reach_sockets_in_every_region(api):
+    if len(api.engine.region_urls) < 2:
+        pytest.skip("one region: NATS is external (DD_NATS_URL) and DD_REGION_NATS_URLS names no other")
+    anyio.run(_cross_region, api)
 
 
 # --- isolation ------------------------------------------------------------------

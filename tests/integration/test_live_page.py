@@ -47,16 +47,27 @@ def page(browser, console_errors):
     context.close()
 
 
+@pytest.fixture(params=["home region", "another region"])
+def region_api_url(request, api) -> str:
+    """The page of the home region, at the root, or of another under /regions/<name>."""
+    urls = list(api.engine.region_urls.values())
+    if request.param == "home region":
+        return urls[0]
+    if len(urls) < 2:
+        pytest.skip("one region: NATS is external (DD_NATS_URL) and DD_REGION_NATS_URLS names no other")
+    return urls[1]
+
+
 def cell(page, currency: str, field: str):
     return page.locator(f'#balances tr[data-currency="{currency}"] td[data-field="{field}"]')
 
 
-def test_page_shows_balance_network_and_events_live(api, page, console_errors):
+def test_page_shows_balance_network_and_events_live(api, region_api_url, page, console_errors):
     expect = playwright_sync.expect
     root, mid = api.chain(2, "page")
     assert api.purchase(mid, 2_500_000).status_code == 201  # root earns 20 %: 0.50 USD before the page opens
     api.settle()
-    page.goto(f"{api.engine.url}/live#token={token_for(api, root)}")
+    page.goto(f"{region_api_url}/live#token={token_for(api, root)}")
 
     expect(page.locator("#status")).to_have_text("live")
     assert "token=" not in page.url  # the token left the address bar
