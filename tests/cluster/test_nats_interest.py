@@ -20,6 +20,22 @@ async def _until(condition, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _until_registered(nc, publisher) -> None:
+    """Wait until the server holds every interest `nc` has sent. nc.flush()
+    does not: nats-py writes its PING straight to the socket, ahead of SUBs
+    still in the client's buffer. SUBs reach the server in order, so once a
+    probe subscribed last hears the publisher, the earlier ones are in."""
+    heard: list = []
+    probe = await nats_interest.subscribe(nc, "probe", heard.append)
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not heard:
+        assert asyncio.get_running_loop().time() < deadline, "the server never took the interests"
+        await publisher.publish("probe", b"")
+        await publisher.flush()
+        await asyncio.sleep(0.02)
+    await probe.unsubscribe()
+
+
 async def _exercise(regions: NatsRegions) -> None:
     nc = await nats_io.connect(regions.url(REGION), name="interest-test")
     publisher = await nats_io.connect(regions.url(REGION), name="interest-publisher")
@@ -33,7 +49,7 @@ async def _exercise(regions: NatsRegions) -> None:
             raise RuntimeError("a callback's bug")
 
         await nats_interest.subscribe(nc, "ev.*.boom", explode)
-        await nc.flush()
+        await _until_registered(nc, publisher)
         for i in range(5):
             await publisher.publish("ev.east.a", b"a%d" % i)
             await publisher.publish("ev.west.ab", b"ab%d" % i)
@@ -45,7 +61,7 @@ async def _exercise(regions: NatsRegions) -> None:
         assert nc.is_connected  # the exploding callback did not end the client's reader
 
         await a.unsubscribe()
-        await nc.flush()
+        await _until_registered(nc, publisher)
         await publisher.publish("ev.east.a", b"after")
         await publisher.publish("ev.east.ab", b"ab-after")
         await publisher.flush()
@@ -54,7 +70,7 @@ async def _exercise(regions: NatsRegions) -> None:
 
         await asyncio.to_thread(regions.restart_region, REGION)  # the clients notice while it is down
         await _until(lambda: nc.is_connected and publisher.is_connected, "both clients to reconnect")
-        await nc.flush()  # the client resent its interests before this round trip completes
+        await _until_registered(nc, publisher)  # the client resends its interests on reconnecting
         await publisher.publish("ev.east.ab", b"ab-restarted")
         await publisher.publish("ev.east.a", b"a-restarted")
         await publisher.flush()
