@@ -370,8 +370,8 @@ def main() -> int:
             results["end_to_end_other_region"] = asyncio.run(
                 end_to_end(system, auth, pairs, rates[-1], duration_s, others[0]))
             quiesce(system)
-            print(json.dumps(results["end_to_end_other_region"]), flush=True)
             print(json.dumps(results["end_to_end"]), flush=True)
+            print(json.dumps(results["end_to_end_other_region"]), flush=True)
             results["nats_websocket_floor"] = [
                 asyncio.run(nats_websocket_floor(floor_nats, floor_ws, pairs_n, r, duration_s)) for r in rates]
             print(json.dumps(results["nats_websocket_floor"]), flush=True)

@@ -62,6 +62,14 @@ class Api:
         return {"pending_micros": 0, "approved_micros": 0, "paid_micros": 0, "earned_micros": 0}
 
 
+def two_regions(api: Api) -> list[tuple[str, str]]:
+    """(region, API URL) of the home region and one other; skips where there is no other."""
+    regions = list(api.engine.region_urls.items())
+    if len(regions) < 2:
+        pytest.skip("one region: NATS is external (DD_NATS_URL) and DD_REGION_NATS_URLS names no other")
+    return regions[:2]
+
+
 @pytest.fixture(scope="session")
 def api(engine) -> Api:
     return Api(engine)
