@@ -4,6 +4,12 @@ No timer: at low load a request goes alone and at once; under load requests
 share one call (one Postgres commit, one Ray message), so the cost per request
 falls as the load rises. Used for group commit and for the replica's calls to
 the commission chains.
+
+Calls overlap (up to `in_flight_max`) so that one can compute while another
+waits on I/O. With `overlap_items_min`, a call starts beside one in flight
+only once that many items wait: small requests then gather behind the one
+call in flight (fewer, larger calls: less CPU per item, and on a busy
+machine lower latency too), while bulk loads still overlap.
 """
 
 from __future__ import annotations
@@ -18,17 +24,23 @@ log = logging.getLogger("dailydoco.batching")
 
 
 class MicroBatcher(Generic[Item, Result]):
-    def __init__(self, process: Callable[[list[Item]], Awaitable[list[Result]]], items_max: int, in_flight_max: int):
+    def __init__(self, process: Callable[[list[Item]], Awaitable[list[Result]]], items_max: int, in_flight_max: int,
+                 overlap_items_min: int = 1):
         self._process = process
         self._items_max = items_max
         self._in_flight_max = in_flight_max
+        self._overlap_items_min = overlap_items_min
         self._queue: list[tuple[list[Item], asyncio.Future]] = []
+        self._queued_items = 0
         self._in_flight = 0
 
     async def submit(self, items: list[Item]) -> list[Result]:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((items, future))
-        if self._in_flight < self._in_flight_max:
+        self._queued_items += len(items)
+        if self._in_flight < self._in_flight_max and (
+            self._in_flight == 0 or self._queued_items >= self._overlap_items_min
+        ):
             self._in_flight += 1
             asyncio.get_running_loop().create_task(self._drain())
         return await future
@@ -41,6 +53,7 @@ class MicroBatcher(Generic[Item, Result]):
                     items, future = self._queue.pop(0)
                     group.append((items, future))
                     size += len(items)
+                self._queued_items -= size
                 flat = [item for items, _ in group for item in items]
                 try:
                     results = await self._process(flat)

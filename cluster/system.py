@@ -50,6 +50,10 @@ def _ray_env(config: EngineConfig) -> None:
         return
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    os.environ["RAY_SERVE_HAPROXY_METRICS_ENABLED"] = "1" if config.request_logs else "0"
+    # Serve starts 4 HAProxy threads; on 2 cores they cost 13 % of a core at
+    # 1,000 requests/s against 9 % for one (which alone serves tens of thousands).
+    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
     # HAProxy's files and side ports default to fixed paths and ports
     # (/tmp/haproxy-serve, 8404, 9101): two deployments on one machine would
     # collide. Give this one its own.
@@ -132,7 +136,8 @@ class EngineSystem:
         # gateways. Every region serves the whole API.
         for region, nats_url in self.region_nats_urls.items():
             serve.run(
-                EngineIngress.options(num_replicas=cfg.serve_replicas).bind(
+                EngineIngress.options(num_replicas=cfg.serve_replicas,
+                                      logging_config={"enable_access_log": cfg.request_logs}).bind(
                     msgspec.structs.replace(cfg, region=region), self.postgres_url, self.redis_url, nats_url,
                     self.secrets),
                 name=serve_app_name(cfg, region), route_prefix=region_route_prefix(cfg, region), blocking=False,

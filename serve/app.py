@@ -53,7 +53,10 @@ RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
 RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
 CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
-CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: calls overlap, so one commits while others compute
+CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: bulk calls overlap, so one commits while others compute
+# Single purchases gather behind the call in flight rather than overlap it:
+# on this 2-core machine that halved POST latency at 500/s (p50 33 -> 11-15 ms).
+CHAIN_CALL_OVERLAP_ITEMS_MIN = CHAIN_CALL_TRANSACTIONS_MAX // 4
 BALANCE_READS_PER_CALL_MAX = 1_000
 SHARD_READ_CALLS_IN_FLIGHT_MAX = 2
 
@@ -310,7 +313,7 @@ class EngineApi:
             reply = _OUTCOMES_DECODER.decode(await chain.call("submit", _REQUESTS_ENCODER.encode(requests)))
             return [(o.result, None if o.error is None else p.error_named(o.error, o.detail)) for o in reply]
 
-        return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX)
+        return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX, CHAIN_CALL_OVERLAP_ITEMS_MIN)
 
     async def transaction(self, request: Request) -> Response:
         require_service(await self.principal(request))

@@ -1,0 +1,76 @@
+import asyncio
+
+import pytest
+
+from dailydoco.actors.batching import MicroBatcher
+
+
+class Recorder:
+    """A process step that holds each call until released, and records it."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(items)
+        await self.release.wait()
+        return [i * 10 for i in items]
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_small_requests_gather_behind_the_call_in_flight():
+    async def run():
+        step = Recorder()
+        batcher = MicroBatcher(step, items_max=100, in_flight_max=4, overlap_items_min=10)
+        first = asyncio.create_task(batcher.submit([1]))
+        await _settle()
+        later = [asyncio.create_task(batcher.submit([i])) for i in range(2, 6)]
+        await _settle()
+        assert step.calls == [[1]]  # 4 waiting items are below the overlap threshold
+        step.release.set()
+        assert await first == [10]
+        assert [await t for t in later] == [[20], [30], [40], [50]]
+        assert step.calls == [[1], [2, 3, 4, 5]]
+
+    asyncio.run(run())
+
+
+def test_bulk_requests_overlap_up_to_the_limit():
+    async def run():
+        step = Recorder()
+        batcher = MicroBatcher(step, items_max=10, in_flight_max=2, overlap_items_min=10)
+        tasks = [asyncio.create_task(batcher.submit(list(range(k * 10, k * 10 + 10)))) for k in range(3)]
+        await _settle()
+        assert len(step.calls) == 2  # a full call's worth waited: a second call overlaps; the third waits
+        step.release.set()
+        results = [await t for t in tasks]
+        assert results == [[i * 10 for i in range(k * 10, k * 10 + 10)] for k in range(3)]
+        assert len(step.calls) == 3
+
+    asyncio.run(run())
+
+
+def test_a_failed_call_fails_its_waiters_only():
+    async def run():
+        calls = []
+
+        async def step(items):
+            calls.append(items)
+            if 0 in items:
+                raise RuntimeError("boom")
+            return items
+
+        batcher = MicroBatcher(step, items_max=1, in_flight_max=1)
+        failing = asyncio.create_task(batcher.submit([0]))
+        fine = asyncio.create_task(batcher.submit([1]))
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing
+        assert await fine == [1]
+        assert calls == [[0], [1]]
+
+    asyncio.run(run())
