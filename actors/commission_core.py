@@ -30,8 +30,8 @@ class CommissionEngine:
     """Guarantees: a purchase is acknowledged only after its commit; each
     transaction id yields one set of entries, however often it is delivered.
     Shards are credited right after the commit, in the background and
-    coalesced (see routing.py): reads of shard memory trail the ledger by
-    milliseconds, never by a lost or doubled write."""
+    coalesced (see refs.py): reads of shard memory trail the ledger by tens
+    of milliseconds, never by a lost or doubled write."""
 
     def __init__(self, ledger: Ledger, router: ShardRouter):
         self.ledger = ledger

@@ -43,7 +43,7 @@ async def deliver(router: ShardRouter, xid: int | None, deltas: DeltaSet) -> Non
 
 def deliver_soon(router: ShardRouter, xid: int | None, deltas: DeltaSet) -> None:
     """`deliver` without waiting: for the purchase path, where the commit is the
-    acknowledgement and a shard a few milliseconds behind is acceptable."""
+    acknowledgement and a shard tens of milliseconds behind is acceptable."""
     if xid is None:
         return
     for index, delta in deltas.by_route.items():
