@@ -36,6 +36,7 @@ from dailydoco.cluster.system import EngineSystem
 from dailydoco.protocol import LEVEL_RATES_BP
 
 RESULTS = Path(__file__).parent / "results" / "ledger.json"
+OUTBOX_DRAIN_WAIT_S = 300.0
 NAIVE_CONNECTIONS = 8
 BATCH_SIZE = 2_000
 BATCH_CLIENTS = 8  # concurrent batch requests in flight
@@ -144,21 +145,33 @@ async def latency_suite(url: str, api_key: str, network: ViralNetwork, duration_
 
 def settle(system: EngineSystem) -> None:
     """Measure latency in steady state, not in the wake of the bulk load: let
-    the shard deliveries land, and give the planner statistics for tables that
-    grew from empty (autovacuum would, a little later)."""
+    the shard deliveries land and the relay empty the outbox; take the
+    shards' checkpoint now (the supervisor's next periodic one would fold
+    every ledger row of the bulk load, seconds of CPU, in the middle of the
+    latency runs); and give the planner statistics for tables that grew from
+    empty (autovacuum would, a little later)."""
     import ray
 
-    from dailydoco.actors.refs import chain_actor_name
+    from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name
 
-    ray.get([ray.get_actor(chain_actor_name(i), namespace=system.config.namespace).drained.remote()
+    namespace = system.config.namespace
+    ray.get([ray.get_actor(chain_actor_name(i), namespace=namespace).drained.remote()
              for i in range(system.config.chain_actors)])
+    started = time.monotonic()
+    users = ray.get(ray.get_actor(SUPERVISOR_NAME, namespace=namespace).checkpoint.remote())
+    print(f"    checkpointed {users:,} users' shard state in {time.monotonic() - started:.1f} s", flush=True)
 
-    async def analyze():
+    async def drain_outbox_and_analyze():
         conn = await asyncpg.connect(system.postgres_url)
+        started, waiting = time.monotonic(), await conn.fetchval("SELECT count(*) FROM outbox")
+        while await conn.fetchval("SELECT count(*) FROM outbox") and time.monotonic() - started < OUTBOX_DRAIN_WAIT_S:
+            await asyncio.sleep(0.2)
+        print(f"    the relay took {time.monotonic() - started:.1f} s more for the {waiting:,} outbox rows"
+              " still waiting after the bulk load", flush=True)
         await conn.execute("VACUUM ANALYZE")
         await conn.close()
 
-    asyncio.run(analyze())
+    asyncio.run(drain_outbox_and_analyze())
 
 
 def start_engine(state_dir: str, urls, postgres_url: str, haproxy: bool) -> EngineSystem:

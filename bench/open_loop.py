@@ -54,12 +54,12 @@ async def open_loop(host: str, port: int, rate_per_s: int, duration_s: float,
     async def one(i: int, scheduled: float, record: bool) -> None:
         nonlocal opened
         conn = idle.pop() if idle else None
-        if conn is None:
-            opened += 1
-            conn = _Connection(*await asyncio.open_connection(host, port))
         try:
+            if conn is None:
+                opened += 1
+                conn = _Connection(*await asyncio.open_connection(host, port))
             status = await asyncio.wait_for(conn.exchange(make_request(i)), REQUEST_TIMEOUT_S)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError):  # refused or cut: a failed request, not a crash
             statuses["connection-error"] += 1
             return
         except asyncio.TimeoutError:
