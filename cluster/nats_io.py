@@ -24,13 +24,32 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
     """Connect, retrying until the server answers; then reconnect forever.
 
     nats-py gives up on a first connection that fails; a component started
-    while NATS is down must still come up and wait for it.
+    while NATS is down must still come up and wait for it. Losing and
+    regaining the connection is logged (nats-py logs neither when the server
+    closes the connection), then passed to the caller's callbacks, if any.
     """
+    given_disconnected = callbacks.pop("disconnected_cb", None)
+    given_reconnected = callbacks.pop("reconnected_cb", None)
+    connected: list[nats.NATS] = []
+
+    async def disconnected() -> None:
+        if not (connected and connected[0].is_closed):  # closing on purpose is no news
+            log.warning("%s: lost its NATS connection to %s; reconnecting", name, url)
+        if given_disconnected is not None:
+            await given_disconnected()
+
+    async def reconnected() -> None:
+        log.warning("%s: reconnected to NATS at %s", name, url)
+        if given_reconnected is not None:
+            await given_reconnected()
+
     while True:
         try:
-            return await nats.connect(
+            connected.append(await nats.connect(
                 url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
-                reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S, **callbacks)
+                reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S,
+                disconnected_cb=disconnected, reconnected_cb=reconnected, **callbacks))
+            return connected[0]
         except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
             log.warning("NATS at %s unreachable (%s); retrying", url, exc)
             await asyncio.sleep(FIRST_CONNECT_RETRY_S)

@@ -1,10 +1,12 @@
 """The gateway's light per-user interest, against a real nats-server: it gets
 exactly its subject's messages, stops at unsubscribe, comes back after the
-server restarts, and a failing callback leaves the connection working."""
+server restarts, and a failing callback leaves the connection working. The
+connections log losing and regaining the server, and not a deliberate close."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from dailydoco.cluster import nats_interest, nats_io
 from dailydoco.cluster.regions import NatsRegions
@@ -82,6 +84,11 @@ async def _exercise(regions: NatsRegions) -> None:
         await publisher.close()
 
 
-def test_interest_delivers_unsubscribes_and_survives_a_restart(tmp_path):
+def test_interest_delivers_unsubscribes_and_survives_a_restart(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=nats_io.log.name)
     with NatsRegions(tmp_path, [REGION]) as regions:
         asyncio.run(_exercise(regions))
+    said = [r.getMessage() for r in caplog.records if r.name == nats_io.log.name]
+    for client in ("interest-test", "interest-publisher"):
+        assert [m.split(" NATS", 1)[0] for m in said if m.startswith(client + ":")] == [
+            f"{client}: lost its", f"{client}: reconnected to"]  # the restart, and nothing for the close
