@@ -55,6 +55,23 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
             await asyncio.sleep(FIRST_CONNECT_RETRY_S)
 
 
+async def flush(nc: nats.NATS, timeout_s: float) -> None:
+    """`nc.flush(timeout_s)` without the trap in nats-py 2.16's own: on a
+    timeout it cancels the future its PONG resolves, and when that PONG comes
+    the client's reader fails on the cancelled future and stops for good, while
+    `is_connected` stays True: the connection silently delivers nothing more.
+    Here the PONG's future is never cancelled, so a late PONG is harmless.
+    """
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    pong = asyncio.get_running_loop().create_future()
+    await nc._send_ping(pong)  # queued in order with the reader's other PONGs
+    try:
+        await asyncio.wait_for(asyncio.shield(pong), timeout_s)
+    except asyncio.TimeoutError:
+        raise nats.errors.FlushTimeoutError from None
+
+
 def event_stream_config() -> StreamConfig:
     return StreamConfig(
         name=EVENT_STREAM_NAME,

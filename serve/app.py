@@ -112,6 +112,19 @@ class EngineApi:
         self.purchases_total = Counter(
             "dailydoco_purchases_total", "Purchases by outcome", ["outcome"], registry=self.registry)
 
+    def connect_in_background(self) -> None:
+        """Connect to Postgres, Redis and NATS now, on the running loop, not on
+        the first request: a live socket needs NATS at once, and the first
+        request after a start should not pay for the pool. Failures are
+        logged here and tried again on the next request."""
+
+        def report(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("connecting at start failed (retried on the next request): %r", task.exception())
+
+        self._connect_task = asyncio.get_running_loop().create_task(self._deps())
+        self._connect_task.add_done_callback(report)
+
     async def _deps(self) -> None:
         if self._deps_ready:
             return
@@ -175,7 +188,7 @@ class EngineApi:
             raise p.ServiceUnavailable("revocation recorded, but NATS is down so not every replica has it yet; retry")
         try:
             await nc.publish(TOKEN_REVOCATION_SUBJECT, msgspec.msgpack.encode(TokenRevoked(user_id, before)))
-            await nc.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+            await nats_io.flush(nc, DEPENDENCY_CHECK_TIMEOUT_S)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise p.ServiceUnavailable(f"revocation recorded, but its notice was not sent ({exc}); retry") from exc
         return json_response(p.TokenRevocationView(user_id=user_id, revoked_before=before))
@@ -381,7 +394,7 @@ class EngineApi:
         async def nats_flush():
             if self.nats is None or not self.nats.is_connected:
                 raise ConnectionError(f"not connected to {self.nats_url}")
-            await self.nats.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+            await nats_io.flush(self.nats, DEPENDENCY_CHECK_TIMEOUT_S)
 
         await asyncio.gather(
             check("postgres", lambda: self.pool.fetchval("SELECT 1")),

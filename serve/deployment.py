@@ -23,5 +23,9 @@ REPLICA_ONGOING_REQUESTS_MAX = HTTP_ONGOING_REQUESTS_MAX + LIVE_SOCKETS_PER_REPL
 )
 @serve.ingress()
 class EngineIngress(EngineApi):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connect_in_background()  # Serve runs a constructor on the replica's event loop
+
     def __serve_build_asgi_app__(self):
         return self.asgi()

@@ -59,6 +59,11 @@ CLOSE_REASON_BYTES_MAX = 123  # RFC 6455: a close frame's reason fits in 123 byt
 GAP_FILL_DEADLINE_S = 20.0  # then the socket closes and the client resumes
 GAP_FILL_BACKOFF_S = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 HISTORY_READ_TIMEOUT_S = 2.0
+# A socket opened while the replica (re)connects to NATS waits this long for
+# it: longer than a start or a reconnect (RECONNECT_WAIT_S) takes, well inside
+# the client's own connect timeout.
+NATS_WAIT_S = 3.0
+NATS_WAIT_POLL_S = 0.02
 
 _video_progress_decoder = msgspec.msgpack.Decoder(VideoProgress)
 log = logging.getLogger("dailydoco.live")
@@ -431,10 +436,19 @@ class LiveGateway:
 
     # --- NATS interest, shared by a user's connections ----------------------------
 
+    async def _connected_nats(self):
+        """The NATS connection, waiting a little for one: a replica connects
+        as it starts and again after a blip of NATS, and a client arriving in
+        that moment should be served, not sent away."""
+        deadline = time.monotonic() + NATS_WAIT_S
+        while (nc := self._nats()) is None or not nc.is_connected:
+            if time.monotonic() >= deadline:
+                raise _Closed(CloseCode.INTERNAL_ERROR, "live events are unavailable (NATS down); retry")
+            await asyncio.sleep(NATS_WAIT_POLL_S)
+        return nc
+
     async def _subscribe(self, connection: LiveConnection) -> None:
-        nc = self._nats()
-        if nc is None or not nc.is_connected:
-            raise _Closed(CloseCode.INTERNAL_ERROR, "live events are unavailable (NATS down); retry")
+        nc = await self._connected_nats()
         entry = self._subscriptions.get(connection.user_id)
         if entry is not None:
             entry[1].add(connection)

@@ -78,21 +78,22 @@ async def test_the_client_works_under_trio(api):
 
 async def _cross_region(api, regions: list[tuple[str, str]]) -> None:
     async with httpx.AsyncClient(headers=api.service.headers) as http:
-        for region, url in regions:
-            # Each region's replicas are on that region's NATS, connected after their first request.
-            with anyio.fail_after(EVENT_WAIT_S):
-                while (r := await http.get(f"{url}/readyz")).status_code != 200:
-                    await anyio.sleep(0.1)
-            assert r.json()["region"] == region, r.text
         root, buyer = api.chain(2, "region")
         token = token_for(api, root)
 
         async def tokens() -> str:
             return token
 
-        streams = {region: LiveClient(live_url(api, url), tokens).events() for region, url in regions}
+        # The sockets first: each region's replica connects to its region's
+        # NATS as it starts, and a socket arriving before that waits for it.
+        clients = {region: LiveClient(live_url(api, url), tokens) for region, url in regions}
+        streams = {region: client.events() for region, client in clients.items()}
         for events in streams.values():
             assert [type(item) for item in await take(events, 1)] == [StreamReset]
+        assert {region: client.connections for region, client in clients.items()} == {r: 1 for r in clients}
+        for region, url in regions:
+            r = await http.get(f"{url}/readyz")
+            assert r.status_code == 200 and r.json()["region"] == region, r.text
         # A purchase through each region's API: the relay publishes it in the
         # home region, and both regions' sockets get it, in order.
         for n, (_, url) in enumerate(regions):
