@@ -188,7 +188,7 @@ class EngineApi:
             raise p.ServiceUnavailable("revocation recorded, but NATS is down so not every replica has it yet; retry")
         try:
             await nc.publish(TOKEN_REVOCATION_SUBJECT, msgspec.msgpack.encode(TokenRevoked(user_id, before)))
-            await nats_io.flush(nc, DEPENDENCY_CHECK_TIMEOUT_S)
+            await nc.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise p.ServiceUnavailable(f"revocation recorded, but its notice was not sent ({exc}); retry") from exc
         return json_response(p.TokenRevocationView(user_id=user_id, revoked_before=before))
@@ -394,7 +394,7 @@ class EngineApi:
         async def nats_flush():
             if self.nats is None or not self.nats.is_connected:
                 raise ConnectionError(f"not connected to {self.nats_url}")
-            await nats_io.flush(self.nats, DEPENDENCY_CHECK_TIMEOUT_S)
+            await self.nats.flush(timeout=DEPENDENCY_CHECK_TIMEOUT_S)
 
         await asyncio.gather(
             check("postgres", lambda: self.pool.fetchval("SELECT 1")),
