@@ -28,8 +28,8 @@ class Client(nats.NATS):
     its reader fails setting the cancelled future's result and stops for
     good, while `is_connected` stays True: the connection silently delivers
     nothing more. Any flush that times out (a readiness check under load,
-    say) is enough. Here a
-    PONG still takes its place in line, and a cancelled future is skipped.
+    say) is enough. Here a PONG still takes its place in line, and a
+    cancelled future is skipped.
     """
 
     async def _process_pong(self) -> None:

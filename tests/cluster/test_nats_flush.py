@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-
 from dailydoco.cluster import nats_interest, nats_io
 
 WAIT_S = 10.0
