@@ -30,17 +30,17 @@ from .refs import RELAY_NAME, VIDEO_PROCESSOR_NAME, RayShardRouter, chain_actor_
 from .user_shard import UserShardActor
 
 WATCH_INTERVAL_S = 0.5
-
-
-def video_processing_installed() -> bool:
-    """The `video` extra (torch, PyAV) is optional: without it no processor runs."""
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "av"))
 PING_TIMEOUT_S = 5.0
 APPROVAL_INTERVAL_S = 10.0
 CHECKPOINT_INTERVAL_S = 30.0
 ACTOR_START_TIMEOUT_S = 120.0
 
 log = logging.getLogger("dailydoco.supervisor")
+
+
+def video_processing_installed() -> bool:
+    """The `video` extra (torch, PyAV) is optional: without it no processor runs."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "av"))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
