@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-from open_loop import build_request, open_loop, use_uvloop
+from open_loop import build_request, open_loop
 import msgspec
 
 from dailydoco.cluster.config import load_config
@@ -196,7 +196,6 @@ def register_all(url: str, api_key: str, registrations) -> None:
 
 
 def main() -> int:
-    use_uvloop()
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a smaller run, for a smoke check")
     parser.add_argument("--users", type=int, default=3_000)

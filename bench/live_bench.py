@@ -32,7 +32,7 @@ import httpx
 import msgspec
 import nats
 import psutil
-from open_loop import _Connection, build_request, use_uvloop
+from open_loop import _Connection, build_request
 
 from dailydoco.cluster.config import DEFAULT_REGIONS, load_config
 from dailydoco.cluster.embedded import EmbeddedServers, _nats_server_bin, _wait_for_port, free_port
@@ -87,12 +87,13 @@ async def open_socket(url: str, token: str) -> WebSocketConnection:
 async def end_to_end(system: EngineSystem, auth: TokenAuthority, pairs: list[tuple[str, str]], rate_per_s: int,
                      duration_s: float, region: str) -> dict:
     """Purchases through the home region's API; the sockets in `region`."""
+    loop = asyncio.get_running_loop()
     ws_url = system.region_urls[region].replace("http://", "ws://") + "/v1/live"
     framed: dict[str, float] = {}
 
     def on_publication(p: Publication) -> None:
         if isinstance(p.event, CommissionEarned):
-            framed[p.event.transaction_id] = time.perf_counter()
+            framed[p.event.transaction_id] = loop.time()
 
     sockets = [await open_socket(ws_url, auth.issue(root, 3600)[0]) for root, _ in pairs]
     readers = [asyncio.create_task(_reader(ws, on_publication)) for ws in sockets]
@@ -110,7 +111,7 @@ async def end_to_end(system: EngineSystem, auth: TokenAuthority, pairs: list[tup
         body = msgspec.json.encode({"transaction_id": tid, "user_id": pairs[i % len(pairs)][1],
                                     "amount_micros": 1_000_000})
         conn = idle.pop() if idle else _Connection(*await asyncio.open_connection(host, int(port)))
-        sent[tid] = time.perf_counter()
+        sent[tid] = loop.time()
         try:
             status = await asyncio.wait_for(conn.exchange(build_request(host, "POST", "/v1/transactions", headers,
                                                                         body)), 10)
@@ -119,20 +120,20 @@ async def end_to_end(system: EngineSystem, auth: TokenAuthority, pairs: list[tup
             return
         idle.append(conn)
         if status == 201:
-            acked[tid] = time.perf_counter()
+            acked[tid] = loop.time()
         else:
             errors += 1
 
     total = int(rate_per_s * duration_s)
-    start = time.perf_counter() + 0.05
+    start = loop.time() + 0.05
     async with asyncio.TaskGroup() as group:
         for i in range(total):
-            delay = start + i / rate_per_s - time.perf_counter()
+            delay = start + i / rate_per_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             group.create_task(one(i))
-    deadline = time.perf_counter() + FRAME_WAIT_S
-    while len(set(acked) - set(framed)) and time.perf_counter() < deadline:
+    deadline = loop.time() + FRAME_WAIT_S
+    while len(set(acked) - set(framed)) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     for task in readers:
         task.cancel()
@@ -179,13 +180,14 @@ def start_nats_websocket(state_dir: Path) -> tuple[subprocess.Popen, str, str]:
 
 
 async def nats_websocket_floor(nats_url: str, ws_url: str, users: int, rate_per_s: int, duration_s: float) -> dict:
+    loop = asyncio.get_running_loop()
     received: dict[int, float] = {}
     subscribers = []
     for u in range(users):
         nc = await nats.connect(ws_url)
 
         async def cb(msg) -> None:
-            received[int(msg.headers["i"])] = time.perf_counter()
+            received[int(msg.headers["i"])] = loop.time()
 
         await nc.subscribe(user_subject("us-east", f"floor-{u}"), cb=cb)
         await nc.flush()
@@ -194,20 +196,20 @@ async def nats_websocket_floor(nats_url: str, ws_url: str, users: int, rate_per_
     sent: dict[int, float] = {}
     epoch = "floor"
     total = int(rate_per_s * duration_s)
-    start = time.perf_counter() + 0.05
+    start = loop.time() + 0.05
     for i in range(total):
-        delay = start + i / rate_per_s - time.perf_counter()
+        delay = start + i / rate_per_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         body = encode_events([CommissionEarned(transaction_id=f"floor-{i}", level=1, rate_bp=2000,
                                                amount_micros=200_000, currency="USD")])
-        sent[i] = time.perf_counter()
+        sent[i] = loop.time()
         await publisher.publish(user_subject("us-east", f"floor-{i % users}"),
                                 encode_event_batch(epoch, i + 1, dt.datetime.now(dt.timezone.utc), body),
                                 headers={"i": str(i)})
     await publisher.flush()
-    deadline = time.perf_counter() + FRAME_WAIT_S
-    while len(received) < len(sent) and time.perf_counter() < deadline:
+    deadline = loop.time() + FRAME_WAIT_S
+    while len(received) < len(sent) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     for nc in [publisher, *subscribers]:
         await nc.close()
@@ -234,17 +236,18 @@ async def fan_out(system: EngineSystem, auth: TokenAuthority, nats_url: str, soc
     readers = [asyncio.create_task(_reader(ws, on_publication)) for ws in sockets]
     epoch = (await asyncio.to_thread(_epoch, system))
     nc = await nats.connect(nats_url)
+    loop = asyncio.get_running_loop()
     expected = sockets_n * batches * events_per_batch
-    started = time.perf_counter()
+    started = loop.time()
     for b in range(batches):
         events = encode_events([ReferralJoined(member_id=f"m{b}-{i}", level=1) for i in range(events_per_batch)])
         await nc.publish(user_subject("us-east", user),
                          encode_event_batch(epoch, 1 + b * events_per_batch, dt.datetime.now(dt.timezone.utc), events))
     await nc.flush()
-    deadline = time.perf_counter() + 30
-    while count < expected and time.perf_counter() < deadline:
+    deadline = loop.time() + 30
+    while count < expected and loop.time() < deadline:
         await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - started
+    elapsed = loop.time() - started
     await nc.close()
     for task in readers:
         task.cancel()
@@ -324,7 +327,6 @@ async def connections(system: EngineSystem, auth: TokenAuthority, n: int) -> dic
 
 
 def main() -> int:
-    use_uvloop()
     # Each socket is a descriptor here too: take the hard limit.
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     parser = argparse.ArgumentParser()

@@ -11,25 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from typing import Callable
-
-import uvloop
 
 WARMUP_S = 2.0
 # A request still unanswered after this counts as failed: keeps a collapsing
 # server from stretching the run, and shows up in the errors, not the percentiles.
 REQUEST_TIMEOUT_S = 10.0
-
-
-def use_uvloop() -> None:
-    """Run the benchmark's own side (load generator, sockets) on uvloop: it
-    shares the two cores with the system it measures, and takes about a
-    quarter less CPU so (the benchmark process at 1,000 purchases/s, a one-off
-    probe: 25.5 % -> 19.2 % of a core). uvloop's `time.perf_counter()` counts whole
-    milliseconds, so the benchmarks take their timestamps from
-    `time.perf_counter()`."""
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 class _Connection:
@@ -58,6 +45,7 @@ def build_request(host: str, method: str, path: str, headers: dict[str, str], bo
 
 async def open_loop(host: str, port: int, rate_per_s: int, duration_s: float,
                     make_request: Callable[[int], bytes]) -> dict:
+    loop = asyncio.get_running_loop()
     idle: list[_Connection] = []
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
@@ -81,15 +69,15 @@ async def open_loop(host: str, port: int, rate_per_s: int, duration_s: float,
         idle.append(conn)
         if record:
             statuses[status] += 1
-            latencies.append(time.perf_counter() - scheduled)
+            latencies.append(loop.time() - scheduled)
 
     total = int(rate_per_s * (duration_s + WARMUP_S))
     warmup = int(rate_per_s * WARMUP_S)
-    start = time.perf_counter() + 0.05
+    start = loop.time() + 0.05
     async with asyncio.TaskGroup() as group:
         for i in range(total):
             scheduled = start + i / rate_per_s
-            delay = scheduled - time.perf_counter()
+            delay = scheduled - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             group.create_task(one(i, scheduled, i >= warmup))
