@@ -10,17 +10,29 @@ waits on I/O. With `overlap_items_min`, a call starts beside one in flight
 only once that many items wait: small requests then gather behind the one
 call in flight (fewer, larger calls: less CPU per item, and on a busy
 machine lower latency too), while bulk loads still overlap.
+
+A batch serves many callers, so it runs as a shared task (below).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Awaitable, Callable, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 log = logging.getLogger("dailydoco.batching")
+
+
+def start_shared_task(coro) -> asyncio.Task:
+    """Start work done for many callers outside the context of the one that
+    happens to start it. Ray keeps an async actor's current task in a context
+    variable, so Ray calls made from a task started in one request's context
+    are that request's children, and Ray cancels them with it (a client that
+    hangs up): everyone else's share of the work would fail with it."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -42,7 +54,7 @@ class MicroBatcher(Generic[Item, Result]):
             self._in_flight == 0 or self._queued_items >= self._overlap_items_min
         ):
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            start_shared_task(self._drain())
         return await future
 
     async def _drain(self) -> None:

@@ -18,6 +18,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from dailydoco.protocol import ServiceUnavailable
 from dailydoco.storage.deltas import ShardDelta
 
+from .batching import start_shared_task
+
 # A restart (new worker process + recovery from Postgres) takes a few seconds
 # on this machine; callers wait this long before giving up with 503.
 ACTOR_RETRY_DEADLINE_S = 60.0
@@ -86,7 +88,7 @@ class ShardMailbox:
     def post(self, xid: int, delta: ShardDelta) -> None:
         self._posted.append((xid, delta))
         if self._sending is None or self._sending.done():
-            self._sending = asyncio.get_running_loop().create_task(self._send())
+            self._sending = start_shared_task(self._send())  # carries others' deliveries too
 
     async def _send(self) -> None:
         while self._posted:
