@@ -18,7 +18,7 @@ import msgspec
 import nats
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayTaskError, TaskCancelledError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -223,7 +223,11 @@ class EngineApi:
                 response = await handler(request)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as problem+json
                 error = _engine_error(exc)
-                if error is None:
+                if error is None and isinstance(exc, TaskCancelledError):
+                    # Serve cancelled this request (its client is gone) while it
+                    # waited on Ray: no one will read the answer, and nothing failed.
+                    error = p.ServiceUnavailable("the request was cancelled before it was served")
+                elif error is None:
                     log.exception("unhandled error on %s", request.url.path)
                     error = p.InternalError("the server failed to handle this request; it is logged")
                 response = _problem(error, request.url.path)
