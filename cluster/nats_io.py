@@ -51,10 +51,10 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
     """
     given_disconnected = callbacks.pop("disconnected_cb", None)
     given_reconnected = callbacks.pop("reconnected_cb", None)
-    connected: list[nats.NATS] = []
+    client: Client | None = None
 
     async def disconnected() -> None:
-        if not (connected and connected[0].is_closed):  # closing on purpose is no news
+        if not (client is not None and client.is_closed):  # closing on purpose is no news
             log.warning("%s: lost its NATS connection to %s; reconnecting", name, url)
         if given_disconnected is not None:
             await given_disconnected()
@@ -71,7 +71,6 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
                 url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
                 reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S,
                 disconnected_cb=disconnected, reconnected_cb=reconnected, **callbacks)
-            connected.append(client)
             return client
         except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
             log.warning("NATS at %s unreachable (%s); retrying", url, exc)
