@@ -5,8 +5,9 @@ Every kernel takes a batch of frames at analysis size and returns one value
 that frame from a `FrameCarry`, so a video cut into batches of any size gives
 the same results as one batch (tests check it).
 
-Inputs: `rgb` uint8 (N, H, W, 3) and `luma` uint8 (N, H, W), both on the
-device the analysis runs on.
+Inputs, on the device the analysis runs on: `luma` uint8 (N, H, W) and
+`chroma` uint8 (N, 2, H, W), the Y, U and V samples of each analysis pixel
+(kernels.decode); RGB, planar (N, 3, H, W), is made from them here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ CLIPPED_DARK_MAX = 16  # luma at or below: crushed black (BT.601 video black is 
 CLIPPED_BRIGHT_MIN = 235  # luma at or above: blown highlight (video white is 235)
 MOTION_PIXEL_DELTA_MIN = 12  # luma change that counts as "this pixel changed", above codec noise
 IDLE_MOTION_ENERGY_MAX = 0.05  # mean luma change per pixel below which the screen is still
+# Analysis pixels are samples, not averages, so they keep the encoder's noise:
+# a keyframe re-encoding a still screen moved 11% of them by 1 to 4 levels.
+CODEC_NOISE_DELTA_MAX = 4
 ADAPTIVE_WINDOW = 2  # PySceneDetect AdaptiveDetector's window_width: frames either side
 ADAPTIVE_RATIO_MAX = 255.0  # its cap, also given when the neighbours are still and the frame is not
 ADAPTIVE_MIN_CONTENT = 15.0  # its min_content_val
@@ -37,12 +41,29 @@ SALIENCY_BINS = 64  # saliency profiles per axis: crop placement to 1/64 of the 
 SALIENCY_MOTION_WEIGHT = 4.0  # a changing block draws the eye four times as much as a still edge
 
 
+def yuv_to_rgb(luma: torch.Tensor, chroma: torch.Tensor, bt709: bool = False, full_range: bool = False) -> torch.Tensor:
+    """(N, H, W) Y and (N, 2, H, W) U, V uint8 -> (N, 3, H, W) float32 RGB,
+    rounded to integers in [0, 255]: what FFmpeg's conversion to rgb24 gives,
+    to within one step of its fixed-point rounding."""
+    kr, kb = (0.2126, 0.0722) if bt709 else (0.299, 0.114)
+    kg = 1.0 - kr - kb
+    y, u, v = luma.float(), chroma[:, 0].float() - 128.0, chroma[:, 1].float() - 128.0
+    if not full_range:  # stretch video range to full: Y 16-235 -> 0-255, chroma +-112 -> +-127.5
+        y, u, v = (y - 16.0) * (255.0 / 219.0), u * (255.0 / 224.0), v * (255.0 / 224.0)
+    r = y + (2.0 * (1.0 - kr)) * v
+    g = y - (2.0 * kb * (1.0 - kb) / kg) * u - (2.0 * kr * (1.0 - kr) / kg) * v
+    b = y + (2.0 * (1.0 - kb)) * u
+    return torch.stack((r, g, b), dim=1).round().clamp(0.0, 255.0)
+
+
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 HSV with OpenCV's 8-bit
-    semantics (COLOR_RGB2HSV): H in [0, 180), S and V in [0, 255], rounded."""
-    # Channel planes, contiguous; branches as arithmetic on masks, since
-    # torch.where is several times slower than a multiply on CPU.
-    r, g, b = rgb.permute(3, 0, 1, 2).float().contiguous()
+    """(N, 3, H, W) planar RGB, uint8 (or float holding integers) -> (N, 3,
+    H, W) float32 HSV with OpenCV's 8-bit semantics (COLOR_RGB2HSV): H in [0, 180), S and V in [0, 255],
+    rounded."""
+    # Branches as arithmetic on masks, since torch.where is several times
+    # slower than a multiply on CPU; every mask a float, since one integer
+    # term makes torch.compile emit a scalar loop.
+    r, g, b = rgb.float().unbind(1)
     v = torch.maximum(torch.maximum(r, g), b)
     diff = v - torch.minimum(torch.minimum(r, g), b)
     # OpenCV's precedence when channels tie: red, then green, then blue.
@@ -51,8 +72,8 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     is_b = 1.0 - is_r - is_g
     numerator = is_r * (g - b) + is_g * (b - r) + is_b * (r - g)
     h = is_g * 120.0 + is_b * 240.0 + 60.0 * numerator / diff.clamp(min=1.0)  # grey: numerator 0, red branch
-    h = torch.round((h + 360.0 * (h < 0)) * 0.5)
-    h = h - HUE_RANGE * (h >= HUE_RANGE)
+    h = torch.round((h + 360.0 * (h < 0).float()) * 0.5)
+    h = h - HUE_RANGE * (h >= HUE_RANGE).float()
     s = torch.round(255.0 * diff / v.clamp(min=1.0))
     return torch.stack((h, s, v), dim=1)
 
@@ -87,8 +108,10 @@ def content_scores(hsv: torch.Tensor, carry: FrameCarry) -> torch.Tensor:
 def luma_histograms(luma: torch.Tensor) -> torch.Tensor:
     """(N, 256) int64 counts per luma value."""
     n = luma.shape[0]
-    offsets = (torch.arange(n, device=luma.device) * LUMA_BINS).view(n, 1)
-    flat = luma.reshape(n, -1).long() + offsets
+    # One bincount over the batch, each frame's values offset into its own
+    # 256 bins; int32 values: bincount ran 4x slower over int64 ones.
+    offsets = (torch.arange(n, device=luma.device, dtype=torch.int32) * LUMA_BINS).view(n, 1)
+    flat = luma.reshape(n, -1).int() + offsets
     return torch.bincount(flat.reshape(-1), minlength=n * LUMA_BINS).view(n, LUMA_BINS)
 
 
@@ -112,11 +135,16 @@ def exposure(histograms: torch.Tensor) -> dict[str, torch.Tensor]:
 def sharpness(luma: torch.Tensor) -> torch.Tensor:
     """Variance of the Laplacian (OpenCV's 3x3 aperture: 4-neighbours minus
     4x centre) over the frame's interior. Written as shifted slices: a
-    one-channel conv2d is several times slower on CPU."""
-    x = luma.float()
+    one-channel conv2d is several times slower on CPU. The response is an
+    integer, so its sums are exact in int64; torch.compile vectorises them,
+    where it ran var()'s float reduction as a scalar loop (12x slower)."""
+    x = luma.to(torch.int32)
     c = x[:, 1:-1, 1:-1]
-    response = x[:, :-2, 1:-1] + x[:, 2:, 1:-1] + x[:, 1:-1, :-2] + x[:, 1:-1, 2:] - 4 * c
-    return response.flatten(1).var(dim=1, unbiased=False)
+    response = (x[:, :-2, 1:-1] + x[:, 2:, 1:-1] + x[:, 1:-1, :-2] + x[:, 1:-1, 2:] - 4 * c).flatten(1)
+    n = response.shape[1]
+    total = response.sum(dim=1, dtype=torch.int64).double()
+    squares = (response * response).sum(dim=1, dtype=torch.int64).double()
+    return ((squares - total * total / n) / n).float()
 
 
 def luma_change(luma: torch.Tensor, carry: FrameCarry) -> torch.Tensor:
@@ -126,11 +154,11 @@ def luma_change(luma: torch.Tensor, carry: FrameCarry) -> torch.Tensor:
 
 
 def motion(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From `luma_change`: motion energy (mean absolute luma change, 0..255),
-    the share of pixels that changed, and the bounding box of what changed as
-    (x0, y0, x1, y1) in analysis pixels, exclusive ends, or -1s when nothing
-    did."""
-    energy = delta.mean(dim=(1, 2))
+    """From `luma_change`: motion energy (mean absolute luma change, 0..255,
+    codec noise left out), the share of pixels that changed, and the bounding
+    box of what changed as (x0, y0, x1, y1) in analysis pixels, exclusive
+    ends, or -1s when nothing did."""
+    energy = (delta * (delta > CODEC_NOISE_DELTA_MAX).float()).mean(dim=(1, 2))
     changed = delta >= MOTION_PIXEL_DELTA_MIN
     share = changed.float().mean(dim=(1, 2))
     rows, cols = changed.any(dim=2), changed.any(dim=1)  # (N, H), (N, W)
@@ -243,9 +271,9 @@ def _dct_matrix(n: int, device) -> torch.Tensor:
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """(N, 64) bool -> (N,) int64, first bit most significant."""
-    weights = 2 ** torch.arange(63, -1, -1, device=bits.device, dtype=torch.int64)
-    weights[0] = -(2 ** 63)  # two's complement: the top bit is the sign
-    return (bits.long() * weights).sum(dim=1)
+    # 1 << 63 is int64's sign bit: two's complement, as the hash's top bit should be.
+    shifts = torch.arange(63, -1, -1, device=bits.device, dtype=torch.int64)
+    return (bits.long() << shifts).sum(dim=1)
 
 
 def dhash(luma: torch.Tensor) -> torch.Tensor:
@@ -260,16 +288,20 @@ def phash(luma: torch.Tensor) -> torch.Tensor:
     small = F.adaptive_avg_pool2d(luma.unsqueeze(1).float(), (PHASH_DCT_SIDE, PHASH_DCT_SIDE)).squeeze(1)
     d = _dct_matrix(PHASH_DCT_SIDE, luma.device)
     low = (d @ small @ d.T)[:, :HASH_SIDE, :HASH_SIDE].reshape(-1, HASH_SIDE * HASH_SIDE)
-    return _pack_bits(low > low.median(dim=1, keepdim=True).values)
+    # torch.median: the lower of the two middle values, taken from a sort (median has no C shim
+    # for torch.compile's cpp_wrapper, whose fallback would run under the GIL).
+    return _pack_bits(low > low.sort(dim=1).values[:, HASH_SIDE * HASH_SIDE // 2 - 1:HASH_SIDE * HASH_SIDE // 2])
 
 
-def batch_step(rgb: torch.Tensor, luma: torch.Tensor, previous_hsv: torch.Tensor,
-               previous_luma: torch.Tensor, previous_dwell: torch.Tensor) -> dict[str, torch.Tensor]:
+def batch_step(luma: torch.Tensor, chroma: torch.Tensor, previous_hsv: torch.Tensor,
+               previous_luma: torch.Tensor, previous_dwell: torch.Tensor, bt709: bool = False,
+               full_range: bool = False) -> dict[str, torch.Tensor]:
     """Every per-frame kernel over one batch: the unit the backends run,
     eagerly or compiled into fused loops. `previous_*` is the frame before
     the batch (the batch's own first frame at the start of a video) and its
-    dwell count (0 at the start)."""
-    hsv = rgb_to_hsv(rgb)
+    dwell count (0 at the start); `bt709` and `full_range` say how its YUV
+    becomes RGB (decode.Colour)."""
+    hsv = rgb_to_hsv(yuv_to_rgb(luma, chroma, bt709, full_range))
     carry = FrameCarry(hsv=previous_hsv, luma=previous_luma)
     histograms = luma_histograms(luma)
     delta = luma_change(luma, carry)

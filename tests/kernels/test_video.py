@@ -33,7 +33,7 @@ def test_hsv_matches_opencv_to_within_rounding():
         np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],
                   [7, 7, 8], [200, 10, 199], [128, 128, 127]], np.uint8),
     ])
-    ours = k.rgb_to_hsv(torch.from_numpy(pixels).view(1, 1, -1, 3))[0].reshape(3, -1).T.numpy()
+    ours = k.rgb_to_hsv(torch.from_numpy(pixels).T.reshape(1, 3, 1, -1))[0].reshape(3, -1).T.numpy()
     theirs = cv2.cvtColor(pixels.reshape(1, -1, 3), cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(np.float32)
     hue_gap = np.abs(ours[:, 0] - theirs[:, 0])
     assert np.minimum(hue_gap, 180 - hue_gap).max() <= 1
@@ -54,10 +54,52 @@ def test_content_scores_match_pyscenedetect_on_the_same_frames(recordings):
             frames.append(cv2.resize(frame.to_ndarray(format="bgr24"), (256, 144), interpolation=cv2.INTER_LINEAR))
     detector = ContentDetector()
     theirs = np.array([detector._calculate_frame_score(FrameTimecode(i, 30.0), f) for i, f in enumerate(frames)])
-    rgb = torch.from_numpy(np.stack(frames)[..., ::-1].copy())
+    rgb = torch.from_numpy(np.stack(frames)[..., ::-1].transpose(0, 3, 1, 2).copy())  # BGR -> planar RGB
     ours = k.content_scores(k.rgb_to_hsv(rgb), k.FrameCarry()).numpy()
     assert theirs.max() > 27  # the frames hold cuts, so the comparison covers large scores too
     assert np.abs(ours - theirs).max() <= 1.0
+
+
+def test_rgb_from_sampled_yuv_matches_opencvs_conversion(recordings):
+    """The analysis reads Y, U and V samples and makes RGB itself (BT.601,
+    video range, as FFmpeg takes unflagged video): OpenCV's conversion of the
+    whole frame gives the same pixels to within rounding. (FFmpeg's own fast
+    conversion truncates: 1 to 3 below both.)"""
+    from dailydoco.kernels.decode import decode_batches, open_video, sample_grid
+
+    path = recordings[0][0]
+    container, stream, info = open_video(path)
+    with container:
+        batch = next(decode_batches(container, stream, info, 8))
+    ours = k.yuv_to_rgb(batch.luma, batch.chroma, batch.colour.bt709, batch.colour.full_range).numpy()
+    rows, cols = sample_grid(info.height, batch.luma.shape[1]), sample_grid(info.width, batch.luma.shape[2])
+    theirs = []
+    with av.open(str(path)) as container:
+        for _, frame in zip(range(8), container.decode(video=0)):
+            i420 = np.concatenate([np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width].reshape(-1)
+                                   for p in frame.planes]).reshape(-1, info.width)
+            theirs.append(cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)[rows][:, cols].transpose(2, 0, 1))
+    assert not batch.colour.bt709 and not batch.colour.full_range
+    assert np.abs(ours - np.stack(theirs)).max() <= 1
+
+
+def test_videos_not_in_yuv420p_are_converted_then_analysed(tmp_path):
+    path = tmp_path / "yuv444.mp4"
+    rng = np.random.default_rng(4)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv444p"
+        for i in range(60):
+            img = np.full((360, 640, 3), (40, 90, 200) if i < 30 else (230, 200, 20), np.uint8)
+            img[100:140, 50 + i:250 + i] = rng.integers(0, 256, 3, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv444p"
+    result = analyze(path, backend="eager")
+    assert result.frames == 60 and [s.start_frame for s in result.shots] == [0, 30]
 
 
 def test_results_do_not_depend_on_the_batch_size(recordings):
