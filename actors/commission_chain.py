@@ -8,6 +8,7 @@ import msgspec
 import ray
 
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol import PurchaseOutcomeWire, RefundRequest, RefundResult, TransactionRequest
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
@@ -39,6 +40,7 @@ class CommissionChainActor:
                     Ledger(pool, self.config.hold_period_s),
                     RayShardRouter(self.config.namespace, self.config.shard_actors),
                 )
+                freeze_startup_heap()
         return self.engine
 
     async def submit(self, encoded_requests: bytes) -> bytes:

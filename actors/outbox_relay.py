@@ -27,6 +27,7 @@ import ray
 
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_subject, user_token
 from dailydoco.storage.outbox import OUTBOX_NOTIFY_CHANNEL, delete_relayed, pending_batches, stream_epoch
 from dailydoco.storage.pool import open_pool
@@ -142,6 +143,7 @@ class OutboxRelayActor:
         if self._task is None:
             pool = await open_pool(self.postgres_url, min_size=1, max_size=RELAY_POOL_SIZE)
             self._task = asyncio.get_running_loop().create_task(self._run(pool))
+            freeze_startup_heap()
         return True
 
     async def _run(self, pool: asyncpg.Pool) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import ray
 
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, UserView
 from dailydoco.storage.deltas import ShardDelta
 from dailydoco.storage.ledger import Ledger
@@ -60,6 +61,7 @@ class UserShardActor:
                     self.ledger = Ledger(self.pool, self.config.hold_period_s)
                     self.router = LocalFirstRouter(self.config.namespace, self.config.shard_actors, self)
                     self.state = await recover_shard(self.pool, self.vshards)
+                    freeze_startup_heap()  # the recovered state included
         return self.state
 
     async def ready(self) -> int:

@@ -30,6 +30,7 @@ from dailydoco.actors.batching import MicroBatcher
 from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, TokenRevoked
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
@@ -141,6 +142,7 @@ class EngineApi:
                 self.nats = None
                 self._nats_task = asyncio.get_running_loop().create_task(self._connect_nats())
                 self._deps_ready = True
+                freeze_startup_heap()
 
     async def _connect_nats(self) -> None:
         self.nats = await nats_io.connect(self.nats_url, name="dailydoco-api",
