@@ -43,8 +43,9 @@ SALIENCY_MOTION_WEIGHT = 4.0  # a changing block draws the eye four times as muc
 
 def yuv_to_rgb(luma: torch.Tensor, chroma: torch.Tensor, bt709: bool = False, full_range: bool = False) -> torch.Tensor:
     """(N, H, W) Y and (N, 2, H, W) U, V uint8 -> (N, 3, H, W) float32 RGB,
-    rounded to integers in [0, 255]: what FFmpeg's conversion to rgb24 gives,
-    to within one step of its fixed-point rounding."""
+    rounded to integers in [0, 255]: the exact BT.601 (or BT.709) conversion,
+    within 1 of OpenCV's (tested). FFmpeg's fast conversion truncates: 1 to 3
+    below."""
     kr, kb = (0.2126, 0.0722) if bt709 else (0.299, 0.114)
     kg = 1.0 - kr - kb
     y, u, v = luma.float(), chroma[:, 0].float() - 128.0, chroma[:, 1].float() - 128.0
@@ -58,8 +59,8 @@ def yuv_to_rgb(luma: torch.Tensor, chroma: torch.Tensor, bt709: bool = False, fu
 
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) planar RGB, uint8 (or float holding integers) -> (N, 3,
-    H, W) float32 HSV with OpenCV's 8-bit semantics (COLOR_RGB2HSV): H in [0, 180), S and V in [0, 255],
-    rounded."""
+    H, W) float32 HSV with OpenCV's 8-bit semantics (COLOR_RGB2HSV): H in
+    [0, 180), S and V in [0, 255], rounded."""
     # Branches as arithmetic on masks, since torch.where is several times
     # slower than a multiply on CPU; every mask a float, since one integer
     # term makes torch.compile emit a scalar loop.
@@ -288,8 +289,9 @@ def phash(luma: torch.Tensor) -> torch.Tensor:
     small = F.adaptive_avg_pool2d(luma.unsqueeze(1).float(), (PHASH_DCT_SIDE, PHASH_DCT_SIDE)).squeeze(1)
     d = _dct_matrix(PHASH_DCT_SIDE, luma.device)
     low = (d @ small @ d.T)[:, :HASH_SIDE, :HASH_SIDE].reshape(-1, HASH_SIDE * HASH_SIDE)
-    # torch.median: the lower of the two middle values, taken from a sort (median has no C shim
-    # for torch.compile's cpp_wrapper, whose fallback would run under the GIL).
+    # torch.median's value (the lower of the two middle ones), taken from a
+    # sort: median has no C shim in torch.compile's C++ wrapper, whose
+    # fallback for it calls back into Python.
     return _pack_bits(low > low.sort(dim=1).values[:, HASH_SIDE * HASH_SIDE // 2 - 1:HASH_SIDE * HASH_SIDE // 2])
 
 
