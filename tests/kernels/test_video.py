@@ -83,6 +83,50 @@ def test_rgb_from_sampled_yuv_matches_opencvs_conversion(recordings):
     assert np.abs(ours - np.stack(theirs)).max() <= 1
 
 
+def _yuv(ycbcr: np.ndarray) -> tuple:
+    """(n, 3) Y, Cb, Cr rows -> the kernels' (1, 1, n) luma and (1, 2, 1, n) chroma."""
+    rows = torch.from_numpy(np.ascontiguousarray(ycbcr.T))
+    return rows[0].view(1, 1, -1), rows[1:].reshape(1, 2, 1, -1)
+
+
+def test_yuv_conversion_follows_the_streams_matrix_and_range():
+    # BT.709, video range: 100 % colour bars and black and white come out as themselves.
+    bars = np.array([[63, 102, 240], [173, 42, 26], [32, 240, 118], [16, 128, 128], [235, 128, 128]], np.uint8)
+    rgb = k.yuv_to_rgb(*_yuv(bars), bt709=True)[0].reshape(3, -1).T.numpy()
+    expected = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0], [255, 255, 255]], np.float32)
+    assert np.abs(rgb - expected).max() <= 1
+    # BT.601, full range (JPEG, yuvj): OpenCV's YCrCb conversion.
+    ycbcr = np.random.default_rng(1).integers(0, 256, (500, 3), dtype=np.uint8)
+    ours = k.yuv_to_rgb(*_yuv(ycbcr), full_range=True)[0].reshape(3, -1).T.numpy()
+    theirs = cv2.cvtColor(ycbcr[:, [0, 2, 1]].reshape(1, -1, 3), cv2.COLOR_YCrCb2RGB)[0].astype(np.float32)
+    assert np.abs(ours - theirs).max() <= 1
+
+
+def test_a_stream_flagged_bt709_full_range_is_converted_as_flagged(tmp_path):
+    from dailydoco.kernels.decode import decode_batches, open_video
+
+    path = tmp_path / "bt709-full.mp4"
+    colour = (200, 120, 40)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
+        stream.codec_context.colorspace, stream.codec_context.color_range = 1, 2  # BT.709, full (JPEG) range
+        for _ in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((180, 320, 3), colour, np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuv420p", dst_colorspace=1, dst_color_range=2)
+            frame.colorspace, frame.color_range = 1, 2
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    container, stream, info = open_video(path)
+    with container:
+        batch = next(decode_batches(container, stream, info, 8))
+    assert (batch.colour.bt709, batch.colour.full_range) == (True, True)
+    rgb = k.yuv_to_rgb(batch.luma, batch.chroma, batch.colour.bt709, batch.colour.full_range)
+    assert (rgb[:, :, 8:-8, 8:-8] - torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1)).abs().max() <= 3
+
+
 def test_videos_not_in_yuv420p_are_converted_then_analysed(tmp_path):
     path = tmp_path / "yuv444.mp4"
     rng = np.random.default_rng(4)
