@@ -18,7 +18,7 @@ import numpy as np
 
 from dailydoco.protocol.video import CROP_ASPECTS, CropVariant, Shot
 
-from .decode import VideoError, open_video
+from .decode import VideoError, open_video, plane_array
 
 CROP_SMOOTH_S = 1.0  # saliency averaged over this much time either side before placing the window
 CROP_DEADZONE_SHARE = 0.06  # the window stays put until its target moves this share of the frame
@@ -128,7 +128,7 @@ def write_variants(video: str | Path, plans: list[CropPlan], folder: str | Path)
                 if index >= frames:
                     break
                 yuv = frame if frame.format.name == "yuv420p" else frame.reformat(format="yuv420p")
-                planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in yuv.planes]
+                planes = [plane_array(p) for p in yuv.planes]
                 for plan, (out, video_out, _) in zip(plans, outputs, strict=True):
                     x, y, w, h = int(plan.x[index]), int(plan.y[index]), plan.width, plan.height
                     cropped = np.concatenate((planes[0][y:y + h, x:x + w].ravel(),

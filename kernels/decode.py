@@ -132,7 +132,7 @@ def decode_batches(container, stream, info: VideoInfo, batch_frames: int) -> Ite
             if colour is None:
                 colour = Colour(bt709=frame.colorspace == AVCOL_SPC_BT709,
                                 full_range=SAMPLED_FORMATS[frame.format.name] or frame.color_range == AVCOL_RANGE_JPEG)
-            y, u, v = (_plane(plane) for plane in frame.planes)
+            y, u, v = (plane_array(plane) for plane in frame.planes)
             luma[filled] = y[rows][:, cols]
             chroma[filled, 0] = u[chroma_rows][:, chroma_cols]
             chroma[filled, 1] = v[chroma_rows][:, chroma_cols]
@@ -149,7 +149,7 @@ def decode_batches(container, stream, info: VideoInfo, batch_frames: int) -> Ite
         yield FrameBatch(first, torch.from_numpy(luma[:filled]), torch.from_numpy(chroma[:filled]), colour)
 
 
-def _plane(plane) -> np.ndarray:
+def plane_array(plane) -> np.ndarray:
     """One plane of a frame as (height, width), a view of the decoder's buffer."""
     return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
 

@@ -65,7 +65,7 @@ def test_rgb_from_sampled_yuv_matches_opencvs_conversion(recordings):
     video range, as FFmpeg takes unflagged video): OpenCV's conversion of the
     whole frame gives the same pixels to within rounding. (FFmpeg's own fast
     conversion truncates: 1 to 3 below both.)"""
-    from dailydoco.kernels.decode import decode_batches, open_video, sample_grid
+    from dailydoco.kernels.decode import decode_batches, open_video, plane_array, sample_grid
 
     path = recordings[0][0]
     container, stream, info = open_video(path)
@@ -76,8 +76,7 @@ def test_rgb_from_sampled_yuv_matches_opencvs_conversion(recordings):
     theirs = []
     with av.open(str(path)) as container:
         for _, frame in zip(range(8), container.decode(video=0)):
-            i420 = np.concatenate([np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width].reshape(-1)
-                                   for p in frame.planes]).reshape(-1, info.width)
+            i420 = np.concatenate([plane_array(p).reshape(-1) for p in frame.planes]).reshape(-1, info.width)
             theirs.append(cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)[rows][:, cols].transpose(2, 0, 1))
     assert not batch.colour.bt709 and not batch.colour.full_range
     assert np.abs(ours - np.stack(theirs)).max() <= 1
