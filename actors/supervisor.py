@@ -45,10 +45,11 @@ def video_processing_installed() -> bool:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class SupervisorActor:
-    def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str):
+    def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str, redis_url: str):
         self.config = config
         self.postgres_url = postgres_url
         self.nats_url = nats_url
+        self.redis_url = redis_url
         self.restarts: dict[str, int] = {}
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self._loops: list[asyncio.Task] = []
@@ -58,7 +59,7 @@ class SupervisorActor:
         """(name, actor class, constructor arguments) of every actor the engine runs."""
         base = (self.config, self.postgres_url)
         for i in range(self.config.shard_actors):
-            yield shard_actor_name(i), UserShardActor, (i, *base)
+            yield shard_actor_name(i), UserShardActor, (i, *base, self.redis_url)
         for i in range(self.config.chain_actors):
             yield chain_actor_name(i), CommissionChainActor, (i, *base)
         yield RELAY_NAME, OutboxRelayActor, (0, *base, self.nats_url)

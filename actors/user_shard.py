@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import ray
+import redis.asyncio as redis
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, UserView
+from dailydoco.storage.balance_views import BalanceViewWriter
 from dailydoco.storage.deltas import ShardDelta
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
@@ -18,6 +20,8 @@ from .recovery import recover_shard
 from .refs import RayShardRouter
 from .registration import register_user
 from .shard_core import ShardState
+
+BALANCE_VIEW_WRITE_TIMEOUT_S = 2.0  # a hung Redis holds deliveries no longer than this
 
 
 class LocalFirstRouter(RayShardRouter):
@@ -42,12 +46,15 @@ class UserShardActor:
     Guarantees: its memory equals the ledger's (checkpoint + rows after it)
     plus every delta delivered since, each applied once; after a crash the
     supervisor recreates it and `_ensure_ready` rebuilds exactly that state.
+    A delivery returns once the balance views it changed are written to Redis
+    (storage/balance_views.py), or their write failed and the lease will lapse.
     """
 
-    def __init__(self, index: int, config: EngineConfig, postgres_url: str):
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str, redis_url: str):
         self.index = index
         self.config = config
         self.postgres_url = postgres_url
+        self.redis_url = redis_url
         self.vshards = vshards_of_actor(index, config.shard_actors)
         self.state: ShardState | None = None
         self._ready_lock = asyncio.Lock()
@@ -61,23 +68,33 @@ class UserShardActor:
                     self.ledger = Ledger(self.pool, self.config.hold_period_s)
                     self.router = LocalFirstRouter(self.config.namespace, self.config.shard_actors, self)
                     self.state = await recover_shard(self.pool, self.vshards)
+                    self.views = BalanceViewWriter(
+                        redis.from_url(self.redis_url, socket_timeout=BALANCE_VIEW_WRITE_TIMEOUT_S),
+                        self.state.stream_epoch, self.index, self._balance_view, lambda: list(self.state.users))
+                    await self.views.take_over()
                     freeze_startup_heap()  # the recovered state included
         return self.state
+
+    def _balance_view(self, user_id: str) -> BalanceView | None:
+        return self.state.balance_view(user_id) if user_id in self.state.users else None
 
     async def ready(self) -> int:
         return len((await self._ensure_ready()).users)
 
     async def apply(self, xid: int, delta: ShardDelta) -> bool:
-        state = await self._ensure_ready()
-        if self._reloading is not None:
-            self._reloading.append((xid, delta))
-        return state.apply(xid, delta)
+        return await self.apply_many([(xid, delta)]) == 1
 
     async def apply_many(self, deliveries: list[tuple[int, ShardDelta]]) -> int:
         """Coalesced deliveries (see refs.ShardMailbox); returns how many were new."""
-        applied = 0
+        state = await self._ensure_ready()
+        if self._reloading is not None:
+            self._reloading.extend(deliveries)
+        applied, changed = 0, set()
         for xid, delta in deliveries:
-            applied += await self.apply(xid, delta)
+            if state.apply(xid, delta):
+                applied += 1
+                changed |= delta.users_with_new_balance_view()
+        await self.views.publish(changed)
         return applied
 
     async def reload(self) -> int:
@@ -92,6 +109,7 @@ class UserShardActor:
             self.state = fresh
         finally:
             self._reloading = None
+        await self.views.publish(fresh.users)  # the rebuilt state may differ from what memory had
         return len(fresh.users)
 
     async def register(self, request: RegisterUserRequest) -> UserView:

@@ -127,7 +127,7 @@ class EngineSystem:
             self._ray_started_here = cfg.ray_address is None
         self.supervisor = SupervisorActor.options(
             name=SUPERVISOR_NAME, namespace=cfg.namespace, lifetime="detached", get_if_exists=True
-        ).remote(cfg, self.postgres_url, self.nats_url)
+        ).remote(cfg, self.postgres_url, self.nats_url, self.redis_url)
         ray.get(self.supervisor.start.remote())
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
         # One Serve application per region, each with its own replicas on its

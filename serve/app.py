@@ -32,7 +32,9 @@ from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, TokenRevoked
+from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
+from dailydoco.storage.outbox import stream_epoch
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
@@ -135,6 +137,7 @@ class EngineApi:
                 self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 await self._load_revocations()
                 self.redis = redis.from_url(self.redis_url, socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+                self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
                 self.limiter = RateLimiter(self.redis)
                 self.local_limiter = LocalRateLimiter()
                 # Only the live socket needs NATS: connect in the background, so
@@ -277,9 +280,15 @@ class EngineApi:
         return json_response(p.TokenView(token=token, expires_at=expires_at), 201)
 
     async def balance(self, request: Request) -> Response:
+        """From the shard's view in Redis while its lease lives (one round trip,
+        no Ray call; storage/balance_views.py), else from the shard itself."""
         user_id = request.path_params["user_id"]
         require_reader_of(await self.principal(request), user_id)
-        [view] = await self.balance_batchers[self._shard_index(user_id)].submit([user_id])
+        shard_index = self._shard_index(user_id)
+        body = await self.balance_views.read(user_id, shard_index)
+        if body is not None:
+            return Response(body, media_type="application/json")
+        [view] = await self.balance_batchers[shard_index].submit([user_id])
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         return json_response(view)

@@ -86,6 +86,11 @@ class ShardDelta:
             for i, d in enumerate(deltas_micros):
                 levels[i] += d
 
+    def users_with_new_balance_view(self) -> set[str]:
+        """Whose GET /v1/users/{id}/balance answer this delta changes
+        (see storage/balance_views.py): new users, balances, stream offsets."""
+        return {r.user_id for r in self.users} | {user_id for user_id, _ in self.balances} | self.event_seqs.keys()
+
     def is_empty(self) -> bool:
         return not (self.balances or self.revenue or self.joins or self.users or self.event_seqs)
 

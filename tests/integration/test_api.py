@@ -235,3 +235,41 @@ def test_user_tokens_are_rate_limited_cluster_wide(api):
     # Another user's budget is their own.
     assert api.anonymous.get(f"/v1/users/{bob}/balance",
                              headers={"Authorization": f"Bearer {tokens[bob]}"}).status_code == 200
+
+
+def test_balance_reads_come_from_the_shards_views_in_redis(api):
+    """The endpoint answers from the view a shard wrote to Redis, and from the
+    shard itself where there is none; both give the same body."""
+    import asyncio
+
+    import asyncpg
+    import redis
+
+    from dailydoco.storage import balance_views
+
+    referrer, buyer = api.chain(2, prefix="view")
+    assert api.purchase(buyer, 10_000_000).status_code == 201
+    api.settle()  # a delivery returns once the views it changed are written
+    engine = api.engine
+    epoch = asyncio.run(_fetchval(engine.postgres_url, "SELECT epoch FROM event_epoch", asyncpg))
+    key = balance_views.view_key(epoch, referrer)
+    client = redis.Redis.from_url(engine.redis_url)
+    try:
+        stored = client.get(key)
+        assert stored is not None and b'"pending_micros":2000000' in stored
+        assert api.service.get(f"/v1/users/{referrer}/balance").content == stored
+        client.set(key, stored.replace(b"2000000", b"2000001"))  # marked, to see where the answer came from
+        assert b'"pending_micros":2000001' in api.service.get(f"/v1/users/{referrer}/balance").content
+        client.delete(key)  # Redis lost it: the shard answers
+        from_shard = api.service.get(f"/v1/users/{referrer}/balance")
+        assert from_shard.status_code == 200 and from_shard.content == stored
+    finally:
+        client.close()
+
+
+async def _fetchval(url, query, asyncpg):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()

@@ -1,0 +1,138 @@
+"""Balance views in Redis (storage/balance_views.py), on the session's real Redis."""
+
+import asyncio
+import uuid
+
+import msgspec
+import redis.asyncio as redis
+
+from dailydoco.protocol import BalanceView, CurrencyBalance, StreamPosition
+from dailydoco.storage import balance_views as bv
+from dailydoco.storage.balance_views import BalanceViewReader, BalanceViewWriter
+
+
+class FakeShard:
+    """The part of a shard the writer reads: its users' current views."""
+
+    def __init__(self, users: list[str]):
+        self.pending = {u: 0 for u in users}
+
+    def view(self, user_id: str) -> BalanceView | None:
+        if user_id not in self.pending:
+            return None
+        return BalanceView(user_id=user_id, balances=[CurrencyBalance(
+            currency="USD", pending_micros=self.pending[user_id], approved_micros=0, paid_micros=0,
+            earned_micros=self.pending[user_id])], stream=StreamPosition(epoch="e", offset=self.pending[user_id]))
+
+    def writer(self, client, epoch, shard_index=0) -> BalanceViewWriter:
+        return BalanceViewWriter(client, epoch, shard_index, self.view, lambda: list(self.pending))
+
+
+def _run(servers, test):
+    async def main():
+        client = redis.from_url(servers[2])
+        try:
+            await test(client, uuid.uuid4().hex[:12])
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_views_are_the_endpoint_bodies_and_follow_changes(servers):
+    async def test(client, epoch):
+        shard = FakeShard(["a", "b"])
+        writer = shard.writer(client, epoch)
+        reader = BalanceViewReader(client, epoch)
+        assert await reader.read("a", 0) is None  # nothing written yet: ask the shard
+        await writer.take_over()
+        await writer.publish(["a", "b"])
+        assert await reader.read("a", 0) == msgspec.json.encode(shard.view("a"))
+        shard.pending["a"] = 7
+        await writer.publish(["a"])
+        assert msgspec.json.decode(await reader.read("a", 0), type=BalanceView).balances[0].pending_micros == 7
+        assert await reader.read("nobody", 0) is None
+        writer.close()
+
+    _run(servers, test)
+
+
+def test_a_lapsed_lease_sends_reads_to_the_shard(servers):
+    async def test(client, epoch):
+        shard = FakeShard(["a"])
+        writer = shard.writer(client, epoch)
+        reader = BalanceViewReader(client, epoch)
+        await writer.take_over()
+        await writer.publish(["a"])
+        assert await reader.read("a", 0) is not None
+        writer.close()  # a shard that stops writing (dead, or cut off from Redis)
+        await client.pexpire(bv.lease_key(epoch, 0), 1)
+        await asyncio.sleep(0.01)
+        assert await reader.read("a", 0) is None
+        assert await reader.read("a", 1) is None  # another shard's lease says nothing of this one
+
+    _run(servers, test)
+
+
+def test_a_new_start_fences_out_the_old_writer(servers):
+    async def test(client, epoch):
+        shard = FakeShard(["a"])
+        old = shard.writer(client, epoch)
+        await old.take_over()
+        await old.publish(["a"])
+        new_shard = FakeShard(["a"])
+        new_shard.pending["a"] = 5
+        new = new_shard.writer(client, epoch)
+        await new.take_over()
+        reader = BalanceViewReader(client, epoch)
+        # Taking over drops the lease: until the new start has written every
+        # view, reads go to the shard, never to a view the old one left.
+        assert await reader.read("a", 0) is None
+        await new.publish([])
+        while await reader.read("a", 0) is None:
+            await asyncio.sleep(0.01)  # the renewal loop writes every view, then takes the lease
+        shard.pending["a"] = 99
+        await old.publish(["a"])  # the old writer, still running somewhere
+        assert old.superseded
+        view = msgspec.json.decode(await reader.read("a", 0), type=BalanceView)
+        assert view.balances[0].pending_micros == 5
+        old.close()
+        new.close()
+
+    _run(servers, test)
+
+
+def test_views_lost_by_redis_are_written_again(servers):
+    async def test(client, epoch):
+        shard = FakeShard(["a", "b"])
+        writer = shard.writer(client, epoch)
+        reader = BalanceViewReader(client, epoch)
+        await writer.take_over()
+        await writer.publish(["a", "b"])
+        # Redis restarted without its data.
+        keys = [k async for k in client.scan_iter(match=f"dd:{epoch}:*")]
+        await client.delete(*keys)
+        shard.pending["a"] = 3
+        await writer.publish(["a"])  # finds the generation gone: takes a new one, schedules every view
+        deadline = asyncio.get_running_loop().time() + 5
+        while await reader.read("b", 0) is None:
+            assert asyncio.get_running_loop().time() < deadline, "the lost views were not written again"
+            await asyncio.sleep(0.05)
+        assert msgspec.json.decode(await reader.read("a", 0), type=BalanceView).balances[0].pending_micros == 3
+        writer.close()
+
+    _run(servers, test)
+
+
+def test_an_unreachable_redis_fails_nothing(servers):
+    async def test(client, epoch):
+        dead = redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+        shard = FakeShard(["a"])
+        writer = shard.writer(dead, epoch)
+        await writer.take_over()  # logs, does not raise: the shard still starts
+        await writer.publish(["a"])  # kept for the renewal loop, not raised into a delivery
+        assert await BalanceViewReader(dead, epoch).read("a", 0) is None  # the API asks the shard
+        writer.close()
+        await dead.aclose()
+
+    _run(servers, test)
