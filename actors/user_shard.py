@@ -67,11 +67,14 @@ class UserShardActor:
                     self.pool = await open_pool(self.postgres_url, max_size=3)
                     self.ledger = Ledger(self.pool, self.config.hold_period_s)
                     self.router = LocalFirstRouter(self.config.namespace, self.config.shard_actors, self)
-                    self.state = await recover_shard(self.pool, self.vshards)
+                    state = await recover_shard(self.pool, self.vshards)
                     self.views = BalanceViewWriter(
                         redis.from_url(self.redis_url, socket_timeout=BALANCE_VIEW_WRITE_TIMEOUT_S),
-                        self.state.stream_epoch, self.index, self._balance_view, lambda: list(self.state.users))
-                    await self.views.take_over()
+                        state.stream_epoch, self.index, self._balance_view, lambda: list(self.state.users))
+                    await self.views.take_over(list(state.users))
+                    # Published last: calls that see a state skip the lock, and
+                    # their deliveries must not write views before take_over.
+                    self.state = state
                     freeze_startup_heap()  # the recovered state included
         return self.state
 

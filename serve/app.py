@@ -114,6 +114,11 @@ class EngineApi:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.purchases_total = Counter(
             "dailydoco_purchases_total", "Purchases by outcome", ["outcome"], registry=self.registry)
+        # How often balance reads find a live view in Redis (else the shard answers).
+        balance_reads = Counter("dailydoco_balance_reads_total", "Balance reads by where the answer came from",
+                                ["source"], registry=self.registry)
+        self.balance_reads_from_view = balance_reads.labels("redis_view")
+        self.balance_reads_from_shard = balance_reads.labels("shard")
 
     def connect_in_background(self) -> None:
         """Connect to Postgres, Redis and NATS now, on the running loop, not on
@@ -287,7 +292,9 @@ class EngineApi:
         shard_index = self._shard_index(user_id)
         body = await self.balance_views.read(user_id, shard_index)
         if body is not None:
+            self.balance_reads_from_view.inc()
             return Response(body, media_type="application/json")
+        self.balance_reads_from_shard.inc()
         [view] = await self.balance_batchers[shard_index].submit([user_id])
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")

@@ -100,16 +100,18 @@ class BalanceViewWriter:
         self._renewing: asyncio.Task | None = None
         self.superseded = False
 
-    async def take_over(self) -> None:
+    async def take_over(self, user_ids: Iterable[str]) -> None:
         """Take over from any earlier start of this shard: a new generation
         (fencing out the old writer) and its lease dropped, so readers ask
-        this shard until every view is written again; then keep the lease."""
+        this shard until the views of `user_ids` (all its users) are written
+        again, in the background; then keep the lease. Call it before any
+        `publish`: two generations taken at once would supersede each other."""
         try:
             self._generation = await self._take_generation(keys=[self._generation_key, self._lease_key])
         except (redis.RedisError, OSError) as exc:
             log.warning("Redis unreachable at start (%r): balance views are written once it is back", exc)
             self._generation = None  # taken with the first write that gets through
-        self._unwritten.update(self._all_users())
+        self._unwritten.update(user_ids)
         if self._renewing is None:
             self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
 
@@ -172,7 +174,6 @@ class BalanceViewWriter:
                 except (redis.RedisError, OSError):
                     pass  # the lease lapses: readers go to the shard, as they should
             await asyncio.sleep(LEASE_RENEW_S)
-
 
 
 class BalanceViewReader:

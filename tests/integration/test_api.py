@@ -261,10 +261,19 @@ def test_balance_reads_come_from_the_shards_views_in_redis(api):
         client.set(key, stored.replace(b"2000000", b"2000001"))  # marked, to see where the answer came from
         assert b'"pending_micros":2000001' in api.service.get(f"/v1/users/{referrer}/balance").content
         client.delete(key)  # Redis lost it: the shard answers
+        before = _balance_reads_from_shard(api)
         from_shard = api.service.get(f"/v1/users/{referrer}/balance")
         assert from_shard.status_code == 200 and from_shard.content == stored
+        assert _balance_reads_from_shard(api) == before + 1
     finally:
         client.close()
+
+
+def _balance_reads_from_shard(api) -> float:
+    for line in api.anonymous.get("/metrics").text.splitlines():
+        if line.startswith('dailydoco_balance_reads_total{source="shard"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def _fetchval(url, query, asyncpg):

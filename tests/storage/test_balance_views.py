@@ -45,7 +45,7 @@ def test_views_are_the_endpoint_bodies_and_follow_changes(servers):
         writer = shard.writer(client, epoch)
         reader = BalanceViewReader(client, epoch)
         assert await reader.read("a", 0) is None  # nothing written yet: ask the shard
-        await writer.take_over()
+        await writer.take_over(shard.pending)
         await writer.publish(["a", "b"])
         assert await reader.read("a", 0) == msgspec.json.encode(shard.view("a"))
         shard.pending["a"] = 7
@@ -62,7 +62,7 @@ def test_a_lapsed_lease_sends_reads_to_the_shard(servers):
         shard = FakeShard(["a"])
         writer = shard.writer(client, epoch)
         reader = BalanceViewReader(client, epoch)
-        await writer.take_over()
+        await writer.take_over(shard.pending)
         await writer.publish(["a"])
         assert await reader.read("a", 0) is not None
         writer.close()  # a shard that stops writing (dead, or cut off from Redis)
@@ -78,12 +78,12 @@ def test_a_new_start_fences_out_the_old_writer(servers):
     async def test(client, epoch):
         shard = FakeShard(["a"])
         old = shard.writer(client, epoch)
-        await old.take_over()
+        await old.take_over(shard.pending)
         await old.publish(["a"])
         new_shard = FakeShard(["a"])
         new_shard.pending["a"] = 5
         new = new_shard.writer(client, epoch)
-        await new.take_over()
+        await new.take_over(new_shard.pending)
         reader = BalanceViewReader(client, epoch)
         # Taking over drops the lease: until the new start has written every
         # view, reads go to the shard, never to a view the old one left.
@@ -107,7 +107,7 @@ def test_views_lost_by_redis_are_written_again(servers):
         shard = FakeShard(["a", "b"])
         writer = shard.writer(client, epoch)
         reader = BalanceViewReader(client, epoch)
-        await writer.take_over()
+        await writer.take_over(shard.pending)
         await writer.publish(["a", "b"])
         # Redis restarted without its data.
         keys = [k async for k in client.scan_iter(match=f"dd:{epoch}:*")]
@@ -129,7 +129,7 @@ def test_an_unreachable_redis_fails_nothing(servers):
         dead = redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
         shard = FakeShard(["a"])
         writer = shard.writer(dead, epoch)
-        await writer.take_over()  # logs, does not raise: the shard still starts
+        await writer.take_over(shard.pending)  # logs, does not raise: the shard still starts
         await writer.publish(["a"])  # kept for the renewal loop, not raised into a delivery
         assert await BalanceViewReader(dead, epoch).read("a", 0) is None  # the API asks the shard
         writer.close()
