@@ -5,8 +5,9 @@
   (b) engine: POST /v1/transactions:batch, every commission durably committed;
   (c) open-loop latency (fixed arrival rate, measured from each request's
       scheduled send time, so a slow server cannot hide behind a slow client):
-      single POST /v1/transactions and GET /v1/users/{id}/balance, through
-      Serve with the HAProxy ingress and with Serve's default proxy.
+      single POST /v1/transactions and GET /v1/users/{id}/balance (with the
+      service key, and with each user's own token), through Serve with the
+      HAProxy ingress and with Serve's default proxy.
 
 Prints a table with ratios to the naive algorithm and writes bench/results/ledger.json.
 Run: python bench/ledger_bench.py [--quick]
@@ -34,6 +35,7 @@ from dailydoco.cluster.embedded import EmbeddedServers, free_port
 from dailydoco.cluster.simulator import ViralNetwork
 from dailydoco.cluster.system import EngineSystem
 from dailydoco.protocol import LEVEL_RATES_BP
+from dailydoco.serve.auth import TokenAuthority
 
 RESULTS = Path(__file__).parent / "results" / "ledger.json"
 OUTBOX_DRAIN_WAIT_S = 300.0
@@ -119,10 +121,13 @@ async def engine_batches(url: str, api_key: str, purchases) -> dict:
 # --- (c) open-loop latency -------------------------------------------------------------------
 
 
-async def latency_suite(url: str, api_key: str, network: ViralNetwork, duration_s: float, tag: str) -> dict:
+async def latency_suite(url: str, secrets, network: ViralNetwork, duration_s: float, tag: str) -> dict:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    headers = {"X-API-Key": api_key}
+    headers = {"X-API-Key": secrets.service_api_key}
     buyers = network.members
+    # Signed here with the deployment's key, as POST /v1/users/{id}/tokens would.
+    authority = TokenAuthority(secrets)
+    bearer = {u: {"Authorization": "Bearer " + authority.issue(u, 3_600)[0]} for u in buyers}
 
     def purchase(i: int) -> bytes:
         body = msgspec.json.encode({"transaction_id": f"lat-{tag}-{i}", "user_id": buyers[i % len(buyers)],
@@ -132,12 +137,18 @@ async def latency_suite(url: str, api_key: str, network: ViralNetwork, duration_
     def balance(i: int) -> bytes:
         return build_request(host, "GET", f"/v1/users/{buyers[(i * 7919) % len(buyers)]}/balance", headers)
 
+    def own_balance(i: int) -> bytes:
+        user = buyers[(i * 7919) % len(buyers)]
+        return build_request(host, "GET", f"/v1/users/{user}/balance", bearer[user])
+
     def health(i: int) -> bytes:
         return build_request(host, "GET", "/healthz", {})
 
     return {
         "post_transaction_500rps": await open_loop(host, int(port), 500, duration_s, purchase),
         "get_balance_1000rps": await open_loop(host, int(port), 1_000, duration_s, balance),
+        # A user reading their own balance: token check, and a rate limit in Redis.
+        "get_own_balance_1000rps": await open_loop(host, int(port), 1_000, duration_s, own_balance),
         # The floor: the same stack with no actor, no database, no auth.
         "get_healthz_1000rps": await open_loop(host, int(port), 1_000, duration_s, health),
     }
@@ -235,7 +246,7 @@ def main() -> int:
                         settle(system)
                     print(f"(c) open-loop latency, {mode} ...", flush=True)
                     results[f"latency_{mode}"] = asyncio.run(
-                        latency_suite(system.url, key, network, args.latency_seconds, mode))
+                        latency_suite(system.url, system.secrets, network, args.latency_seconds, mode))
                 finally:
                     system.stop()
         finally:
@@ -275,6 +286,7 @@ def print_table(r: dict) -> None:
     for mode in ("haproxy", "default_proxy"):
         for name, label in (("post_transaction_500rps", "single POST /v1/transactions @ 500/s"),
                             ("get_balance_1000rps", "GET /v1/users/{id}/balance @ 1,000/s"),
+                            ("get_own_balance_1000rps", "the same with the user's token @ 1,000/s"),
                             ("get_healthz_1000rps", "floor: GET /healthz @ 1,000/s")):
             x = r[f"latency_{mode}"][name]
             errors = sum(x["errors"].values())

@@ -55,6 +55,7 @@ NETWORK_GRAPH_DEPTH_DEFAULT = 3
 RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
 RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
+REDIS_CONNECTIONS_MAX = 32  # per replica: a round trip takes well under a millisecond
 CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
 CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: bulk calls overlap, so one commits while others compute
 # Single purchases gather behind the call in flight rather than overlap it:
@@ -141,7 +142,12 @@ class EngineApi:
                 self.pool = await open_pool(self.postgres_url, max_size=4)
                 self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 await self._load_revocations()
-                self.redis = redis.from_url(self.redis_url, socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S)
+                # A bounded pool that queues: under overload, requests wait their
+                # turn for a connection instead of failing (redis-py's default
+                # pool raises past 100 connections).
+                self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+                    self.redis_url, max_connections=REDIS_CONNECTIONS_MAX, timeout=DEPENDENCY_CHECK_TIMEOUT_S,
+                    socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S))
                 self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
                 self.limiter = RateLimiter(self.redis)
                 self.local_limiter = LocalRateLimiter()
@@ -248,16 +254,32 @@ class EngineApi:
         return Route(path, endpoint, methods=methods, name=name)
 
     async def principal(self, request: Request) -> str:
-        principal = self.auth.principal(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        """Who calls (see serve/auth.py), once within their rate limit."""
+        principal = self._authenticate(request)
+        await self._admit(principal)
+        return principal
+
+    def _authenticate(self, request: Request) -> str:
+        return self.auth.principal(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+    async def _admit(self, principal: str, read_keys: tuple[str, ...] = ()) -> list[bytes | None] | None:
+        """Rate-limit a caller. A user's limit is checked in Redis, and
+        `read_keys` are read in the same round trip: their values come back
+        (None for a service, whose limit is this replica's own)."""
+        values = None
         if principal.startswith("user:"):
             per_second, burst = RATE_LIMIT_USER
-            wait_s = await self.limiter.retry_after_s(principal, per_second, burst)
+            try:
+                wait_s, values = await self.limiter.retry_after_s(principal, per_second, burst, read_keys)
+            except (redis.RedisError, OSError) as exc:
+                raise p.ServiceUnavailable(f"the rate limiter (Redis) did not answer: {exc}",
+                                           retry_after_s=1.0) from exc
         else:
             per_second, burst = RATE_LIMIT_SERVICE_PER_REPLICA
             wait_s = self.local_limiter.retry_after_s(principal, per_second, burst)
         if wait_s > 0:
             raise p.RateLimited(f"rate limit of {per_second}/s exceeded; retry in {wait_s:.3f} s", retry_after_s=wait_s)
-        return principal
+        return values
 
     # --- users ---------------------------------------------------------------
 
@@ -288,9 +310,15 @@ class EngineApi:
         """From the shard's view in Redis while its lease lives (one round trip,
         no Ray call; storage/balance_views.py), else from the shard itself."""
         user_id = request.path_params["user_id"]
-        require_reader_of(await self.principal(request), user_id)
+        principal = self._authenticate(request)
+        require_reader_of(principal, user_id)
         shard_index = self._shard_index(user_id)
-        body = await self.balance_views.read(user_id, shard_index)
+        # A user's rate limit and the view share one round trip to Redis.
+        values = await self._admit(principal, self.balance_views.keys(user_id, shard_index))
+        if values is not None:
+            body = self.balance_views.body(values)
+        else:
+            body = await self.balance_views.read(user_id, shard_index)
         if body is not None:
             self.balance_reads_from_view.inc()
             return Response(body, media_type="application/json")

@@ -183,9 +183,18 @@ class BalanceViewReader:
         self._client = client
         self._epoch = epoch
 
+    def keys(self, user_id: str, shard_index: int) -> tuple[str, str]:
+        """What a read fetches: for a caller that has a round trip to Redis to share."""
+        return view_key(self._epoch, user_id), lease_key(self._epoch, shard_index)
+
+    @staticmethod
+    def body(values: list[bytes | None]) -> bytes | None:
+        """The view body from the values of `keys`, if the shard's lease lives."""
+        body, lease = values
+        return body if lease is not None else None
+
     async def read(self, user_id: str, shard_index: int) -> bytes | None:
         try:
-            body, lease = await self._client.mget(view_key(self._epoch, user_id), lease_key(self._epoch, shard_index))
+            return self.body(await self._client.mget(*self.keys(user_id, shard_index)))
         except (redis.RedisError, OSError):
             return None
-        return body if lease is not None else None

@@ -260,11 +260,17 @@ def test_balance_reads_come_from_the_shards_views_in_redis(api):
         assert api.service.get(f"/v1/users/{referrer}/balance").content == stored
         client.set(key, stored.replace(b"2000000", b"2000001"))  # marked, to see where the answer came from
         assert b'"pending_micros":2000001' in api.service.get(f"/v1/users/{referrer}/balance").content
+        # A user's own read: the rate limit and the view in one round trip.
+        token = api.service.post(f"/v1/users/{referrer}/tokens", json={"ttl_s": 60}).json()["token"]
+        as_user = api.anonymous.get(f"/v1/users/{referrer}/balance", headers={"Authorization": f"Bearer {token}"})
+        assert as_user.status_code == 200 and b'"pending_micros":2000001' in as_user.content
         client.delete(key)  # Redis lost it: the shard answers
         before = _balance_reads_from_shard(api)
         from_shard = api.service.get(f"/v1/users/{referrer}/balance")
         assert from_shard.status_code == 200 and from_shard.content == stored
-        assert _balance_reads_from_shard(api) == before + 1
+        as_user = api.anonymous.get(f"/v1/users/{referrer}/balance", headers={"Authorization": f"Bearer {token}"})
+        assert as_user.status_code == 200 and as_user.content == stored
+        assert _balance_reads_from_shard(api) == before + 2
     finally:
         client.close()
 
