@@ -64,3 +64,34 @@ def test_revocation_refuses_tokens_issued_at_or_before_it(authority):
     assert authority.verify(bob, now=issued_at).sub == "bob"
     with pytest.raises(TokenEnded, match="expired"):
         authority.verify(after, now=issued_at + dt.timedelta(hours=2))
+
+
+def test_a_token_verified_before_is_still_refused_once_expired_or_revoked(authority):
+    issued_at = dt.datetime.now(dt.timezone.utc)
+    token, _ = authority.issue("alice", 60, now=issued_at)
+    assert authority.verify(token, now=issued_at).sub == "alice"  # its signature is checked once, here
+    with pytest.raises(TokenEnded, match="expired"):
+        authority.verify(token, now=issued_at + dt.timedelta(seconds=61))
+    authority.revoke("alice", issued_at)
+    with pytest.raises(TokenEnded, match="revoked"):
+        authority.verify(token, now=issued_at)
+    # A token one character off is a different token: checked, and refused.
+    body = token[len("v4.public."):]
+    with pytest.raises(Unauthorized):
+        authority.verify("v4.public." + body[:-3] + ("A" if body[-3] != "A" else "B") + body[-2:])
+
+
+def test_verified_tokens_are_remembered_up_to_a_bound(authority, monkeypatch):
+    from dailydoco.serve import auth
+
+    monkeypatch.setattr(auth, "VERIFIED_TOKENS_MAX", 3)
+    tokens = [authority.issue(f"user{i}", 60)[0] for i in range(5)]
+    for token in tokens:
+        authority.verify(token)
+    assert list(authority._verified) == tokens[2:]  # the oldest went first
+    checks = []
+    real = authority._verify_signed
+    monkeypatch.setattr(authority, "_verify_signed", lambda t: checks.append(t) or real(t))
+    authority.verify(tokens[4])
+    authority.verify(tokens[0])
+    assert checks == [tokens[0]]  # a remembered token skips the signature check; a forgotten one does not
