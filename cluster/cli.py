@@ -21,6 +21,12 @@ def _raise_stop(*_) -> None:
     raise _StopRequested
 
 
+def _already_stopping(*_) -> None:
+    # A second Ctrl-C, or `timeout`, which signals the command and its process
+    # group both: the stop under way is not interrupted halfway.
+    print("dailydoco: already stopping", flush=True)
+
+
 def _up(args: argparse.Namespace) -> int:
     from .demo import HTTP_TIMEOUT_S as DEMO_HTTP_TIMEOUT_S, run_demo
     from .system import EngineSystem
@@ -56,6 +62,8 @@ def _up(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(3600)
         except _StopRequested:
+            signal.signal(signal.SIGTERM, _already_stopping)
+            signal.signal(signal.SIGINT, _already_stopping)
             print("dailydoco: stopping ...", flush=True)
             # The demo's last request finishes before the API goes away.
             demo_stop.set()
