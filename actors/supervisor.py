@@ -16,6 +16,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.cluster.priority import run_as_background
 from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.migrations import ensure_ledger_partitions
@@ -50,6 +51,8 @@ class SupervisorActor:
         self.postgres_url = postgres_url
         self.nats_url = nats_url
         self.redis_url = redis_url
+        # Its periodic work (checkpoints, approval sweeps) can wait; requests cannot.
+        run_as_background()
         self.restarts: dict[str, int] = {}
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self._loops: list[asyncio.Task] = []
