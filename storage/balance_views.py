@@ -94,6 +94,9 @@ class BalanceViewWriter:
         self._take_generation = client.register_script(_TAKE_GENERATION)
         self._encoder = msgspec.json.Encoder()
         self._generation: int | None = None
+        # One generation per start: two taken at once (a delivery's write and
+        # the renewal loop, after Redis was down) would supersede each other.
+        self._generation_lock = asyncio.Lock()
         self._marked: set[str] = set()  # to write next
         self._unwritten: set[str] = set()  # a write failed: the renewal loop retries them
         self._writing: asyncio.Task | None = None
@@ -104,13 +107,12 @@ class BalanceViewWriter:
         """Take over from any earlier start of this shard: a new generation
         (fencing out the old writer) and its lease dropped, so readers ask
         this shard until the views of `user_ids` (all its users) are written
-        again, in the background; then keep the lease. Call it before any
-        `publish`: two generations taken at once would supersede each other."""
+        again, in the background; then keep the lease."""
+        self._generation = None
         try:
-            self._generation = await self._take_generation(keys=[self._generation_key, self._lease_key])
+            await self._ensure_generation()
         except (redis.RedisError, OSError) as exc:
             log.warning("Redis unreachable at start (%r): balance views are written once it is back", exc)
-            self._generation = None  # taken with the first write that gets through
         self._unwritten.update(user_ids)
         if self._renewing is None:
             self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
@@ -138,8 +140,7 @@ class BalanceViewWriter:
     async def _write(self, users: set[str]) -> None:
         """Write `users`' views; renew the lease with the last chunk unless
         some view of this shard is still unwritten."""
-        if self._generation is None:
-            self._generation = await self._take_generation(keys=[self._generation_key, self._lease_key])
+        await self._ensure_generation()
         ordered = list(users)
         for start in range(0, max(1, len(ordered)), VIEWS_PER_WRITE_MAX):
             keys, bodies = [self._generation_key, self._lease_key], []
@@ -162,6 +163,12 @@ class BalanceViewWriter:
                 log.warning("a newer start of this shard writes its balance views now; this one stops")
                 return
         self._unwritten -= users
+
+    async def _ensure_generation(self) -> None:
+        """Take a generation if this start holds none (at start, or after Redis lost its data)."""
+        async with self._generation_lock:
+            if self._generation is None:
+                self._generation = await self._take_generation(keys=[self._generation_key, self._lease_key])
 
     async def _renew_forever(self) -> None:
         while not self.superseded:

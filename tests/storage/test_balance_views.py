@@ -136,3 +136,18 @@ def test_an_unreachable_redis_fails_nothing(servers):
         await dead.aclose()
 
     _run(servers, test)
+
+
+def test_writes_racing_for_a_generation_take_one(servers):
+    async def test(client, epoch):
+        shard = FakeShard(["a"])
+        writer = shard.writer(client, epoch)
+        await writer.take_over([])  # generation 1, nothing to write
+        writer._generation = None  # as after Redis lost its data
+        # A delivery's write and the renewal loop's lease-only write at once.
+        await asyncio.gather(writer.publish(["a"]), writer._write(set()))
+        assert int(await client.get(bv.generation_key(epoch, 0))) == 2 and not writer.superseded
+        assert await BalanceViewReader(client, epoch).read("a", 0) is not None
+        writer.close()
+
+    _run(servers, test)
