@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import functools
 import hashlib
+from itertools import repeat
 from typing import NamedTuple
 
 import asyncpg
@@ -48,26 +49,25 @@ from dailydoco.protocol.live import (
 )
 
 from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
-from .outbox import OutboxWriter
+from .outbox import APPENDED_SELECT, OutboxWriter, append_ctes
 from .sharding import vshard_of
 
 WRITE_ATTEMPTS_MAX = 5
 APPROVAL_SWEEP_ROWS_MAX = 50_000  # per sweep transaction: bounds lock time and memory
+# Groups up to this many purchases, all new, are written by one statement;
+# larger ones in a transaction whose entries go by COPY. Measured against
+# Postgres on this machine (the write path alone, client and server CPU per
+# group): 1 purchase 0.26 + 0.42 ms against 0.86 + 0.66 in a transaction;
+# 10: 0.6 + 1.2 against 1.2 + 1.4; even near 100; at 2,000 Postgres spends
+# 83 us a purchase on INSERT ... SELECT against COPY's 60 (COPY inserts in bulk).
+ONE_STATEMENT_PURCHASES_MAX = 64
 COPY_COLUMNS = (
-    "xid",
-    "transaction_id",
-    "beneficiary_id",
-    "vshard",
-    "level",
-    "rate_bp",
-    "amount_micros",
-    "currency",
-    "kind",
-    "status",
-    "created_status",
-    "created_at",
-    "hold_until",
+    "xid", "transaction_id", "beneficiary_id", "vshard", "level", "rate_bp", "amount_micros", "currency",
+    "kind", "status", "created_status", "created_at", "hold_until",
 )
+# dd_require's SQLSTATE (migration 006): a statement that found its assumption
+# false aborted itself, and wrote nothing.
+REQUIREMENT_FAILED_SQLSTATE = "DD001"
 
 
 def body_hash(*fields: object) -> bytes:
@@ -124,6 +124,107 @@ _CLOCK_QUERY = (
     "SELECT pg_current_xact_id()::text::bigint AS xid,"
     " now() + make_interval(secs => offset_us / 1e6) AS now FROM engine_clock"
 )
+
+
+def _transaction_columns(purchases: list[PreparedPurchase], house_micros: list[int]) -> tuple[list, ...]:
+    """Parameters $1..$7 of `_TRANSACTIONS_CTE`."""
+    reqs = [p.request for p in purchases]
+    return ([r.transaction_id for r in reqs], [r.user_id for r in reqs], [r.amount_micros for r in reqs],
+            [r.currency for r in reqs], [r.kind for r in reqs], [p.body_hash for p in purchases], house_micros)
+
+
+# CTE `inserted`: the ids, of the transactions $1..$7, that were new.
+_TRANSACTIONS_CTE = (
+    "inserted AS (INSERT INTO transactions (transaction_id, user_id, amount_micros, currency, kind,"
+    " body_hash, house_micros, created_at, xid)"
+    " SELECT t.*, clock.now, clock.xid FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
+    " $5::text[], $6::bytea[], $7::bigint[]) AS t, clock"
+    " ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id)"
+)
+
+
+def _entries_cte(first_param: int) -> str:
+    """CTE `entries`: new commissions, from _CommissionBook.entries bound at
+    $first_param on, then the holding period; stamped from CTE `clock`.
+    The same rows as the COPY of the general path."""
+    tid, beneficiary, vshard, level, rate, amount, currency, hold = (f"${first_param + k}" for k in range(8))
+    return (
+        "entries AS (INSERT INTO commission_ledger (xid, transaction_id, beneficiary_id, vshard, level, rate_bp,"
+        " amount_micros, currency, kind, status, created_status, created_at, hold_until)"
+        " SELECT clock.xid, e.*, 'commission', 'pending', 'pending', clock.now, clock.now + "
+        f"{hold}::interval FROM unnest({tid}::text[], {beneficiary}::text[], {vshard}::smallint[],"
+        f" {level}::smallint[], {rate}::integer[], {amount}::bigint[], {currency}::text[]) AS e, clock"
+        " RETURNING 1)"
+    )
+
+
+# The general path, in a transaction: its xid, its time, and which ids were new.
+_INSERT_TRANSACTIONS_SQL = (
+    "WITH clock AS (" + _CLOCK_QUERY + "), " + _TRANSACTIONS_CTE
+    + " SELECT clock.xid, clock.now, ARRAY(SELECT transaction_id FROM inserted) FROM clock"
+)
+# All new ids: transactions, entries and outbox in one statement, which
+# requires that all $20 transactions were new (and all $21 entries written).
+# Its error aborts the statement and everything its CTEs wrote. Checked where
+# the outbox CTEs start, so that the inserts run before the stream rows are
+# locked; and in the final SELECT, which runs even when there is no event.
+_ALL_NEW = ("dd_require((SELECT count(*) FROM inserted) = $20 AND (SELECT count(*) FROM entries) = $21,"
+            " 'a transaction id in the group is known')")
+_NEW_PURCHASES_SQL = (
+    "WITH clock AS (" + _CLOCK_QUERY + "), " + _TRANSACTIONS_CTE + ", " + _entries_cte(8) + ", "
+    + append_ctes(16, "(SELECT now FROM clock)", only_if=_ALL_NEW)
+    + " SELECT clock.xid, " + _ALL_NEW + ", appended.* FROM clock, (" + APPENDED_SELECT + ") AS appended"
+)
+
+
+class _CommissionBook:
+    """What a group of new purchases pays, for both write paths: ledger
+    entries (the columns of `_entries_cte`), live events, and the shards'
+    balance and revenue changes."""
+
+    __slots__ = ("entries", "outbox", "_pending", "_revenue")
+
+    def __init__(self):
+        # transaction_id, beneficiary_id, vshard, level, rate_bp, amount_micros, currency
+        self.entries: tuple[list, ...] = ([], [], [], [], [], [], [])
+        self.outbox = OutboxWriter()
+        # Summed per beneficiary here, handed to the deltas once each: the
+        # top of a referral tree is in nearly every purchase's upline.
+        self._pending: dict[tuple[str, str], int] = {}
+        self._revenue: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, purchase: PreparedPurchase, paid: list[int], house_micros: int) -> TransactionResult:
+        req = purchase.request
+        tid, currency, amount = req.transaction_id, req.currency, req.amount_micros
+        tids, beneficiaries, vshards, levels, rates, amounts, currencies = self.entries
+        lines = []
+        for level, (beneficiary, micros) in enumerate(zip(purchase.upline, paid, strict=True), start=1):
+            key = (beneficiary, currency)
+            revenue = self._revenue.get(key)
+            if revenue is None:
+                revenue = self._revenue[key] = [0] * LEVELS_MAX
+            revenue[level - 1] += amount
+            if micros == 0:
+                continue  # a share that floors to nothing is no entry; the house keeps the fraction
+            rate = LEVEL_RATES_BP[level - 1]
+            tids.append(tid)
+            beneficiaries.append(beneficiary)
+            vshards.append(vshard_of(beneficiary))
+            levels.append(level)
+            rates.append(rate)
+            amounts.append(micros)
+            currencies.append(currency)
+            lines.append(CommissionLine(level=level, beneficiary_id=beneficiary, rate_bp=rate, amount_micros=micros))
+            self.outbox.add(beneficiary, CommissionEarned(transaction_id=tid, level=level, rate_bp=rate,
+                                                          amount_micros=micros, currency=currency))
+            self._pending[key] = self._pending.get(key, 0) + micros
+        return _result(tid, "created", req.user_id, amount, currency, lines, house_micros)
+
+    def to_deltas(self, deltas: DeltaSet) -> None:
+        for (beneficiary, currency), micros in self._pending.items():
+            deltas.for_user(beneficiary).add_balance(beneficiary, currency, PENDING, micros)
+        for (beneficiary, currency), levels in self._revenue.items():
+            deltas.for_user(beneficiary).add_revenue_levels(beneficiary, currency, levels)
 
 
 class Ledger:
@@ -201,7 +302,6 @@ class Ledger:
 
     # --- purchases -----------------------------------------------------------
 
-    @_retry_aborted
     async def write_purchases(
         self, purchases: list[PreparedPurchase], deltas: DeltaSet
     ) -> tuple[int | None, list[PurchaseOutcome]]:
@@ -209,7 +309,52 @@ class Ledger:
 
         A transaction id seen before (here or in this group) replays the first
         result when the body matches, and is a conflict otherwise.
+
+        A small group of new ids (nearly every one) is written by one
+        statement, committed on its own: one round trip where a transaction
+        takes five (BEGIN, insert, COPY, outbox, COMMIT), which is most of a
+        small group's cost in both processes. Should an id be known after all
+        (a retry, a concurrent duplicate), that statement undoes itself and
+        the group goes the general way.
         """
+        if len(purchases) <= ONE_STATEMENT_PURCHASES_MAX and (
+            len({p.request.transaction_id for p in purchases}) == len(purchases)
+        ):
+            try:
+                return await self._write_new_purchases(purchases, deltas)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != REQUIREMENT_FAILED_SQLSTATE:
+                    raise
+        return await self._write_purchases_in_transaction(purchases, deltas)
+
+    @_retry_aborted
+    async def _write_new_purchases(
+        self, purchases: list[PreparedPurchase], deltas: DeltaSet
+    ) -> tuple[int, list[PurchaseOutcome]]:
+        """Everything computed first, then one statement, which requires that
+        every id was new: else it raises REQUIREMENT_FAILED_SQLSTATE."""
+        # Insert in id order: two groups holding overlapping ids then wait
+        # on each other in the same order instead of deadlocking.
+        order = sorted(range(len(purchases)), key=lambda i: purchases[i].request.transaction_id)
+        splits = [split_commission(p.request.amount_micros, len(p.upline)) for p in purchases]
+        book = _CommissionBook()
+        outcomes: list[PurchaseOutcome | None] = [None] * len(purchases)
+        for i in order:
+            outcomes[i] = PurchaseOutcome(book.add(purchases[i], *splits[i]), None)
+        book.to_deltas(deltas)
+        outbox_rows = book.outbox.rows(deltas)
+        xid, _, written_users, first_seqs = await self.pool.fetchrow(
+            _NEW_PURCHASES_SQL,
+            *_transaction_columns([purchases[i] for i in order], [splits[i][1] for i in order]),
+            *book.entries, self.hold_period, *outbox_rows.params(), len(purchases), len(book.entries[0]),
+        )
+        book.outbox.record_offsets(deltas, outbox_rows, written_users, first_seqs)
+        return xid, outcomes  # type: ignore[return-value]
+
+    @_retry_aborted
+    async def _write_purchases_in_transaction(
+        self, purchases: list[PreparedPurchase], deltas: DeltaSet
+    ) -> tuple[int | None, list[PurchaseOutcome]]:
         outcomes: list[PurchaseOutcome | None] = [None] * len(purchases)
         seen_ids: set[str] = set()
         fresh: list[int] = []
@@ -219,71 +364,29 @@ class Ledger:
             (seen_before if tid in seen_ids else fresh).append(i)
             seen_ids.add(tid)
 
-        # Insert in id order: two groups holding overlapping ids then wait
-        # on each other in the same order instead of deadlocking.
-        fresh.sort(key=lambda i: purchases[i].request.transaction_id)
+        fresh.sort(key=lambda i: purchases[i].request.transaction_id)  # id order, as above
         splits = {i: split_commission(purchases[i].request.amount_micros, len(purchases[i].upline)) for i in fresh}
         async with self.pool.acquire() as conn, conn.transaction():
-            reqs = [purchases[i].request for i in fresh]
-            # begin_write's clock and xid in the insert's own statement: one round trip, not two.
             xid, now, inserted_ids = await conn.fetchrow(
-                "WITH clock AS (" + _CLOCK_QUERY + "),"
-                " inserted AS (INSERT INTO transactions (transaction_id, user_id, amount_micros, currency, kind,"
-                " body_hash, house_micros, created_at, xid)"
-                " SELECT t.*, clock.now, clock.xid FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],"
-                " $5::text[], $6::bytea[], $7::bigint[]) AS t, clock"
-                " ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id)"
-                " SELECT clock.xid, clock.now, ARRAY(SELECT transaction_id FROM inserted) FROM clock",
-                [r.transaction_id for r in reqs],
-                [r.user_id for r in reqs],
-                [r.amount_micros for r in reqs],
-                [r.currency for r in reqs],
-                [r.kind for r in reqs],
-                [purchases[i].body_hash for i in fresh],
-                [splits[i][1] for i in fresh],
+                _INSERT_TRANSACTIONS_SQL,
+                *_transaction_columns([purchases[i] for i in fresh], [splits[i][1] for i in fresh]),
             )
             inserted = set(inserted_ids)
-            hold_until = now + self.hold_period
-            records = []
-            outbox = OutboxWriter()
-            # Summed per beneficiary here, handed to the deltas once each: the
-            # top of a referral tree is in nearly every purchase's upline.
-            pending: dict[tuple[str, str], int] = {}
-            revenue: dict[tuple[str, str], list[int]] = {}
+            book = _CommissionBook()
             for i in fresh:
-                p = purchases[i]
-                req = p.request
-                if req.transaction_id not in inserted:
+                if purchases[i].request.transaction_id not in inserted:
                     seen_before.append(i)
                     continue
-                paid, house = splits[i]
-                tid, currency, amount = req.transaction_id, req.currency, req.amount_micros
-                lines = []
-                for level, (beneficiary, micros) in enumerate(zip(p.upline, paid, strict=True), start=1):
-                    key = (beneficiary, currency)
-                    levels = revenue.get(key)
-                    if levels is None:
-                        levels = revenue[key] = [0] * LEVELS_MAX
-                    levels[level - 1] += amount
-                    if micros == 0:
-                        continue  # a share that floors to nothing is no entry; the house keeps the fraction
-                    rate = LEVEL_RATES_BP[level - 1]
-                    records.append((xid, tid, beneficiary, vshard_of(beneficiary), level, rate, micros, currency,
-                                    "commission", "pending", "pending", now, hold_until))
-                    lines.append(CommissionLine(level=level, beneficiary_id=beneficiary, rate_bp=rate, amount_micros=micros))
-                    outbox.add(beneficiary, CommissionEarned(transaction_id=tid, level=level, rate_bp=rate,
-                                                             amount_micros=micros, currency=currency))
-                    pending[key] = pending.get(key, 0) + micros
-                outcomes[i] = PurchaseOutcome(_result(tid, "created", req.user_id, amount, currency, lines, house), None)
-            for (beneficiary, currency), micros in pending.items():
-                deltas.for_user(beneficiary).add_balance(beneficiary, currency, PENDING, micros)
-            for (beneficiary, currency), levels in revenue.items():
-                deltas.for_user(beneficiary).add_revenue_levels(beneficiary, currency, levels)
-            if records:
-                await conn.copy_records_to_table("commission_ledger", records=records, columns=COPY_COLUMNS)
+                outcomes[i] = PurchaseOutcome(book.add(purchases[i], *splits[i]), None)
+            book.to_deltas(deltas)
+            if book.entries[0]:
+                n, hold_until = len(book.entries[0]), now + self.hold_period
+                await conn.copy_records_to_table("commission_ledger", columns=COPY_COLUMNS, records=zip(
+                    repeat(xid, n), *book.entries, repeat("commission", n), repeat("pending", n),
+                    repeat("pending", n), repeat(now, n), repeat(hold_until, n)))
             if seen_before:
                 await self._replay_purchases(conn, purchases, seen_before, outcomes)
-            await outbox.flush(conn, now, deltas)
+            await book.outbox.flush(conn, now, deltas)
 
         return xid, outcomes  # type: ignore[return-value]
 

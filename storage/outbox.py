@@ -23,6 +23,16 @@ from .sharding import vshard_of
 OUTBOX_NOTIFY_CHANNEL = "dd_outbox"  # NOTIFY at commit wakes the relay at once
 
 
+class OutboxRows(NamedTuple):
+    users: list[str]
+    vshards: list[int]
+    counts: list[int]
+    events: list[bytes]  # msgpack, one list of events per user
+
+    def params(self) -> tuple:
+        return self.users, self.vshards, self.counts, self.events
+
+
 class OutboxWriter:
     """Events of one ledger write, keyed by the user whose stream they join."""
 
@@ -50,41 +60,71 @@ class OutboxWriter:
             if r["network_size"] in NETWORK_MILESTONES:
                 self.add(r["user_id"], NetworkMilestone(network_size=r["network_size"]))
 
-    async def flush(self, conn: asyncpg.Connection, now: dt.datetime, deltas: DeltaSet) -> None:
-        """Append the events, and balance changes from `deltas`, to the outbox.
-
-        Must run last in the write's transaction: it locks each user's stream
-        row until commit, in user id order like every writer.
-        """
+    def rows(self, deltas: DeltaSet) -> OutboxRows:
+        """This write's outbox rows, one per user in user id order, with the
+        balance changes in `deltas` added: call once, after the last change."""
         for delta in deltas.by_route.values():
             for (user_id, currency), buckets in delta.balances.items():
                 if any(buckets):
                     self.add(user_id, BalanceChanged(
                         currency=currency, pending_delta_micros=buckets[PENDING],
                         approved_delta_micros=buckets[APPROVED], paid_delta_micros=buckets[PAID]))
-        if not self._events:
-            return
         users = sorted(self._events)
-        counts = [len(self._events[u]) for u in users]
-        # Offsets, outbox rows and the relay's wake-up in one statement: one
-        # round trip where three were (the write holds its locks meanwhile).
-        written_users, first_seqs = await conn.fetchrow(
-            "WITH streams AS (INSERT INTO event_streams (user_id, vshard, last_seq)"
-            " SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[])"
-            " ON CONFLICT (user_id) DO UPDATE SET last_seq = event_streams.last_seq + excluded.last_seq"
-            " RETURNING user_id, last_seq),"
-            " rows AS (INSERT INTO outbox (user_id, first_seq, events, created_at)"
-            " SELECT s.user_id, s.last_seq - b.n + 1, b.events, $5::timestamptz"
-            " FROM streams s JOIN unnest($1::text[], $3::bigint[], $4::bytea[]) AS b(user_id, n, events) USING (user_id)"
-            " ORDER BY s.user_id RETURNING user_id, first_seq)"
-            # An aggregate: one row, so one NOTIFY, whatever the number of users.
-            f" SELECT array_agg(user_id), array_agg(first_seq) FROM rows, pg_notify('{OUTBOX_NOTIFY_CHANNEL}', '')",
-            users, [vshard_of(u) for u in users], counts, [encode_events(self._events[u]) for u in users], now,
-        )
-        first_by_user = dict(zip(written_users, first_seqs, strict=True))
-        for user_id, count in zip(users, counts, strict=True):
+        return OutboxRows(users, [vshard_of(u) for u in users], [len(self._events[u]) for u in users],
+                          [encode_events(self._events[u]) for u in users])
+
+    @staticmethod
+    def record_offsets(deltas: DeltaSet, rows: OutboxRows, written_users: list[str] | None,
+                       first_seqs: list[int] | None) -> None:
+        """Tell the shards each user's new last offset (what `append_ctes` returned)."""
+        first_by_user = dict(zip(written_users or (), first_seqs or (), strict=True))
+        for user_id, count in zip(rows.users, rows.counts, strict=True):
             first = first_by_user[user_id]
             deltas.for_user(user_id).event_seqs[user_id] = (first, first + count - 1)
+
+    async def flush(self, conn: asyncpg.Connection, now: dt.datetime, deltas: DeltaSet) -> None:
+        """Append the events, and balance changes from `deltas`, to the outbox.
+
+        Must run last in the write's transaction: it locks each user's stream
+        row until commit, in user id order like every writer.
+        """
+        rows = self.rows(deltas)
+        if not rows.users:
+            return
+        written_users, first_seqs = await conn.fetchrow(
+            "WITH " + append_ctes(1, "$5::timestamptz") + " " + APPENDED_SELECT, *rows.params(), now)
+        self.record_offsets(deltas, rows, written_users, first_seqs)
+
+
+def append_ctes(first_param: int, created_at: str, only_if: str = "true") -> str:
+    """CTEs `streams` and `outbox_rows`: take each user's next offsets and
+    append their rows, from OutboxRows.params() bound at $first_param on.
+    Offsets, rows and (with APPENDED_SELECT) the relay's wake-up go in one
+    statement: one round trip, while the write holds its locks.
+
+    `only_if` is evaluated before the first stream row is locked: a condition
+    on the statement's other CTEs makes them run first, so the hot stream
+    rows (the top of a referral tree is in every purchase's upline) stay
+    locked only from here to commit."""
+    users, vshards, counts, events = (f"${first_param + k}" for k in range(4))
+    return (
+        f"streams AS (INSERT INTO event_streams (user_id, vshard, last_seq)"
+        f" SELECT * FROM unnest({users}::text[], {vshards}::smallint[], {counts}::bigint[]) WHERE {only_if}"
+        " ON CONFLICT (user_id) DO UPDATE SET last_seq = event_streams.last_seq + excluded.last_seq"
+        " RETURNING user_id, last_seq),"
+        " outbox_rows AS (INSERT INTO outbox (user_id, first_seq, events, created_at)"
+        f" SELECT s.user_id, s.last_seq - b.n + 1, b.events, {created_at}"
+        f" FROM streams s JOIN unnest({users}::text[], {counts}::bigint[], {events}::bytea[]) AS b(user_id, n, events)"
+        " USING (user_id) ORDER BY s.user_id RETURNING user_id, first_seq)"
+    )
+
+
+# The appended users and their first offsets. An aggregate: one row, so one
+# NOTIFY, whatever the number of users (none when no row was appended).
+APPENDED_SELECT = (
+    "SELECT array_agg(user_id), array_agg(first_seq)"
+    f" FROM outbox_rows, pg_notify('{OUTBOX_NOTIFY_CHANNEL}', '')"
+)
 
 
 # --- the relay's side -------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The purchase write paths, against the real Postgres.
+
+A small group of new ids is written by one statement; a group that meets an
+id known already must undo that statement and go the general way, so that
+every id still has one set of entries, one set of events, and the shards'
+deltas count each purchase once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dailydoco.actors.routing import new_delta_set
+from dailydoco.protocol import IdempotencyConflict, TransactionRequest
+from dailydoco.protocol.live import BalanceChanged, CommissionEarned, decode_events
+from dailydoco.storage.deltas import PENDING
+from dailydoco.storage.ledger import ONE_STATEMENT_PURCHASES_MAX, Ledger, PreparedPurchase, purchase_hash
+from dailydoco.storage.pool import open_pool
+from dailydoco.storage.sharding import vshard_of
+from tests.conftest import migrated_database
+
+SHARDS = 2
+ROOT, MIDDLE, BUYER = "w-root", "w-middle", "w-buyer"  # BUYER's upline: MIDDLE, ROOT
+
+
+@pytest.fixture(scope="module")
+def ledger_database_url(servers):
+    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_writes"))
+
+
+def _purchase(tid: str, amount_micros: int = 10_000_000) -> PreparedPurchase:
+    request = TransactionRequest(transaction_id=tid, user_id=BUYER, amount_micros=amount_micros)
+    return PreparedPurchase(request, purchase_hash(request), (MIDDLE, ROOT))
+
+
+async def _scenario(url: str) -> None:
+    pool = await open_pool(url, max_size=2)
+    try:
+        for user, upline in ((ROOT, []), (MIDDLE, [ROOT]), (BUYER, [MIDDLE, ROOT])):
+            await pool.execute(
+                "INSERT INTO users (user_id, referral_code, referrer_id, upline, vshard, body_hash, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, '\\x00', now())",
+                user, user.upper(), upline[0] if upline else None, upline, vshard_of(user))
+        ledger = Ledger(pool, hold_period_s=3_600)
+
+        # All new: one statement, so one xid for every row it wrote.
+        first = new_delta_set(SHARDS)
+        xid, outcomes = await ledger.write_purchases([_purchase("w-1"), _purchase("w-2")], first)
+        assert [o.result.status for o in outcomes] == ["created", "created"]
+        assert await pool.fetchval("SELECT array_agg(DISTINCT xid) FROM commission_ledger") == [xid]
+        assert await pool.fetchval("SELECT array_agg(DISTINCT xid) FROM transactions") == [xid]
+        assert first.for_user(ROOT).event_seqs[ROOT] == (1, 3)  # two commissions, one balance change
+
+        # New-looking, but w-1 is known: replayed, and written nothing again.
+        second = new_delta_set(SHARDS)
+        group = [_purchase("w-3"), _purchase("w-1"), _purchase("w-4")]
+        assert len(group) <= ONE_STATEMENT_PURCHASES_MAX  # the one-statement path is tried first
+        _, outcomes = await ledger.write_purchases(group, second)
+        assert [o.result.status for o in outcomes] == ["created", "replayed", "created"]
+        assert outcomes[1].result.commissions == (await ledger.write_purchases([_purchase("w-1")],
+                                                                               new_delta_set(SHARDS)))[1][0].result.commissions
+        entries = dict(await pool.fetch(
+            "SELECT transaction_id, count(*) FROM commission_ledger GROUP BY transaction_id"))
+        assert entries == {"w-1": 2, "w-2": 2, "w-3": 2, "w-4": 2}
+        # The deltas hold this write's purchases only: w-3 and w-4, 10 % each to ROOT (level 2).
+        assert second.for_user(ROOT).balances[(ROOT, "USD")][PENDING] == 2 * 1_000_000
+
+        # A known id with another body is a conflict; its neighbours are written.
+        _, outcomes = await ledger.write_purchases([_purchase("w-5"), _purchase("w-2", 20_000_000)],
+                                                   new_delta_set(SHARDS))
+        assert outcomes[0].result.status == "created"
+        assert isinstance(outcomes[1].error, IdempotencyConflict)
+
+        # ROOT's stream: offsets 1.. with no gap and no repeat, one earned event per purchase.
+        rows = await pool.fetch("SELECT first_seq, events FROM outbox WHERE user_id = $1 ORDER BY first_seq", ROOT)
+        offsets, earned = [], []
+        for row in rows:
+            events = decode_events(bytes(row["events"]))
+            offsets += range(row["first_seq"], row["first_seq"] + len(events))
+            earned += [e.transaction_id for e in events if isinstance(e, CommissionEarned)]
+            assert sum(isinstance(e, BalanceChanged) for e in events) == 1
+        assert offsets == list(range(1, len(offsets) + 1))
+        assert offsets[-1] == await pool.fetchval("SELECT last_seq FROM event_streams WHERE user_id = $1", ROOT)
+        assert sorted(earned) == ["w-1", "w-2", "w-3", "w-4", "w-5"]
+    finally:
+        await pool.close()
+
+
+def test_group_writes_record_each_purchase_once(ledger_database_url):
+    asyncio.run(_scenario(ledger_database_url))
