@@ -143,19 +143,15 @@ _TRANSACTIONS_CTE = (
 )
 
 
-def _entries_cte(first_param: int) -> str:
-    """CTE `entries`: new commissions, from _CommissionBook.entries bound at
-    $first_param on, then the holding period; stamped from CTE `clock`.
-    The same rows as the COPY of the general path."""
-    tid, beneficiary, vshard, level, rate, amount, currency, hold = (f"${first_param + k}" for k in range(8))
-    return (
-        "entries AS (INSERT INTO commission_ledger (xid, transaction_id, beneficiary_id, vshard, level, rate_bp,"
-        " amount_micros, currency, kind, status, created_status, created_at, hold_until)"
-        " SELECT clock.xid, e.*, 'commission', 'pending', 'pending', clock.now, clock.now + "
-        f"{hold}::interval FROM unnest({tid}::text[], {beneficiary}::text[], {vshard}::smallint[],"
-        f" {level}::smallint[], {rate}::integer[], {amount}::bigint[], {currency}::text[]) AS e, clock"
-        " RETURNING 1)"
-    )
+# CTE `entries`: new commissions, the columns of _CommissionBook.entries as
+# $8..$14 and the holding period as $15, stamped from CTE `clock`: the rows
+# the general path COPYs.
+_ENTRIES_CTE = (
+    f"entries AS (INSERT INTO commission_ledger ({', '.join(COPY_COLUMNS)})"
+    " SELECT clock.xid, e.*, 'commission', 'pending', 'pending', clock.now, clock.now + $15::interval"
+    " FROM unnest($8::text[], $9::text[], $10::smallint[], $11::smallint[], $12::integer[], $13::bigint[],"
+    " $14::text[]) AS e, clock RETURNING 1)"
+)
 
 
 # The general path, in a transaction: its xid, its time, and which ids were new.
@@ -171,7 +167,7 @@ _INSERT_TRANSACTIONS_SQL = (
 _ALL_NEW = ("dd_require((SELECT count(*) FROM inserted) = $20 AND (SELECT count(*) FROM entries) = $21,"
             " 'a transaction id in the group is known')")
 _NEW_PURCHASES_SQL = (
-    "WITH clock AS (" + _CLOCK_QUERY + "), " + _TRANSACTIONS_CTE + ", " + _entries_cte(8) + ", "
+    "WITH clock AS (" + _CLOCK_QUERY + "), " + _TRANSACTIONS_CTE + ", " + _ENTRIES_CTE + ", "
     + append_ctes(16, "(SELECT now FROM clock)", only_if=_ALL_NEW)
     + " SELECT clock.xid, " + _ALL_NEW + ", appended.* FROM clock, (" + APPENDED_SELECT + ") AS appended"
 )
@@ -179,7 +175,7 @@ _NEW_PURCHASES_SQL = (
 
 class _CommissionBook:
     """What a group of new purchases pays, for both write paths: ledger
-    entries (the columns of `_entries_cte`), live events, and the shards'
+    entries (the columns of `_ENTRIES_CTE`), live events, and the shards'
     balance and revenue changes."""
 
     __slots__ = ("entries", "outbox", "_pending", "_revenue")
