@@ -5,4 +5,7 @@
 - CommissionChainActor (commission_chain.py) over CommissionEngine
   (commission_core.py): purchases to durable commission entries.
 - SupervisorActor (supervisor.py): creates, watches and restarts them.
+- Live events: each writing actor publishes the outbox rows it commits
+  (live_publisher.py); OutboxRelayActor (outbox_relay.py) publishes those
+  left behind.
 """

@@ -14,6 +14,7 @@ from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 
 from .commission_core import CommissionEngine
+from .live_publisher import LivePublisher
 from .refs import RayShardRouter
 
 
@@ -22,10 +23,11 @@ class CommissionChainActor:
     """Writes purchases for the transaction ids that hash to it (see
     storage/sharding.py), so concurrent deliveries of one id meet here."""
 
-    def __init__(self, index: int, config: EngineConfig, postgres_url: str):
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
         self.index = index
         self.config = config
         self.postgres_url = postgres_url
+        self.nats_url = nats_url
         self.engine: CommissionEngine | None = None
         self._init_lock = asyncio.Lock()
         # Per instance: Ray pickles actor classes by value, and Decoders do not pickle.
@@ -36,8 +38,10 @@ class CommissionChainActor:
         async with self._init_lock:
             if self.engine is None:
                 pool = await open_pool(self.postgres_url, min_size=2, max_size=4)
+                live = LivePublisher(pool, self.nats_url, self.config.region, f"dailydoco-chain-{self.index}")
+                live.start()
                 self.engine = CommissionEngine(
-                    Ledger(pool, self.config.hold_period_s),
+                    Ledger(pool, self.config.hold_period_s, live.publish),
                     RayShardRouter(self.config.namespace, self.config.shard_actors),
                 )
                 freeze_startup_heap()

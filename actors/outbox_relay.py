@@ -1,11 +1,15 @@
-"""OutboxRelay: moves committed live events from the Postgres outbox to NATS JetStream.
+"""OutboxRelay: publishes the live events their writers did not.
 
-Guarantees: every outbox row reaches the stream at least once, and the stream
-keeps it once: each message carries `Nats-Msg-Id` = epoch.user.first offset,
-so a row published again (after a crash between the ack and the delete, a
-lost ack, or two relays at once) is dropped by JetStream's duplicate window,
-and clients drop any offset they hold already. While NATS is down rows wait
-in Postgres and flow, in order, when it returns.
+Each writing process publishes its own rows as it commits them
+(actors/live_publisher.py); the relay takes the rows still in the outbox
+after RELAY_GRACE_S: their writer was killed before the ack, NATS was down
+or slow, or the process has no publisher. So every outbox row reaches the
+stream at least once, and the stream keeps it once: each message carries
+`Nats-Msg-Id` = epoch.user.first offset, so a row published again (by its
+writer and the relay, after a crash between the ack and the delete, or by
+two relays at once) is dropped by JetStream's duplicate window, and clients
+drop any offset they hold already. While NATS is down rows wait in Postgres
+and flow, in order, when it returns.
 
 Rounds overlap: a round publishes and returns; its acks are awaited, and its
 rows deleted, in the background while the next round reads what committed
@@ -28,23 +32,28 @@ import ray
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
-from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_subject, user_token
-from dailydoco.storage.outbox import OUTBOX_NOTIFY_CHANNEL, delete_relayed, pending_batches, stream_epoch
+from dailydoco.storage.outbox import delete_relayed, pending_batches, stream_epoch
 from dailydoco.storage.pool import open_pool
+
+from .live_publisher import PUBLISH_ACK_TIMEOUT_S, publish_rows
 
 RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes
 RELAY_ROWS_IN_FLIGHT_MAX = 4_000  # published, awaiting acks and delete; the next read skips them
-RELAY_IDLE_POLL_S = 1.0  # NOTIFY wakes the relay; this catches a notification lost to a reconnect
+# A row's writer publishes it within milliseconds and deletes it once acked;
+# one still here after this is the relay's (published twice at worst, and
+# kept once). Well past a loaded writer's publish, ack and delete.
+RELAY_GRACE_S = 1.0
+RELAY_POLL_S = 0.25  # so an orphaned row goes out within about 1.25 s
 RELAY_RETRY_BACKOFF_S = 0.5  # NATS or Postgres unreachable: wait, keep the rows, try again
-PUBLISH_ACK_TIMEOUT_S = 5.0
 RELAY_POOL_SIZE = 3  # a round's read, and the deletes of earlier rounds beside it
 
 log = logging.getLogger("dailydoco.relay")
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, nc: nats.NATS, region: str):
+    def __init__(self, pool: asyncpg.Pool, nc: nats.NATS, region: str, grace_s: float = RELAY_GRACE_S):
         self.pool = pool
+        self.grace_s = grace_s
         self.nc = nc
         # Room for every row in flight plus a full round: publishing never stalls on it.
         self.js = nc.jetstream(publish_async_max_pending=RELAY_ROWS_IN_FLIGHT_MAX + RELAY_ROWS_MAX)
@@ -67,24 +76,12 @@ class OutboxRelay:
             self.epoch = await stream_epoch(self.pool)
         # Rows still in flight come back first (outbox order): read past them.
         self._deleted_during_read = set()
-        read = await pending_batches(self.pool, RELAY_ROWS_MAX + len(self._in_flight))
+        read = await pending_batches(self.pool, RELAY_ROWS_MAX + len(self._in_flight), self.grace_s)
         taken = self._in_flight | self._deleted_during_read
         rows = [r for r in read if r.outbox_id not in taken][:RELAY_ROWS_MAX]
         if not rows:
             return 0
-        acks: list[asyncio.Future] = []
-        try:
-            for r in rows:  # in outbox order, one after another: the wire keeps it
-                acks.append(await self.js.publish_async(
-                    user_subject(self.region, r.user_id),
-                    encode_event_batch(self.epoch, r.first_seq, r.created_at, r.events),
-                    stream=EVENT_STREAM_NAME,
-                    headers={"Nats-Msg-Id": f"{self.epoch}.{user_token(r.user_id)}.{r.first_seq}"},
-                ))
-        except BaseException:
-            for ack in acks:
-                ack.cancel()
-            raise
+        acks = await publish_rows(self.js, self.region, self.epoch, rows)  # in outbox order
         ids = [r.outbox_id for r in rows]
         self._in_flight.update(ids)
         task = asyncio.get_running_loop().create_task(self._settle(ids, acks))
@@ -110,7 +107,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         while True:
-            # Cleared before reading: a NOTIFY that lands during the round wakes the next one.
+            # Cleared before reading: a wake-up that lands during the round starts the next one.
             self._wake.clear()
             if len(self._in_flight) < RELAY_ROWS_IN_FLIGHT_MAX:
                 try:
@@ -122,7 +119,7 @@ class OutboxRelay:
                 if relayed == RELAY_ROWS_MAX:
                     continue  # more are waiting
             try:
-                await asyncio.wait_for(self._wake.wait(), RELAY_IDLE_POLL_S)
+                await asyncio.wait_for(self._wake.wait(), RELAY_POLL_S)
             except asyncio.TimeoutError:
                 pass
 
@@ -137,7 +134,6 @@ class OutboxRelayActor:
         self.nats_url = nats_url
         self.relay: OutboxRelay | None = None
         self._task: asyncio.Task | None = None
-        self._listener: asyncpg.Connection | None = None
 
     async def ready(self) -> bool:
         if self._task is None:
@@ -152,8 +148,6 @@ class OutboxRelayActor:
         nc = await nats_io.connect(self.nats_url, name="dailydoco-relay")
         await nats_io.ensure_event_stream(nc)
         self.relay = OutboxRelay(pool, nc, self.config.region)
-        self._listener = await asyncpg.connect(self.postgres_url)
-        await self._listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self.relay.wake)
         await self.relay.run()
 
     def relayed_rows(self) -> int:

@@ -25,6 +25,7 @@ from dailydoco.storage.sharding import VSHARDS
 
 from . import lifecycle
 from .commission_chain import CommissionChainActor
+from .live_publisher import LivePublisher
 from .outbox_relay import OutboxRelayActor
 from .recovery import checkpoint_all
 from .refs import RELAY_NAME, VIDEO_PROCESSOR_NAME, RayShardRouter, chain_actor_name, shard_actor_name
@@ -62,9 +63,9 @@ class SupervisorActor:
         """(name, actor class, constructor arguments) of every actor the engine runs."""
         base = (self.config, self.postgres_url)
         for i in range(self.config.shard_actors):
-            yield shard_actor_name(i), UserShardActor, (i, *base, self.redis_url)
+            yield shard_actor_name(i), UserShardActor, (i, *base, self.redis_url, self.nats_url)
         for i in range(self.config.chain_actors):
-            yield chain_actor_name(i), CommissionChainActor, (i, *base)
+            yield chain_actor_name(i), CommissionChainActor, (i, *base, self.nats_url)
         yield RELAY_NAME, OutboxRelayActor, (0, *base, self.nats_url)
         if video_processing_installed():
             from .video_processor import VideoProcessorActor
@@ -82,7 +83,9 @@ class SupervisorActor:
     async def start(self) -> list[str]:
         """Create (or adopt) every actor and wait until each has recovered."""
         self.pool = await open_pool(self.postgres_url, max_size=3)
-        self.ledger = Ledger(self.pool, self.config.hold_period_s)
+        live = LivePublisher(self.pool, self.nats_url, self.config.region, "dailydoco-supervisor")
+        live.start()
+        self.ledger = Ledger(self.pool, self.config.hold_period_s, live.publish)
         self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
         async with self.pool.acquire() as conn:
             await ensure_ledger_partitions(conn)

@@ -16,6 +16,7 @@ from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import vshards_of_actor
 
+from .live_publisher import LivePublisher
 from .recovery import recover_shard
 from .refs import RayShardRouter
 from .registration import register_user
@@ -50,11 +51,12 @@ class UserShardActor:
     (storage/balance_views.py), or their write failed and the lease will lapse.
     """
 
-    def __init__(self, index: int, config: EngineConfig, postgres_url: str, redis_url: str):
+    def __init__(self, index: int, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str):
         self.index = index
         self.config = config
         self.postgres_url = postgres_url
         self.redis_url = redis_url
+        self.nats_url = nats_url
         self.vshards = vshards_of_actor(index, config.shard_actors)
         self.state: ShardState | None = None
         self._ready_lock = asyncio.Lock()
@@ -65,7 +67,10 @@ class UserShardActor:
             async with self._ready_lock:
                 if self.state is None:
                     self.pool = await open_pool(self.postgres_url, max_size=3)
-                    self.ledger = Ledger(self.pool, self.config.hold_period_s)
+                    live = LivePublisher(self.pool, self.nats_url, self.config.region,
+                                         f"dailydoco-shard-{self.index}")
+                    live.start()
+                    self.ledger = Ledger(self.pool, self.config.hold_period_s, live.publish)
                     self.router = LocalFirstRouter(self.config.namespace, self.config.shard_actors, self)
                     state = await recover_shard(self.pool, self.vshards)
                     self.views = BalanceViewWriter(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import functools
 import hashlib
+from collections.abc import AsyncIterator, Callable
 from itertools import repeat
 from typing import NamedTuple
 
@@ -49,7 +51,7 @@ from dailydoco.protocol.live import (
 )
 
 from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
-from .outbox import APPENDED_SELECT, OutboxWriter, append_ctes
+from .outbox import APPENDED_SELECT, OutboxRow, OutboxWriter, append_ctes
 from .sharding import vshard_of
 
 WRITE_ATTEMPTS_MAX = 5
@@ -169,7 +171,7 @@ _ALL_NEW = ("dd_require((SELECT count(*) FROM inserted) = $20 AND (SELECT count(
 _NEW_PURCHASES_SQL = (
     "WITH clock AS (" + _CLOCK_QUERY + "), " + _TRANSACTIONS_CTE + ", " + _ENTRIES_CTE + ", "
     + append_ctes(16, "(SELECT now FROM clock)", only_if=_ALL_NEW)
-    + " SELECT clock.xid, " + _ALL_NEW + ", appended.* FROM clock, (" + APPENDED_SELECT + ") AS appended"
+    + " SELECT clock.xid, clock.now, " + _ALL_NEW + ", appended.* FROM clock, (" + APPENDED_SELECT + ") AS appended"
 )
 
 
@@ -180,10 +182,10 @@ class _CommissionBook:
 
     __slots__ = ("entries", "outbox", "_pending", "_revenue")
 
-    def __init__(self):
+    def __init__(self, outbox: OutboxWriter):
         # transaction_id, beneficiary_id, vshard, level, rate_bp, amount_micros, currency
         self.entries: tuple[list, ...] = ([], [], [], [], [], [], [])
-        self.outbox = OutboxWriter()
+        self.outbox = outbox
         # Summed per beneficiary here, handed to the deltas once each: the
         # top of a referral tree is in nearly every purchase's upline.
         self._pending: dict[tuple[str, str], int] = {}
@@ -223,10 +225,31 @@ class _CommissionBook:
             deltas.for_user(beneficiary).add_revenue_levels(beneficiary, currency, levels)
 
 
+# Hands a committed write's outbox rows to its process's LivePublisher.
+PublishEvents = Callable[[list[OutboxRow]], None]
+
+
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool, hold_period_s: int):
+    def __init__(self, pool: asyncpg.Pool, hold_period_s: int, publish_events: PublishEvents | None = None):
         self.pool = pool
         self.hold_period = dt.timedelta(seconds=hold_period_s)
+        # Without one, the relay publishes this process's events, a grace period late.
+        self.publish_events = publish_events
+
+    def _committed(self, outbox: OutboxWriter) -> None:
+        """A write committed: its events can go live."""
+        if self.publish_events is not None and outbox.appended:
+            self.publish_events(outbox.appended)
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[tuple[asyncpg.Connection, OutboxWriter]]:
+        """A write transaction, and the outbox of its events, published once
+        it commits (not when it rolls back: the code after `yield` runs only
+        when the block, and so the commit, succeeded)."""
+        outbox = OutboxWriter()
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn, outbox
+        self._committed(outbox)
 
     # --- time ----------------------------------------------------------------
 
@@ -272,7 +295,7 @@ class Ledger:
         deltas: DeltaSet,
     ) -> tuple[int, UserRecord] | None:
         """Insert a new user; None if the id or the code is taken."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             inserted = await conn.fetchval(
                 "INSERT INTO users (user_id, referral_code, referrer_id, upline, vshard, body_hash, created_at)"
@@ -283,7 +306,6 @@ class Ledger:
                 return None
             record = UserRecord(user_id, referral_code, referrer_id, upline, now, hash_)
             deltas.for_user(user_id).users.append(record)
-            outbox = OutboxWriter()
             for level, ancestor in enumerate(upline, start=1):
                 deltas.for_user(ancestor).joins.append((ancestor, level))
                 outbox.add(ancestor, ReferralJoined(member_id=user_id, level=level))
@@ -333,18 +355,19 @@ class Ledger:
         # on each other in the same order instead of deadlocking.
         order = sorted(range(len(purchases)), key=lambda i: purchases[i].request.transaction_id)
         splits = [split_commission(p.request.amount_micros, len(p.upline)) for p in purchases]
-        book = _CommissionBook()
+        book = _CommissionBook(OutboxWriter())
         outcomes: list[PurchaseOutcome | None] = [None] * len(purchases)
         for i in order:
             outcomes[i] = PurchaseOutcome(book.add(purchases[i], *splits[i]), None)
         book.to_deltas(deltas)
         outbox_rows = book.outbox.rows(deltas)
-        xid, _, written_users, first_seqs = await self.pool.fetchrow(
+        xid, now, _, *appended = await self.pool.fetchrow(
             _NEW_PURCHASES_SQL,
             *_transaction_columns([purchases[i] for i in order], [splits[i][1] for i in order]),
             *book.entries, self.hold_period, *outbox_rows.params(), len(purchases), len(book.entries[0]),
         )
-        book.outbox.record_offsets(deltas, outbox_rows, written_users, first_seqs)
+        book.outbox.record_appended(deltas, outbox_rows, now, tuple(appended))
+        self._committed(book.outbox)
         return xid, outcomes  # type: ignore[return-value]
 
     @_retry_aborted
@@ -362,13 +385,13 @@ class Ledger:
 
         fresh.sort(key=lambda i: purchases[i].request.transaction_id)  # id order, as above
         splits = {i: split_commission(purchases[i].request.amount_micros, len(purchases[i].upline)) for i in fresh}
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._write() as (conn, outbox):
             xid, now, inserted_ids = await conn.fetchrow(
                 _INSERT_TRANSACTIONS_SQL,
                 *_transaction_columns([purchases[i] for i in fresh], [splits[i][1] for i in fresh]),
             )
             inserted = set(inserted_ids)
-            book = _CommissionBook()
+            book = _CommissionBook(outbox)
             for i in fresh:
                 if purchases[i].request.transaction_id not in inserted:
                     seen_before.append(i)
@@ -382,7 +405,7 @@ class Ledger:
                     repeat("pending", n), repeat(now, n), repeat(hold_until, n)))
             if seen_before:
                 await self._replay_purchases(conn, purchases, seen_before, outcomes)
-            await book.outbox.flush(conn, now, deltas)
+            await outbox.flush(conn, now, deltas)
 
         return xid, outcomes  # type: ignore[return-value]
 
@@ -425,7 +448,7 @@ class Ledger:
     ) -> tuple[int | None, RefundResult]:
         """Reverse, proportionally, exactly the commissions this purchase paid."""
         hash_ = body_hash(transaction_id, request.amount_micros)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             tx = await conn.fetchrow(
                 "SELECT t.amount_micros, t.refunded_micros, t.house_micros, t.currency, u.upline"
@@ -451,7 +474,6 @@ class Ledger:
                     f" still refundable on transaction {transaction_id!r}"
                 )
             currency = tx["currency"].strip()
-            outbox = OutboxWriter()
             originals = await conn.fetch(
                 "SELECT entry_id, beneficiary_id, vshard, level, rate_bp, amount_micros, status, hold_until"
                 " FROM commission_ledger WHERE transaction_id = $1 AND kind = 'commission' ORDER BY entry_id FOR UPDATE",
@@ -560,7 +582,7 @@ class Ledger:
     @_retry_aborted
     async def approve_due(self, deltas: DeltaSet) -> tuple[int | None, int]:
         """Approve one bounded slice of commissions whose holding period ended."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             rows = await self._transition(
                 conn, deltas, now, "approved", None,
@@ -573,7 +595,6 @@ class Ledger:
                 total = approved.setdefault((r["beneficiary_id"], r["currency"].strip()), [0, 0])
                 total[0] += r["amount_micros"]
                 total[1] += 1
-            outbox = OutboxWriter()
             for (user_id, currency), (micros, entries) in approved.items():
                 outbox.add(user_id, CommissionApproved(currency=currency, amount_micros=micros, entries=entries))
             await outbox.flush(conn, now, deltas)
@@ -583,7 +604,7 @@ class Ledger:
     async def payout(self, request: PayoutRequest, deltas: DeltaSet) -> tuple[int | None, PayoutResult]:
         """Pay every beneficiary whose approved entries net above zero."""
         hash_ = body_hash(request.payout_id, request.currency)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             inserted = await conn.fetchval(
                 "INSERT INTO payouts (payout_id, currency, body_hash, created_at) VALUES ($1, $2, $3, $4)"
@@ -618,7 +639,6 @@ class Ledger:
                     " (SELECT * FROM unnest($1::text[], $2::text[]))",
                     [b for b, _, _ in payable], [c for _, c, _ in payable],
                 )
-                outbox = OutboxWriter()
                 for b, c, m in payable:
                     outbox.add(b, CommissionPaid(payout_id=request.payout_id, currency=c, amount_micros=m))
                 await outbox.flush(conn, now, deltas)

@@ -2,10 +2,12 @@
 
 `OutboxWriter` collects one write's events per user and, inside that write's
 transaction, takes each user's next offsets and appends one outbox row per
-user. The relay reads committed rows (`pending_batches`) and deletes them once
-NATS has them (`delete_relayed`). Balance events come from the write's own
-deltas, so what a user's stream says and what their shard applies are the
-same numbers.
+user; it keeps the rows it appended (`appended`), which the writer's process
+publishes once the write commits (actors/live_publisher.py). Rows that are
+still here a while later, their publisher gone or NATS down, the relay
+publishes (`pending_batches`); either deletes a row once NATS holds it
+(`delete_relayed`). Balance events come from the write's own deltas, so what
+a user's stream says and what their shard applies are the same numbers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from dailydoco.protocol.live import NETWORK_MILESTONES, BalanceChanged, LiveEven
 from .deltas import APPROVED, PAID, PENDING, DeltaSet
 from .sharding import vshard_of
 
-OUTBOX_NOTIFY_CHANNEL = "dd_outbox"  # NOTIFY at commit wakes the relay at once
+
+class OutboxRow(NamedTuple):
+    outbox_id: int
+    user_id: str
+    first_seq: int
+    events: bytes  # msgpack, as encode_events wrote them
+    created_at: dt.datetime
 
 
 class OutboxRows(NamedTuple):
@@ -36,10 +44,12 @@ class OutboxRows(NamedTuple):
 class OutboxWriter:
     """Events of one ledger write, keyed by the user whose stream they join."""
 
-    __slots__ = ("_events",)
+    __slots__ = ("_events", "appended")
 
     def __init__(self):
         self._events: dict[str, list[LiveEvent]] = {}
+        # The rows this write appended (by `record_appended`): live once it commits.
+        self.appended: list[OutboxRow] = []
 
     def add(self, user_id: str, event: LiveEvent) -> None:
         events = self._events.get(user_id)
@@ -73,14 +83,18 @@ class OutboxWriter:
         return OutboxRows(users, [vshard_of(u) for u in users], [len(self._events[u]) for u in users],
                           [encode_events(self._events[u]) for u in users])
 
-    @staticmethod
-    def record_offsets(deltas: DeltaSet, rows: OutboxRows, written_users: list[str] | None,
-                       first_seqs: list[int] | None) -> None:
-        """Tell the shards each user's new last offset (what `append_ctes` returned)."""
+    def record_appended(self, deltas: DeltaSet, rows: OutboxRows, created_at: dt.datetime,
+                        appended: tuple[list[str] | None, list[int] | None, list[int] | None]) -> None:
+        """Take what `APPENDED_SELECT` returned: tell the shards each user's new
+        last offset, and keep the rows for publishing."""
+        written_users, first_seqs, outbox_ids = appended
         first_by_user = dict(zip(written_users or (), first_seqs or (), strict=True))
-        for user_id, count in zip(rows.users, rows.counts, strict=True):
+        id_by_user = dict(zip(written_users or (), outbox_ids or (), strict=True))
+        for user_id, count, events in zip(rows.users, rows.counts, rows.events, strict=True):
             first = first_by_user[user_id]
             deltas.for_user(user_id).event_seqs[user_id] = (first, first + count - 1)
+            self.appended.append(OutboxRow(id_by_user[user_id], user_id, first, events, created_at))
+        self.appended.sort()  # outbox order, as the relay reads it
 
     async def flush(self, conn: asyncpg.Connection, now: dt.datetime, deltas: DeltaSet) -> None:
         """Append the events, and balance changes from `deltas`, to the outbox.
@@ -91,16 +105,16 @@ class OutboxWriter:
         rows = self.rows(deltas)
         if not rows.users:
             return
-        written_users, first_seqs = await conn.fetchrow(
+        appended = await conn.fetchrow(
             "WITH " + append_ctes(1, "$5::timestamptz") + " " + APPENDED_SELECT, *rows.params(), now)
-        self.record_offsets(deltas, rows, written_users, first_seqs)
+        self.record_appended(deltas, rows, now, tuple(appended))
 
 
 def append_ctes(first_param: int, created_at: str, only_if: str = "true") -> str:
     """CTEs `streams` and `outbox_rows`: take each user's next offsets and
     append their rows, from OutboxRows.params() bound at $first_param on.
-    Offsets, rows and (with APPENDED_SELECT) the relay's wake-up go in one
-    statement: one round trip, while the write holds its locks.
+    Offsets and rows go in one statement: one round trip, while the write
+    holds its locks.
 
     `only_if` is evaluated before the first stream row is locked: a condition
     on the statement's other CTEs makes them run first, so the hot stream
@@ -115,38 +129,30 @@ def append_ctes(first_param: int, created_at: str, only_if: str = "true") -> str
         " outbox_rows AS (INSERT INTO outbox (user_id, first_seq, events, created_at)"
         f" SELECT s.user_id, s.last_seq - b.n + 1, b.events, {created_at}"
         f" FROM streams s JOIN unnest({users}::text[], {counts}::bigint[], {events}::bytea[]) AS b(user_id, n, events)"
-        " USING (user_id) ORDER BY s.user_id RETURNING user_id, first_seq)"
+        " USING (user_id) ORDER BY s.user_id RETURNING user_id, first_seq, outbox_id)"
     )
 
 
-# The appended users and their first offsets. An aggregate: one row, so one
-# NOTIFY, whatever the number of users (none when no row was appended).
-APPENDED_SELECT = (
-    "SELECT array_agg(user_id), array_agg(first_seq)"
-    f" FROM outbox_rows, pg_notify('{OUTBOX_NOTIFY_CHANNEL}', '')"
-)
+# The appended users, their first offsets and their rows' ids, as one row
+# (NULLs when nothing was appended), for OutboxWriter.record_appended.
+APPENDED_SELECT = "SELECT array_agg(user_id), array_agg(first_seq), array_agg(outbox_id) FROM outbox_rows"
 
 
 # --- the relay's side -------------------------------------------------------------
-
-
-class OutboxRow(NamedTuple):
-    outbox_id: int
-    user_id: str
-    first_seq: int
-    events: bytes
-    created_at: dt.datetime
 
 
 async def stream_epoch(pool: asyncpg.Pool) -> str:
     return await pool.fetchval("SELECT epoch FROM event_epoch")
 
 
-async def pending_batches(pool: asyncpg.Pool, limit: int) -> list[OutboxRow]:
-    """Committed outbox rows, oldest first. A user's rows are in offset order:
-    a later offset's writer waited for the earlier one's commit."""
+async def pending_batches(pool: asyncpg.Pool, limit: int, waited_s: float = 0.0) -> list[OutboxRow]:
+    """Committed outbox rows written at least `waited_s` ago (by the database's
+    clock), oldest first. A user's rows are in offset order: a later offset's
+    writer waited for the earlier one's commit."""
     rows = await pool.fetch(
-        "SELECT outbox_id, user_id, first_seq, events, created_at FROM outbox ORDER BY outbox_id LIMIT $1", limit)
+        "SELECT outbox_id, user_id, first_seq, events, created_at FROM outbox"
+        " WHERE written_at <= clock_timestamp() - make_interval(secs => $2) ORDER BY outbox_id LIMIT $1",
+        limit, waited_s)
     return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
 

@@ -8,13 +8,13 @@ import asyncio
 import contextlib
 import os
 
-import asyncpg
 import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
 from dailydoco.actors.commission_core import CommissionEngine
+from dailydoco.actors.live_publisher import LivePublisher
 from dailydoco.actors.outbox_relay import OutboxRelay
 from dailydoco.actors.registration import register_user
 from dailydoco.cluster import nats_io
@@ -27,7 +27,6 @@ from dailydoco.protocol.live import Publication, StreamReset
 from dailydoco.serve.auth import TokenAuthority, load_or_create_secrets
 from dailydoco.serve.live import LiveGateway
 from dailydoco.storage.ledger import Ledger
-from dailydoco.storage.outbox import OUTBOX_NOTIFY_CHANNEL
 from dailydoco.storage.pool import open_pool
 
 from ..conftest import migrated_database
@@ -67,14 +66,16 @@ async def await_event_stream(nc) -> None:
 
 async def _cross_region(regions: NatsRegions, database_url: str, state_dir: str) -> None:
     pool = await open_pool(database_url, max_size=6)
-    ledger = Ledger(pool, 3600)
-    router = NoShards()
-    chain = CommissionEngine(ledger, router)
     east = await nats_io.connect(regions.url("us-east"), "test-relay")
     await await_event_stream(east)
+    # As the engine runs them: the writer publishes its rows, and the relay
+    # takes what the producing region's restart leaves in the outbox.
+    live = LivePublisher(pool, regions.url("us-east"), "us-east", "test-writer")
+    live.start()
+    ledger = Ledger(pool, 3600, live.publish)
+    router = NoShards()
+    chain = CommissionEngine(ledger, router)
     relay = OutboxRelay(pool, east, "us-east")
-    listener = await asyncpg.connect(database_url)
-    await listener.add_listener(OUTBOX_NOTIFY_CHANNEL, relay.wake)
     auth = TokenAuthority(load_or_create_secrets(state_dir))
     west_box: list = []
     gateway = LiveGateway(auth, (), lambda: west_box[0], lambda: pool)
@@ -145,7 +146,7 @@ async def _cross_region(regions: NatsRegions, database_url: str, state_dir: str)
             task.cancel()
         with contextlib.suppress(BaseException):
             await asyncio.gather(*tasks, return_exceptions=True)
-        await listener.close()
+        await live.close()
         for nc in (east, west_box[0]):
             with contextlib.suppress(Exception):
                 await nc.close()

@@ -1,0 +1,150 @@
+"""LivePublisher: a write's events go to NATS from the process that wrote them.
+
+The outbox (storage/outbox.py) makes events durable with the write that
+causes them. The process that wrote them then publishes the rows it appended
+the moment the write commits, in commit order, and deletes them once
+JetStream acknowledges them: a frame follows its write by one NATS hop, with
+no Postgres notification and no relay read in between (measured in
+bench/live_bench.py). Publishing never delays the write: `publish` only
+queues, and a NATS that is down or slow only leaves rows in the outbox.
+
+What a process fails to publish (NATS down, the process killed between its
+commit and the ack, a full queue) the relay (actors/outbox_relay.py) finds in
+the outbox after its grace period and publishes. Both set `Nats-Msg-Id` =
+epoch.user.first offset, so a row published by both is kept once by
+JetStream's duplicate window, and clients drop an offset they hold already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import nats
+from nats.js import JetStreamContext
+
+from dailydoco.cluster import nats_io
+from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_subject, user_token
+from dailydoco.storage.outbox import OutboxRow, delete_relayed, stream_epoch
+
+PUBLISH_ACK_TIMEOUT_S = 5.0  # unacknowledged by then: left in the outbox, for the relay
+PUBLISH_PENDING_MAX = 20_000  # rows awaiting their acks before publishing waits
+QUEUED_ROWS_MAX = 50_000  # past this (NATS stalled), new rows are left to the relay
+DELETE_GATHER_S = 0.005  # acknowledged rows gather this long into one DELETE
+START_RETRY_S = 0.5
+
+log = logging.getLogger("dailydoco.live_publisher")
+
+
+async def publish_rows(js: JetStreamContext, region: str, epoch: str, rows: list[OutboxRow]) -> list[asyncio.Future]:
+    """Publish outbox rows, one after another so the wire keeps their order;
+    returns their JetStream acks, to await."""
+    acks: list[asyncio.Future] = []
+    try:
+        for r in rows:
+            acks.append(await js.publish_async(
+                user_subject(region, r.user_id),
+                encode_event_batch(epoch, r.first_seq, r.created_at, r.events),
+                stream=EVENT_STREAM_NAME,
+                headers={"Nats-Msg-Id": f"{epoch}.{user_token(r.user_id)}.{r.first_seq}"},
+            ))
+    except BaseException:
+        for ack in acks:
+            ack.cancel()
+        raise
+    return acks
+
+
+class LivePublisher:
+    """One per process that writes the ledger; `publish` is the Ledger's
+    `publish_events`."""
+
+    def __init__(self, pool: asyncpg.Pool, nats_url: str, region: str, name: str):
+        self.pool = pool
+        self.nats_url = nats_url
+        self.region = region
+        self.name = name
+        self.published_rows = 0  # acknowledged by JetStream
+        self._queue: list[OutboxRow] = []
+        self._queued = asyncio.Event()
+        self._acked_ids: list[int] = []
+        self._acked = asyncio.Event()
+        self.ready = asyncio.Event()  # connected, stream and epoch known: publish() takes rows
+        self._nc: nats.NATS | None = None
+        self._tasks: set[asyncio.Task] = set()  # held so the loop does not drop them
+
+    def start(self) -> None:
+        """Connect and publish in the background: the process comes up while
+        NATS is down, and its rows wait in the outbox meanwhile."""
+        self._spawn(self._run())
+
+    def publish(self, rows: list[OutboxRow]) -> None:
+        """Queue a committed write's rows; call in commit order."""
+        if not self.ready.is_set() or len(self._queue) >= QUEUED_ROWS_MAX:
+            return  # the relay publishes them
+        self._queue.extend(rows)
+        self._queued.set()
+
+    async def close(self) -> None:
+        """Stop publishing (rows not yet acknowledged stay for the relay)."""
+        self.ready.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None:
+            await self._nc.close()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        nc = self._nc = await nats_io.connect(self.nats_url, name=self.name)
+        while True:
+            try:
+                await nats_io.ensure_event_stream(nc)
+                epoch = await stream_epoch(self.pool)
+                break
+            except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+                log.warning("%s: live publishing waits (%s)", self.name, exc)
+                await asyncio.sleep(START_RETRY_S)
+        js = nc.jetstream(publish_async_max_pending=PUBLISH_PENDING_MAX)
+        self._spawn(self._delete_acknowledged())
+        self.ready.set()
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            rows, self._queue = self._queue, []
+            try:
+                acks = await publish_rows(js, self.region, epoch, rows)
+            except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+                log.warning("%s: %d rows not published (%s); the relay takes them", self.name, len(rows), exc)
+                continue
+            self._spawn(self._settle([r.outbox_id for r in rows], acks))
+
+    async def _settle(self, ids: list[int], acks: list[asyncio.Future]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_ACK_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            log.warning("%s: %d rows unconfirmed (%s); the relay takes them", self.name, len(ids), exc)
+            for ack in acks:
+                ack.cancel()
+            return
+        self.published_rows += len(ids)
+        self._acked_ids.extend(ids)
+        self._acked.set()
+
+    async def _delete_acknowledged(self) -> None:
+        """One DELETE for what was acknowledged meanwhile: not one per write."""
+        while True:
+            await self._acked.wait()
+            await asyncio.sleep(DELETE_GATHER_S)
+            self._acked.clear()
+            ids, self._acked_ids = self._acked_ids, []
+            try:
+                await delete_relayed(self.pool, ids)
+            except (OSError, asyncpg.PostgresError) as exc:
+                # Left in the outbox: the relay publishes them again, and JetStream drops the copies.
+                log.warning("%s: deleting %d published rows failed (%s)", self.name, len(ids), exc)
