@@ -156,7 +156,7 @@ async def latency_suite(url: str, secrets, network: ViralNetwork, duration_s: fl
 
 def settle(system: EngineSystem) -> None:
     """Measure latency in steady state, not in the wake of the bulk load: let
-    the shard deliveries land and the relay empty the outbox; take the
+    the shard deliveries land and the outbox empty (its rows published); take the
     shards' checkpoint now (the supervisor's next periodic one would fold
     every ledger row of the bulk load, seconds of CPU, in the middle of the
     latency runs); and give the planner statistics for tables that grew from
@@ -177,7 +177,7 @@ def settle(system: EngineSystem) -> None:
         started, waiting = time.monotonic(), await conn.fetchval("SELECT count(*) FROM outbox")
         while await conn.fetchval("SELECT count(*) FROM outbox") and time.monotonic() - started < OUTBOX_DRAIN_WAIT_S:
             await asyncio.sleep(0.2)
-        print(f"    the relay took {time.monotonic() - started:.1f} s more for the {waiting:,} outbox rows"
+        print(f"    the outbox took {time.monotonic() - started:.1f} s more to publish the {waiting:,} rows"
               " still waiting after the bulk load", flush=True)
         await conn.execute("VACUUM ANALYZE")
         await conn.close()
