@@ -98,7 +98,15 @@ class LivePublisher:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Publishing stops, not the writes: from here the relay publishes
+            # this process's rows, a grace period late.
+            self.ready.clear()
+            log.error("%s: live publishing stopped", self.name, exc_info=task.exception())
 
     async def _run(self) -> None:
         nc = self._nc = await nats_io.connect(self.nats_url, name=self.name)
