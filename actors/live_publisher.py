@@ -110,15 +110,16 @@ class LivePublisher:
 
     async def _run(self) -> None:
         nc = self._nc = await nats_io.connect(self.nats_url, name=self.name)
+        js = nc.jetstream(publish_async_max_pending=PUBLISH_PENDING_MAX)
         while True:
             try:
-                await nats_io.ensure_event_stream(nc)
+                # The relay creates the stream and owns its settings: wait for it, do not write them again.
+                await js.stream_info(EVENT_STREAM_NAME)
                 epoch = await stream_epoch(self.pool)
                 break
             except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
                 log.warning("%s: live publishing waits (%s)", self.name, exc)
                 await asyncio.sleep(START_RETRY_S)
-        js = nc.jetstream(publish_async_max_pending=PUBLISH_PENDING_MAX)
         self._spawn(self._delete_acknowledged())
         self.ready.set()
         while True:

@@ -66,9 +66,6 @@ class OutboxRelay:
         self._deleted_during_read: set[int] = set()
         self._settling: set[asyncio.Task] = set()  # held so the loop does not drop them
 
-    def wake(self, *_args) -> None:
-        self._wake.set()
-
     async def relay_once(self) -> int:
         """Publish one round of outbox rows; returns how many. Their acks and
         delete follow in the background (`_settle`)."""
@@ -103,7 +100,7 @@ class OutboxRelay:
                 ack.cancel()
         finally:
             self._in_flight.difference_update(ids)
-            self.wake()  # room for another round, or rows to take again
+            self._wake.set()  # room for another round, or rows to take again
 
     async def run(self) -> None:
         while True:
