@@ -22,6 +22,7 @@ import logging
 
 import asyncpg
 import nats
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from dailydoco.cluster import nats_io
@@ -117,6 +118,8 @@ class LivePublisher:
                 await js.stream_info(EVENT_STREAM_NAME)
                 epoch = await stream_epoch(self.pool)
                 break
+            except nats.js.errors.NotFoundError:
+                await asyncio.sleep(START_RETRY_S)  # at a first start, the relay is creating it
             except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
                 log.warning("%s: live publishing waits (%s)", self.name, exc)
                 await asyncio.sleep(START_RETRY_S)
