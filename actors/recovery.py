@@ -29,29 +29,16 @@ def rebuild(rows: ShardRows, vshards: list[int]) -> dict[int, ShardState]:
                             r["created_at"], bytes(r["body_hash"]))
         states[vshard_of(record.user_id)].users[record.user_id] = record
 
-    wanted = set(vshards)
+    # Already summed, and only what each vshard's checkpoint lacks (see read_since_checkpoints).
     deltas = DeltaSet(vshard_of)
-
-    def after_checkpoint(vshard: int, xid: int) -> bool:
-        return vshard in wanted and not rows.checkpoints[vshard].snapshot.sees(xid)
-
-    for r in rows.joins:
-        for level, ancestor in enumerate(r["upline"], start=1):
-            if after_checkpoint(vshard_of(ancestor), r["xid"]):
-                deltas.for_user(ancestor).joins.append((ancestor, level))
-    for sign, source in ((1, rows.purchases), (-1, rows.refunds)):
-        for r in source:
-            for level, ancestor in enumerate(r["upline"], start=1):
-                if after_checkpoint(vshard_of(ancestor), r["xid"]):
-                    deltas.for_user(ancestor).add_revenue(ancestor, r["currency"].strip(), level, sign * r["amount_micros"])
-    for r in rows.entries:
-        if after_checkpoint(r["vshard"], r["xid"]):
-            deltas.for_user(r["beneficiary_id"]).add_balance(
-                r["beneficiary_id"], r["currency"].strip(), BUCKET_OF_STATUS[r["created_status"]], r["amount_micros"])
-    for r in rows.transitions:
-        if after_checkpoint(r["vshard"], r["xid"]):
-            deltas.for_user(r["beneficiary_id"]).move_balance(
-                r["beneficiary_id"], r["currency"].strip(), r["from_status"], r["to_status"], r["amount_micros"])
+    for ancestor, level, members in rows.joins:
+        deltas.for_user(ancestor).joins.append((ancestor, level, members))
+    for ancestor, level, currency, micros in rows.revenue:
+        deltas.for_user(ancestor).add_revenue(ancestor, currency, level, micros)
+    for beneficiary, currency, created_status, micros in rows.entries:
+        deltas.for_user(beneficiary).add_balance(beneficiary, currency, BUCKET_OF_STATUS[created_status], micros, summed=True)
+    for beneficiary, currency, from_status, to_status, micros in rows.transitions:
+        deltas.for_user(beneficiary).move_balance(beneficiary, currency, from_status, to_status, micros, summed=True)
     for v, delta in deltas.by_route.items():
         states[v].apply_unfenced(delta)
     return states

@@ -90,11 +90,11 @@ class ShardState:
         """Apply without the xid fence: recovery replays rows it selected itself."""
         for record in delta.users:
             self.users[record.user_id] = record
-        for ancestor, level in delta.joins:
+        for ancestor, level, members in delta.joins:
             stats = self.stats_of(ancestor)
-            stats.size_by_level[level - 1] += 1
+            stats.size_by_level[level - 1] += members
             if level == 1:
-                stats.direct_referrals += 1
+                stats.direct_referrals += members
         for (user_id, currency), levels in delta.revenue.items():
             have = self.stats_of(user_id).revenue_by_level.setdefault(currency, [0] * LEVELS_MAX)
             for i, d in enumerate(levels):

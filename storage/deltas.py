@@ -43,7 +43,7 @@ class ShardDelta:
 
     balances: (user, currency) -> [d_pending, d_approved, d_paid]
     revenue:  (user, currency) -> deltas of network revenue per level
-    joins:    (ancestor, level) pairs: a new member at that level
+    joins:    (ancestor, level, members): new members at that level
     users:    new user records owned by this shard
     event_seqs: user -> (first, last) live-event offsets this write gave out
     """
@@ -53,12 +53,15 @@ class ShardDelta:
     def __init__(self):
         self.balances: dict[tuple[str, str], list[int]] = {}
         self.revenue: dict[tuple[str, str], list[int]] = {}
-        self.joins: list[tuple[str, int]] = []
+        self.joins: list[tuple[str, int, int]] = []
         self.users: list[UserRecord] = []
         self.event_seqs: dict[str, tuple[int, int]] = {}
 
-    def add_balance(self, user_id: str, currency: str, bucket: int | None, delta_micros: int) -> None:
-        if bucket is None or delta_micros == 0:
+    def add_balance(self, user_id: str, currency: str, bucket: int | None, delta_micros: int,
+                    summed: bool = False) -> None:
+        """`summed`: the delta sums entries that may cancel out; the currency
+        still appears in the user's balances, as it would entry by entry."""
+        if bucket is None or (delta_micros == 0 and not summed):
             return
         key = (user_id, currency)
         buckets = self.balances.get(key)
@@ -66,9 +69,10 @@ class ShardDelta:
             buckets = self.balances[key] = [0, 0, 0]
         buckets[bucket] += delta_micros
 
-    def move_balance(self, user_id: str, currency: str, from_status: str, to_status: str, micros: int) -> None:
-        self.add_balance(user_id, currency, BUCKET_OF_STATUS[from_status], -micros)
-        self.add_balance(user_id, currency, BUCKET_OF_STATUS[to_status], micros)
+    def move_balance(self, user_id: str, currency: str, from_status: str, to_status: str, micros: int,
+                     summed: bool = False) -> None:
+        self.add_balance(user_id, currency, BUCKET_OF_STATUS[from_status], -micros, summed)
+        self.add_balance(user_id, currency, BUCKET_OF_STATUS[to_status], micros, summed)
 
     def add_revenue(self, user_id: str, currency: str, level: int, delta_micros: int) -> None:
         key = (user_id, currency)

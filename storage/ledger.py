@@ -307,7 +307,7 @@ class Ledger:
             record = UserRecord(user_id, referral_code, referrer_id, upline, now, hash_)
             deltas.for_user(user_id).users.append(record)
             for level, ancestor in enumerate(upline, start=1):
-                deltas.for_user(ancestor).joins.append((ancestor, level))
+                deltas.for_user(ancestor).joins.append((ancestor, level, 1))
                 outbox.add(ancestor, ReferralJoined(member_id=user_id, level=level))
             if upline:
                 await outbox.count_joins(conn, upline)

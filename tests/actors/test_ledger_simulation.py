@@ -205,7 +205,12 @@ class Simulation:
         assert positive == 0, self.fail("a positive approved balance was left unpaid")
 
     async def crash_shard(self) -> None:
-        await self.recover(self.rng.randrange(SHARDS))
+        """A shard comes back exactly as it was: every statistic and balance,
+        zeros included (a fully refunded commission leaves its currency at 0)."""
+        index = self.rng.randrange(SHARDS)
+        before = _shard_image(self.router.states[index])
+        await self.recover(index)
+        assert _shard_image(self.router.states[index]) == before, self.fail("a recovered shard differs from the one lost")
 
     async def lose_delivery(self) -> None:
         """A writer dies between commit and delivery; the supervisor reloads all shards."""
@@ -382,6 +387,11 @@ class Simulation:
             await action()
             await self.router.flush_posted()
             await self.verify()
+
+
+def _shard_image(state) -> tuple:
+    return ({u: s.to_wire() for u, s in state.stats.items()}, {u: r.__reduce__()[1] for u, r in state.users.items()},
+            dict(state.stream_offsets))
 
 
 def _diff(have, want):
