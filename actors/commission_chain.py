@@ -10,11 +10,10 @@ import ray
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol import PurchaseOutcomeWire, RefundRequest, RefundResult, TransactionRequest
-from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 
 from .commission_core import CommissionEngine
-from .live_publisher import LivePublisher
+from .live_publisher import publishing_ledger
 from .refs import RayShardRouter
 
 
@@ -38,10 +37,8 @@ class CommissionChainActor:
         async with self._init_lock:
             if self.engine is None:
                 pool = await open_pool(self.postgres_url, min_size=2, max_size=4)
-                live = LivePublisher(pool, self.nats_url, self.config.region, f"dailydoco-chain-{self.index}")
-                live.start()
                 self.engine = CommissionEngine(
-                    Ledger(pool, self.config.hold_period_s, live.publish),
+                    publishing_ledger(pool, self.config, self.nats_url, f"dailydoco-chain-{self.index}"),
                     RayShardRouter(self.config.namespace, self.config.shard_actors),
                 )
                 freeze_startup_heap()

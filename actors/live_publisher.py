@@ -26,7 +26,9 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from dailydoco.cluster import nats_io
+from dailydoco.cluster.config import EngineConfig
 from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_subject, user_token
+from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import OutboxRow, delete_relayed, stream_epoch
 
 PUBLISH_ACK_TIMEOUT_S = 5.0  # unacknowledged by then: left in the outbox, for the relay
@@ -55,6 +57,13 @@ async def publish_rows(js: JetStreamContext, region: str, epoch: str, rows: list
             ack.cancel()
         raise
     return acks
+
+
+def publishing_ledger(pool: asyncpg.Pool, config: EngineConfig, nats_url: str, name: str) -> Ledger:
+    """The Ledger of a writing actor, whose committed events it publishes itself."""
+    live = LivePublisher(pool, nats_url, config.region, name)
+    live.start()
+    return Ledger(pool, config.hold_period_s, live.publish)
 
 
 class LivePublisher:

@@ -18,14 +18,13 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.priority import run_as_background
 from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult
-from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.migrations import ensure_ledger_partitions
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS
 
 from . import lifecycle
 from .commission_chain import CommissionChainActor
-from .live_publisher import LivePublisher
+from .live_publisher import publishing_ledger
 from .outbox_relay import OutboxRelayActor
 from .recovery import checkpoint_all
 from .refs import RELAY_NAME, VIDEO_PROCESSOR_NAME, RayShardRouter, chain_actor_name, shard_actor_name
@@ -83,9 +82,7 @@ class SupervisorActor:
     async def start(self) -> list[str]:
         """Create (or adopt) every actor and wait until each has recovered."""
         self.pool = await open_pool(self.postgres_url, max_size=3)
-        live = LivePublisher(self.pool, self.nats_url, self.config.region, "dailydoco-supervisor")
-        live.start()
-        self.ledger = Ledger(self.pool, self.config.hold_period_s, live.publish)
+        self.ledger = publishing_ledger(self.pool, self.config, self.nats_url, "dailydoco-supervisor")
         self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
         async with self.pool.acquire() as conn:
             await ensure_ledger_partitions(conn)

@@ -12,11 +12,10 @@ from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, UserView
 from dailydoco.storage.balance_views import BalanceViewWriter
 from dailydoco.storage.deltas import ShardDelta
-from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import vshards_of_actor
 
-from .live_publisher import LivePublisher
+from .live_publisher import publishing_ledger
 from .recovery import recover_shard
 from .refs import RayShardRouter
 from .registration import register_user
@@ -67,10 +66,7 @@ class UserShardActor:
             async with self._ready_lock:
                 if self.state is None:
                     self.pool = await open_pool(self.postgres_url, max_size=3)
-                    live = LivePublisher(self.pool, self.nats_url, self.config.region,
-                                         f"dailydoco-shard-{self.index}")
-                    live.start()
-                    self.ledger = Ledger(self.pool, self.config.hold_period_s, live.publish)
+                    self.ledger = publishing_ledger(self.pool, self.config, self.nats_url, f"dailydoco-shard-{self.index}")
                     self.router = LocalFirstRouter(self.config.namespace, self.config.shard_actors, self)
                     state = await recover_shard(self.pool, self.vshards)
                     self.views = BalanceViewWriter(
