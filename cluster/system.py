@@ -67,6 +67,17 @@ def _ray_env(config: EngineConfig) -> None:
     os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
 
 
+def _replica_logging(config: EngineConfig) -> dict:
+    """Serve's logging in our replicas. A replica logs every request at INFO
+    and drops the line in a filter when access logs are off, after building
+    the record (the caller's frame looked up, a LogRecord made): 3 % of the
+    replica's samples at 500 POSTs/s (py-spy). Below WARNING only with
+    request logs on, so the call returns at its level check."""
+    if config.request_logs:
+        return {"enable_access_log": True, "log_level": "INFO"}
+    return {"enable_access_log": False, "log_level": "WARNING"}
+
+
 async def _migrate(postgres_url: str) -> list[str]:
     from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partitions
 
@@ -136,8 +147,7 @@ class EngineSystem:
         # gateways. Every region serves the whole API.
         for region, nats_url in self.region_nats_urls.items():
             serve.run(
-                EngineIngress.options(num_replicas=cfg.serve_replicas,
-                                      logging_config={"enable_access_log": cfg.request_logs}).bind(
+                EngineIngress.options(num_replicas=cfg.serve_replicas, logging_config=_replica_logging(cfg)).bind(
                     msgspec.structs.replace(cfg, region=region), self.postgres_url, self.redis_url, nats_url,
                     self.secrets),
                 name=serve_app_name(cfg, region), route_prefix=region_route_prefix(cfg, region), blocking=False,
