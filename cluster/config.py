@@ -36,6 +36,12 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # datagrams are parsed in Python by Serve's HAProxyManager), and the
     # replicas' /metrics already count and time every request by route.
     request_logs: bool
+    # Ray's own telemetry (its workers' metrics, per-call task events, the
+    # node agent's per-process stats), for Ray's dashboard and Grafana. Off by
+    # default: the engine starts Ray without the dashboard, and the node agent
+    # took half a core for about half a second every 10 s ingesting it, stalling
+    # every request in flight (cluster/system.py).
+    ray_telemetry: bool
     namespace: str
     region: str  # the home region: its NATS carries the live events this deployment publishes
     live_origins: tuple[str, ...]  # browser Origins allowed on the live WebSocket, besides the API's own
@@ -75,6 +81,7 @@ def load_config(**overrides) -> EngineConfig:
         clock_adjustable=_flag("DD_CLOCK_ADJUSTABLE", False),
         haproxy=_flag("DD_HAPROXY", True),
         request_logs=_flag("DD_REQUEST_LOGS", False),
+        ray_telemetry=_flag("DD_RAY_TELEMETRY", False),
         namespace=env.get("DD_RAY_NAMESPACE", "dailydoco"),
         region=env.get("DD_REGION", regions[0]),
         live_origins=tuple(o.strip() for o in env.get("DD_LIVE_ORIGINS", "").split(",") if o.strip()),

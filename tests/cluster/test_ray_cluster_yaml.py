@@ -7,6 +7,8 @@ import jsonschema
 import ray
 import yaml
 
+from dailydoco.cluster.system import RAY_TELEMETRY_OFF, SERVE_CONTROL_LOOP_INTERVAL_S
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -15,5 +17,10 @@ def test_cluster_yaml_matches_rays_schema():
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     jsonschema.validate(config, schema)
     assert config["provider"]["type"] == "local" and "available_node_types" not in config
-    started = " ".join(config["head_start_ray_commands"])
-    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in started and "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in started
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        started = " ".join(config[commands])
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1" in started and "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in started
+        # The same Ray settings as the local Ray that `dailydoco up` starts.
+        expected = RAY_TELEMETRY_OFF | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(SERVE_CONTROL_LOOP_INTERVAL_S)}
+        for name, value in expected.items():
+            assert f"{name}={value}" in started.split(), (commands, name)
