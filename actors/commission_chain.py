@@ -15,10 +15,11 @@ from dailydoco.storage.pool import open_pool
 from .commission_core import CommissionEngine
 from .live_publisher import publishing_ledger
 from .refs import RayShardRouter
+from .watch import Watched
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
-class CommissionChainActor:
+class CommissionChainActor(Watched):
     """Writes purchases for the transaction ids that hash to it (see
     storage/sharding.py), so concurrent deliveries of one id meet here."""
 

@@ -36,6 +36,7 @@ from dailydoco.storage.outbox import delete_relayed, pending_batches, stream_epo
 from dailydoco.storage.pool import open_pool
 
 from .live_publisher import PUBLISH_ACK_TIMEOUT_S, publish_rows
+from .watch import Watched
 
 RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes
 RELAY_ROWS_IN_FLIGHT_MAX = 4_000  # published, awaiting acks and delete; the next read skips them
@@ -126,7 +127,7 @@ class OutboxRelay:
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10)
-class OutboxRelayActor:
+class OutboxRelayActor(Watched):
     """The Ray shell: one per deployment, watched by the supervisor."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):

@@ -20,6 +20,7 @@ from .recovery import recover_shard
 from .refs import RayShardRouter
 from .registration import register_user
 from .shard_core import ShardState
+from .watch import Watched
 
 BALANCE_VIEW_WRITE_TIMEOUT_S = 2.0  # a hung Redis holds deliveries no longer than this
 
@@ -40,7 +41,7 @@ class LocalFirstRouter(RayShardRouter):
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
-class UserShardActor:
+class UserShardActor(Watched):
     """Owns the users of its virtual shards: records, statistics, balances.
 
     Guarantees: its memory equals the ledger's (checkpoint + rows after it)

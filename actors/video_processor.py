@@ -25,6 +25,8 @@ from dailydoco.protocol.live import VideoProgress, video_subject
 from dailydoco.storage import video_jobs
 from dailydoco.storage.pool import open_pool
 
+from .watch import Watched
+
 PROGRESS_STEP = 0.05  # progress is written at most every 5 % of a video
 QUEUE_IDLE_POLL_S = 1.0  # NOTIFY wakes the processor; this catches a notification lost to a reconnect
 RETRY_BACKOFF_S = 1.0  # Postgres unreachable: wait and try again
@@ -134,7 +136,7 @@ def _relative_outputs(result, outputs: Path):
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
-class VideoProcessorActor:
+class VideoProcessorActor(Watched):
     """The Ray shell, watched by the supervisor; created with num_gpus=1 where
     the cluster has a GPU, so the analysis runs on it."""
 
