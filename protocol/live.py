@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import enum
+import functools
 import random
 from typing import Annotated, Callable, Literal, Union
 
@@ -185,6 +186,7 @@ EVENT_SUBJECT_ROOT = "dd.ev"  # dd.ev.<region>.<user token>: one subject per use
 EVENT_STREAM_NAME = "DD_EVENTS"
 
 
+@functools.lru_cache(maxsize=1 << 16)  # every published row names its user twice (subject, message id)
 def user_token(user_id: str) -> str:
     """The user id as one NATS subject token: lower-case base32, so it is
     injective (ids differing in case or by a prefix map to different tokens)
