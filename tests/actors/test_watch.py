@@ -30,6 +30,7 @@ def test_instances_are_watched_apart():
         await asyncio.sleep(0)
         watching_b = asyncio.create_task(b.watched())
         assert await _pending_after_a_moment(watching_a) and await _pending_after_a_moment(watching_b)
-        watching_a.cancel(), watching_b.cancel()
+        watching_a.cancel()
+        watching_b.cancel()
 
     asyncio.run(scenario())
