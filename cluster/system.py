@@ -46,8 +46,9 @@ def _reap_haproxy(config: EngineConfig) -> None:
 # that `up` starts: the node agent's periodic ingest of every worker's metrics
 # and its per-process stats (psutil, smaps) took 40 to 70 % of a core for about
 # half a second every 10 s, and every request in flight then waited (balance
-# reads at 1,000/s stalled 0.3 to 0.5 s, all of them); idle, the engine's
-# processes took 31 % of a core with it and 23 % without (one probe each).
+# reads at 1,000/s stalled 0.3 to 0.5 s, all of them); with the engine idle,
+# this machine's processes took 31 % of a core with it, 23 % without (one
+# probe each).
 RAY_TELEMETRY_OFF = {
     "RAY_enable_metrics_collection": "0",  # workers' metrics, which the node agent ingests
     "RAY_task_events_report_interval_ms": "0",  # a task event per actor call, sent on to the GCS
