@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dailydoco.cluster.system import RAY_TELEMETRY_OFF
 
 PROBE = """
@@ -44,7 +46,6 @@ def test_the_engines_ray_workers_run_with_telemetry_off(engine):
     """What the setting is for: the processes Ray starts (the node agent,
     the actors' workers) inherit it from the process that started Ray."""
     import ray
-    import pytest
 
     if engine.config.ray_telemetry:
         pytest.skip("DD_RAY_TELEMETRY=1 keeps Ray's telemetry on")
