@@ -274,11 +274,12 @@ def _epoch(system: EngineSystem) -> str:
 
 
 def replica_process(app_name: str) -> psutil.Process:
+    """One of the app's Serve replicas: the sockets of (d) all go straight to it."""
     title = f"ServeReplica:{app_name}:"
     found = [p for p in psutil.process_iter(["cmdline"]) if any(title in a for a in p.info["cmdline"] or ())]
-    if len(found) != 1:
-        raise RuntimeError(f"expected one Serve replica process of {app_name}, found {len(found)}")
-    return found[0]
+    if not found:
+        raise RuntimeError(f"no Serve replica process of {app_name}")
+    return min(found, key=lambda p: p.pid)
 
 
 def replica_http_port(replica: psutil.Process) -> int:

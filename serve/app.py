@@ -17,7 +17,7 @@ import time
 import msgspec
 import nats
 import redis.asyncio as redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from ray.exceptions import RayTaskError, TaskCancelledError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,6 +44,7 @@ from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, req
 from .openapi import openapi_document
 from .live import LiveGateway
 from .live_page import live_page_routes
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ReplicaMetrics
 from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
 
@@ -150,6 +151,9 @@ class EngineApi:
                     socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S))
                 self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
                 self.limiter = RateLimiter(self.redis)
+                self.replica_metrics = ReplicaMetrics(
+                    self.registry, self.redis, f"{self.config.namespace}:{self.config.region}")
+                self._metrics_task = asyncio.get_running_loop().create_task(self.replica_metrics.publish_forever())
                 self.local_limiter = LocalRateLimiter()
                 # Only the live socket needs NATS: connect in the background, so
                 # a NATS outage shows in /readyz instead of stalling every request.
@@ -457,7 +461,7 @@ class EngineApi:
         return json_response(health, 200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
+        return Response(await self.replica_metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(self._openapi)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pytest
+
+from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 
 from .conftest import unique
 
@@ -219,6 +222,13 @@ def test_operations_endpoints(api):
     assert {"postgres", "redis", "nats"} <= set(ready.json()["checks"])
     metrics = api.anonymous.get("/metrics").text
     assert "dailydoco_http_requests_total" in metrics
+    # One scrape holds every replica's series, whichever replica answers it
+    # (each publishes its own every interval from its start).
+    deadline = time.monotonic() + 5 * REPLICA_METRICS_INTERVAL_S
+    while len(_replicas_in(metrics)) < api.engine.config.serve_replicas and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = api.anonymous.get("/metrics").text
+    assert len(_replicas_in(metrics)) == api.engine.config.serve_replicas
     spec = api.anonymous.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.1") and "/v1/transactions:batch" in spec["paths"]
 
@@ -270,16 +280,25 @@ def test_balance_reads_come_from_the_shards_views_in_redis(api):
         assert from_shard.status_code == 200 and from_shard.content == stored
         as_user = api.anonymous.get(f"/v1/users/{referrer}/balance", headers={"Authorization": f"Bearer {token}"})
         assert as_user.status_code == 200 and as_user.content == stored
-        assert _balance_reads_from_shard(api) == before + 2
+        # /metrics shows the replicas' counts as they were up to an interval ago.
+        deadline = time.monotonic() + 5 * REPLICA_METRICS_INTERVAL_S
+        while (counted := _balance_reads_from_shard(api)) < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert counted == before + 2
     finally:
         client.close()
 
 
+def _replicas_in(metrics: str) -> set[str]:
+    # A series every replica has from its start, whatever it has served.
+    return {line.split('replica="')[1].split('"')[0] for line in metrics.splitlines()
+            if line.startswith("dailydoco_balance_reads_total{")}
+
+
 def _balance_reads_from_shard(api) -> float:
-    for line in api.anonymous.get("/metrics").text.splitlines():
-        if line.startswith('dailydoco_balance_reads_total{source="shard"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """Summed over the replicas."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
+               if line.startswith('dailydoco_balance_reads_total{') and 'source="shard"' in line)
 
 
 async def _fetchval(url, query, asyncpg):
