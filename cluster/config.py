@@ -76,12 +76,12 @@ def load_config(**overrides) -> EngineConfig:
         # process a request touches costs more in switching than it adds.
         shard_actors=int(env.get("DD_SHARD_ACTORS", str(max(2, cores)))),
         chain_actors=int(env.get("DD_CHAIN_ACTORS", str(max(1, cores // 2)))),
-        # Two replicas or more even on two cores: HAProxy sends each request to
-        # the replica with the fewest in flight, so one that stalls (a pause, a
-        # core taken away) is routed around instead of queueing every request
-        # behind it, and each runs at half the load. Measured here: balance
-        # p99 3.0 to 3.9 ms against 5.1 to 39 ms with one (README, Benchmark).
-        serve_replicas=int(env.get("DD_SERVE_REPLICAS", str(max(2, cores)))),
+        # One replica by default, measured both ways on 2 cores (README,
+        # Benchmark): with a second, balance reads stalled less (HAProxy sends
+        # each request to the replica with the fewest in flight), but a live
+        # frame then often waited in the other replica's loop, behind
+        # requests, past its 2xx (the live target; p99 190 ms against 0.00).
+        serve_replicas=int(env.get("DD_SERVE_REPLICAS", "1")),
         hold_period_s=int(env.get("DD_HOLD_PERIOD_S", str(HOLD_PERIOD_S_DEFAULT))),
         clock_adjustable=_flag("DD_CLOCK_ADJUSTABLE", False),
         haproxy=_flag("DD_HAPROXY", True),

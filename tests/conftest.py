@@ -101,6 +101,7 @@ def engine(state_dir, servers, other_region_nats_urls, engine_database_url):
         clock_adjustable=True,
         shard_actors=3,  # more than one of each, so routing across actors is exercised
         chain_actors=2,
+        serve_replicas=2,  # and more than one replica: /metrics, revocations and rate limits span them
         namespace=f"dailydoco-test-{os.getpid()}",
         region=DEFAULT_REGIONS[0],
         region_nats_urls=other_region_nats_urls,
