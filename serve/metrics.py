@@ -69,8 +69,10 @@ class ReplicaMetrics:
         while True:
             try:
                 await self.publish()
-            except (OSError, redis.RedisError) as exc:  # Redis away: /metrics shows this replica alone meanwhile
-                log.warning("publishing this replica's metrics failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - logged, and tried again: the loop must outlive any one failure
+                # Redis away: this replica's own scrapes show its last snapshot; in
+                # the others' its entry ages out after REPLICA_METRICS_STALE_S.
+                log.warning("publishing this replica's metrics failed: %r", exc)
             await asyncio.sleep(REPLICA_METRICS_INTERVAL_S)
 
     async def publish(self) -> None:
