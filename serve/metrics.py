@@ -63,14 +63,13 @@ class ReplicaMetrics:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(_Snapshot)
-        self._published: _Snapshot | None = None  # what /metrics shows of this replica while Redis is away
 
     async def publish_forever(self) -> None:
         while True:
             try:
                 await self.publish()
             except Exception as exc:  # noqa: BLE001 - logged, and tried again: the loop must outlive any one failure
-                # Redis away: this replica's own scrapes show its last snapshot; in
+                # Redis away: this replica's own scrapes show its live series; in
                 # the others' its entry ages out after REPLICA_METRICS_STALE_S.
                 log.warning("publishing this replica's metrics failed: %r", exc)
             await asyncio.sleep(REPLICA_METRICS_INTERVAL_S)
@@ -78,19 +77,21 @@ class ReplicaMetrics:
     async def publish(self) -> None:
         snapshot = _Snapshot(time.time(), generate_latest(self.registry))
         await self.redis.hset(self.key, self.replica, self._encoder.encode(snapshot))
-        self._published = snapshot
 
     async def exposition(self) -> bytes:
         """Every live replica's series as last published, this one's
         included: whichever replica a scrape reaches, it reads the same
         values, so no counter seems to go back between two scrapes."""
+        families = _Families()
         try:
             stored = await self.redis.hgetall(self.key)
         except (OSError, redis.RedisError) as exc:
+            # This replica's live series alone, however long Redis is away
+            # (once Redis is back, a series may read up to an interval lower
+            # than the scrape before did, that once).
             log.warning("reading the replicas' metrics failed: %s", exc)
-            own = self._published or _Snapshot(time.time(), generate_latest(self.registry))
-            stored = {self.replica.encode(): self._encoder.encode(own)}
-        families = _Families()
+            families.add(self.replica, generate_latest(self.registry).decode())
+            return generate_latest(families)
         now, stale = time.time(), []
         for replica, raw in sorted(stored.items()):
             snapshot = self._decoder.decode(raw)
