@@ -535,9 +535,12 @@ class Ledger:
             " FROM refunds r WHERE refund_id = $1",
             refund_id,
         )
+        # Through the index by transaction: refund_id has none, and a scan of
+        # the whole ledger per refund grows with every purchase ever made.
         lines = await conn.fetch(
-            "SELECT level, beneficiary_id, amount_micros, kind FROM commission_ledger WHERE refund_id = $1 ORDER BY level",
-            refund_id,
+            "SELECT level, beneficiary_id, amount_micros, kind FROM commission_ledger"
+            " WHERE transaction_id = $2 AND refund_id = $1 ORDER BY level",
+            refund_id, r["transaction_id"],
         )
         return RefundResult(
             refund_id=refund_id,
@@ -551,8 +554,13 @@ class Ledger:
         )
 
     async def _transition(self, conn, deltas: DeltaSet, now, to_status: str, payout_id: str | None,
-                          where: str, *args) -> list[asyncpg.Record]:
-        """Move the matching entries to `to_status`, journalled in ledger_transitions."""
+                          where: str, *args, order_limit: str = "ORDER BY entry_id") -> list[asyncpg.Record]:
+        """Move the matching entries to `to_status`, journalled in ledger_transitions.
+
+        Rows are locked in `order_limit`'s order. Writers that lock the same
+        rows in different orders deadlock (and are retried): a transaction's
+        entries share one hold_until, so on them entry_id order and
+        (hold_until, entry_id) order agree."""
         n = len(args)
         rows = await conn.fetch(
             f"""
@@ -560,7 +568,7 @@ class Ledger:
                 UPDATE commission_ledger l SET status = CASE
                     WHEN ${n + 1}::text = 'paid' AND l.kind = 'clawback' THEN 'reversed' ELSE ${n + 1}::text END
                 FROM (SELECT entry_id, created_at, status AS from_status FROM commission_ledger
-                      WHERE {where} ORDER BY entry_id FOR UPDATE) old
+                      WHERE {where} {order_limit} FOR UPDATE) old
                 WHERE l.entry_id = old.entry_id AND l.created_at = old.created_at
                 RETURNING l.entry_id, l.beneficiary_id, l.vshard, l.currency, l.amount_micros, old.from_status, l.status
             )
@@ -586,9 +594,10 @@ class Ledger:
             xid, now = await self.begin_write(conn)
             rows = await self._transition(
                 conn, deltas, now, "approved", None,
-                "(entry_id, created_at) IN (SELECT entry_id, created_at FROM commission_ledger"
-                " WHERE status = 'pending' AND hold_until <= $1 LIMIT $2)",
-                now, APPROVAL_SWEEP_ROWS_MAX,
+                "status = 'pending' AND hold_until <= $1", now, APPROVAL_SWEEP_ROWS_MAX,
+                # Oldest due first, down the pending index, in lock order: a
+                # backlog drains in the order it fell due.
+                order_limit="ORDER BY hold_until, entry_id LIMIT $2",
             )
             approved: dict[tuple[str, str], list[int]] = {}  # (user, currency) -> [micros, entries]
             for r in rows:

@@ -1,9 +1,10 @@
-"""The purchase write paths, against the real Postgres.
+"""The purchase write paths and the approval sweep, against the real Postgres.
 
 A small group of new ids is written by one statement; a group that meets an
 id known already must undo that statement and go the general way, so that
 every id still has one set of entries, one set of events, and the shards'
-deltas count each purchase once.
+deltas count each purchase once. The sweep approves a due backlog in bounded
+slices, oldest first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from dailydoco.actors.routing import new_delta_set
 from dailydoco.protocol import IdempotencyConflict, TransactionRequest
 from dailydoco.protocol.live import BalanceChanged, CommissionEarned, decode_events
+from dailydoco.storage import ledger as ledger_module
 from dailydoco.storage.deltas import PENDING
 from dailydoco.storage.ledger import ONE_STATEMENT_PURCHASES_MAX, Ledger, PreparedPurchase, purchase_hash
 from dailydoco.storage.pool import open_pool
@@ -25,9 +27,25 @@ SHARDS = 2
 ROOT, MIDDLE, BUYER = "w-root", "w-middle", "w-buyer"  # BUYER's upline: MIDDLE, ROOT
 
 
+HOLD_S = 3_600
+
+
 @pytest.fixture(scope="module")
 def ledger_database_url(servers):
     return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_writes"))
+
+
+@pytest.fixture(scope="module")
+def sweep_database_url(servers):
+    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_sweeps"))
+
+
+async def _insert_users(pool) -> None:
+    for user, upline in ((ROOT, []), (MIDDLE, [ROOT]), (BUYER, [MIDDLE, ROOT])):
+        await pool.execute(
+            "INSERT INTO users (user_id, referral_code, referrer_id, upline, vshard, body_hash, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, '\\x00', now())",
+            user, user.upper(), upline[0] if upline else None, upline, vshard_of(user))
 
 
 def _purchase(tid: str, amount_micros: int = 10_000_000) -> PreparedPurchase:
@@ -38,12 +56,8 @@ def _purchase(tid: str, amount_micros: int = 10_000_000) -> PreparedPurchase:
 async def _scenario(url: str) -> None:
     pool = await open_pool(url, max_size=2)
     try:
-        for user, upline in ((ROOT, []), (MIDDLE, [ROOT]), (BUYER, [MIDDLE, ROOT])):
-            await pool.execute(
-                "INSERT INTO users (user_id, referral_code, referrer_id, upline, vshard, body_hash, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, '\\x00', now())",
-                user, user.upper(), upline[0] if upline else None, upline, vshard_of(user))
-        ledger = Ledger(pool, hold_period_s=3_600)
+        await _insert_users(pool)
+        ledger = Ledger(pool, hold_period_s=HOLD_S)
 
         # All new: one statement, so one xid for every row it wrote.
         first = new_delta_set(SHARDS)
@@ -89,3 +103,39 @@ async def _scenario(url: str) -> None:
 
 def test_group_writes_record_each_purchase_once(ledger_database_url):
     asyncio.run(_scenario(ledger_database_url))
+
+
+async def _sweeps(url: str, monkeypatch) -> None:
+    pool = await open_pool(url, max_size=2)
+    try:
+        await _insert_users(pool)
+        ledger = Ledger(pool, hold_period_s=HOLD_S)
+        for group in (["s-1"], ["s-2", "s-3"], ["s-4"], ["s-5"]):  # 600 s apart
+            await ledger.write_purchases([_purchase(tid) for tid in group], new_delta_set(SHARDS))
+            await ledger.advance_clock(600)
+
+        async def ids(status: str) -> list[str]:
+            return [r[0] for r in await pool.fetch(
+                "SELECT transaction_id FROM commission_ledger WHERE status = $1 ORDER BY entry_id", status)]
+
+        await ledger.advance_clock(HOLD_S - 2_400 + 1)  # s-1's hold is over, not s-2's
+        deltas = new_delta_set(SHARDS)
+        assert (await ledger.approve_due(deltas))[1] == 2
+        assert await ids("approved") == ["s-1", "s-1"]
+        # s-1 pays MIDDLE 20 % and ROOT 10 % of 10 USD: ROOT's million moves.
+        assert deltas.for_user(ROOT).balances[(ROOT, "USD")] == [-1_000_000, 1_000_000, 0]  # pending, approved, paid
+
+        # s-2, s-3 and s-4 due: six entries, in slices of three, oldest first.
+        await ledger.advance_clock(1_200)
+        monkeypatch.setattr(ledger_module, "APPROVAL_SWEEP_ROWS_MAX", 3)
+        assert (await ledger.approve_due(new_delta_set(SHARDS)))[1] == 3
+        assert await ids("pending") == ["s-3", "s-4", "s-4", "s-5", "s-5"]
+        assert [(await ledger.approve_due(new_delta_set(SHARDS)))[1] for _ in range(2)] == [3, 0]
+        assert await ids("pending") == ["s-5", "s-5"]
+        assert await pool.fetchval("SELECT count(*) FROM ledger_transitions WHERE to_status = 'approved'") == 8
+    finally:
+        await pool.close()
+
+
+def test_approval_sweep_moves_only_due_entries_in_bounded_slices(sweep_database_url, monkeypatch):
+    asyncio.run(_sweeps(sweep_database_url, monkeypatch))
