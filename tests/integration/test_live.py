@@ -141,6 +141,12 @@ async def _isolation(api) -> None:
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_collect, LiveClient(live_url(api), tokens), seen, stop)
+        # The collector connected first: a socket starts at its stream's
+        # head, and the blocking API calls below would hold its connect back
+        # until after the fence, which it would then never see.
+        with anyio.fail_after(EVENT_WAIT_S):
+            while not any(isinstance(x, StreamReset) for x in seen):
+                await anyio.sleep(0.01)
         # A forged second frame asking for someone else's stream closes that socket.
         ws = await WebSocketConnection.open(live_url(api))
         await ws.send('{"type":"connect","token":"%s"}' % token)
