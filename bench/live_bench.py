@@ -37,7 +37,7 @@ from open_loop import _Connection, build_request
 from dailydoco.cluster.config import DEFAULT_REGIONS, load_config
 from dailydoco.cluster.embedded import EmbeddedServers, _nats_server_bin, _wait_for_port, free_port
 from dailydoco.cluster.live_client import WebSocketConnection
-from dailydoco.cluster.system import EngineSystem, serve_app_name
+from dailydoco.cluster.system import EngineSystem, live_app_name
 from dailydoco.protocol.live import (
     CommissionEarned,
     Publication,
@@ -283,16 +283,17 @@ def replica_process(app_name: str) -> psutil.Process:
 
 
 def replica_http_port(replica: psutil.Process) -> int:
-    """The replica's own HTTP port, the one HAProxy forwards to."""
+    """The replica's own HTTP port, the one HAProxy forwards to (Serve itself
+    answers /-/healthz there)."""
     for conn in replica.net_connections(kind="tcp"):
         if conn.status != psutil.CONN_LISTEN:
             continue
         try:
-            if httpx.get(f"http://127.0.0.1:{conn.laddr.port}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{conn.laddr.port}/-/healthz", timeout=2).status_code == 200:
                 return conn.laddr.port
         except httpx.HTTPError:
             continue
-    raise RuntimeError("the Serve replica has no HTTP port answering /healthz")
+    raise RuntimeError("the Serve replica has no HTTP port answering /-/healthz")
 
 
 async def connections(system: EngineSystem, auth: TokenAuthority, n: int) -> dict:
@@ -300,7 +301,7 @@ async def connections(system: EngineSystem, auth: TokenAuthority, n: int) -> dic
     # descriptors, and 10,000 of them exceed this machine's hard limit of
     # 20,000 per process (HAProxy then refuses to start). The replica is the
     # gateway process whose memory per connection is measured.
-    replica = replica_process(serve_app_name(system.config, system.config.region))
+    replica = replica_process(live_app_name(system.config, system.config.region))
     ws_url = f"ws://127.0.0.1:{replica_http_port(replica)}/v1/live"
     before = replica.memory_info().rss
     sockets = []

@@ -27,7 +27,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     http_port: int
     shard_actors: int
     chain_actors: int
-    serve_replicas: int
+    serve_replicas: int  # per region, for the HTTP API
+    live_replicas: int  # per region, for the live gateway's sockets
     hold_period_s: int
     clock_adjustable: bool  # lets POST /v1/admin/clock move engine time (tests, demos)
     haproxy: bool  # Serve's HAProxy ingress; False selects Serve's default Python proxy
@@ -76,12 +77,13 @@ def load_config(**overrides) -> EngineConfig:
         # process a request touches costs more in switching than it adds.
         shard_actors=int(env.get("DD_SHARD_ACTORS", str(max(2, cores)))),
         chain_actors=int(env.get("DD_CHAIN_ACTORS", str(max(1, cores // 2)))),
-        # One replica by default, measured both ways on 2 cores (README,
-        # Benchmark): with a second, balance reads stalled less (HAProxy sends
-        # each request to the replica with the fewest in flight), but a live
-        # frame then often waited in the other replica's loop, behind
-        # requests, past its 2xx (the live target; p99 190 ms against 0.00).
-        serve_replicas=int(env.get("DD_SERVE_REPLICAS", "1")),
+        # A Serve replica handles its requests on one thread, and Serve's own
+        # per-request work is most of a request's cost there: one replica
+        # saturated its thread at 1,000 balance reads/s, two spread them over
+        # both cores (README, Benchmark). The live sockets have their own
+        # deployment, so their frames never wait behind requests.
+        serve_replicas=int(env.get("DD_SERVE_REPLICAS", "2")),
+        live_replicas=int(env.get("DD_LIVE_REPLICAS", "1")),
         hold_period_s=int(env.get("DD_HOLD_PERIOD_S", str(HOLD_PERIOD_S_DEFAULT))),
         clock_adjustable=_flag("DD_CLOCK_ADJUSTABLE", False),
         haproxy=_flag("DD_HAPROXY", True),

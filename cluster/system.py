@@ -15,15 +15,28 @@ from .config import EngineConfig, regions_home_first
 from .embedded import EmbeddedServers, free_port
 
 SERVE_APP_NAME = "dailydoco"
+LIVE_PATH = "/v1/live"  # the live gateway's socket, under each region's prefix
 
 
 def serve_app_name(config: EngineConfig, region: str) -> str:
     return SERVE_APP_NAME if region == config.region else f"{SERVE_APP_NAME}-{region}"
 
 
+def live_app_name(config: EngineConfig, region: str) -> str:
+    """The Serve application of a region's live gateway: the API's name, `-live`."""
+    return serve_app_name(config, region) + "-live"
+
+
 def region_route_prefix(config: EngineConfig, region: str) -> str:
     """Where a region's API answers: the home region's at the root."""
     return "/" if region == config.region else f"/regions/{region}"
+
+
+def live_route_prefix(config: EngineConfig, region: str) -> str:
+    """Where a region's live gateway answers: HAProxy and Serve's proxy send
+    a path to the application with the longest prefix of it, so this one
+    takes the socket's path from the region's API."""
+    return region_route_prefix(config, region).rstrip("/") + LIVE_PATH
 
 
 def _haproxy_dir(config: EngineConfig) -> Path:
@@ -153,7 +166,7 @@ class EngineSystem:
 
         from dailydoco.actors.refs import SUPERVISOR_NAME
         from dailydoco.actors.supervisor import SupervisorActor
-        from dailydoco.serve.deployment import EngineIngress
+        from dailydoco.serve.deployment import EngineIngress, LiveIngress
 
         cfg = self.config
         if not ray.is_initialized():
@@ -168,17 +181,25 @@ class EngineSystem:
         ).remote(cfg, self.postgres_url, self.nats_url, self.redis_url)
         ray.get(self.supervisor.start.remote())
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-        # One Serve application per region, each with its own replicas on its
-        # region's NATS: a client connects to the gateway of its region, and
-        # the events (published in the home region) reach it through the NATS
-        # gateways. Every region serves the whole API.
+        # Two Serve applications per region, each with its own replicas on its
+        # region's NATS: the API, and the live gateway at LIVE_PATH. A client
+        # connects to the gateway of its region, and the events (published in
+        # the home region) reach it through the NATS gateways. Every region
+        # serves the whole API. All start together: their replicas come up at once.
+        logging_config = _replica_logging(cfg)
+        targets = []
         for region, nats_url in self.region_nats_urls.items():
-            serve.run(
-                EngineIngress.options(num_replicas=cfg.serve_replicas, logging_config=_replica_logging(cfg)).bind(
-                    msgspec.structs.replace(cfg, region=region), self.postgres_url, self.redis_url, nats_url,
-                    self.secrets),
-                name=serve_app_name(cfg, region), route_prefix=region_route_prefix(cfg, region), blocking=False,
-            )
+            args = (msgspec.structs.replace(cfg, region=region), self.postgres_url, self.redis_url, nats_url,
+                    self.secrets)
+            targets += [
+                serve.RunTarget(EngineIngress.options(num_replicas=cfg.serve_replicas).bind(*args),
+                                name=serve_app_name(cfg, region), route_prefix=region_route_prefix(cfg, region),
+                                logging_config=logging_config),
+                serve.RunTarget(LiveIngress.options(num_replicas=cfg.live_replicas).bind(*args),
+                                name=live_app_name(cfg, region), route_prefix=live_route_prefix(cfg, region),
+                                logging_config=logging_config),
+            ]
+        serve.run_many(targets)
 
     def stop(self) -> None:
         try:
@@ -204,6 +225,7 @@ class EngineSystem:
 
         for region in self.region_nats_urls:
             serve.delete(serve_app_name(self.config, region))
+            serve.delete(live_app_name(self.config, region))
         names = [SUPERVISOR_NAME, RELAY_NAME] + [shard_actor_name(i) for i in range(self.config.shard_actors)] + [
             chain_actor_name(i) for i in range(self.config.chain_actors)]
         for name in names:

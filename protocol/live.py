@@ -52,10 +52,12 @@ class CloseCode(enum.IntEnum):
     FORBIDDEN_ORIGIN = 4004  # the page's Origin is not allowed
     PONG_TIMEOUT = 4008  # no Pong for a Ping in time
     SLOW_CONSUMER = 4009  # outbound queue over its byte limit: reconnect and resume
+    NO_ROUTE = 4404  # no live endpoint at that path: only /v1/live is one
 
 
 # Reconnecting with the same token cannot help after these.
-FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.FORBIDDEN_ORIGIN, CloseCode.BAD_FRAME})
+FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.FORBIDDEN_ORIGIN, CloseCode.BAD_FRAME,
+                               CloseCode.NO_ROUTE})
 
 
 # --- events --------------------------------------------------------------------

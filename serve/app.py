@@ -22,7 +22,7 @@ from ray.exceptions import RayTaskError, TaskCancelledError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route, Router
 from starlette.websockets import WebSocket
 
 from dailydoco import protocol as p
@@ -31,7 +31,7 @@ from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, s
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
-from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, TokenRevoked
+from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRevoked
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import stream_epoch
@@ -42,7 +42,7 @@ from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vs
 from .bodies import json_response, read_body
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
-from .live import LiveGateway
+from .live import CLOSE_REASON_BYTES_MAX, LiveGateway
 from .live_page import live_page_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ReplicaMetrics
 from .videos import VideoJobs
@@ -92,8 +92,17 @@ def _engine_error(exc: BaseException) -> p.EngineError | None:
 
 
 class EngineApi:
-    def __init__(self, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str, secrets: Secrets):
+    """One Serve replica's state and handlers. A replica serves either the
+    HTTP API (`asgi`) or the live gateway's sockets (`live_asgi`,
+    `live_gateway=True`), never both: on this machine's two cores a frame
+    queued behind requests in a busy API loop, so the sockets have a
+    deployment of their own and the API can run several replicas
+    (cluster/system.py)."""
+
+    def __init__(self, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str, secrets: Secrets,
+                 live_gateway: bool = False):
         self.config = config
+        self.live_gateway = live_gateway
         self.postgres_url = postgres_url
         self.redis_url = redis_url
         self.nats_url = nats_url
@@ -143,30 +152,38 @@ class EngineApi:
                 self.pool = await open_pool(self.postgres_url, max_size=4)
                 self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 await self._load_revocations()
-                # A bounded pool that queues: under overload, requests wait their
-                # turn for a connection instead of failing (redis-py's default
-                # pool raises past 100 connections).
-                self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-                    self.redis_url, max_connections=REDIS_CONNECTIONS_MAX, timeout=DEPENDENCY_CHECK_TIMEOUT_S,
-                    socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S))
-                self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
-                self.limiter = RateLimiter(self.redis)
-                self.replica_metrics = ReplicaMetrics(
-                    self.registry, self.redis, f"{self.config.namespace}:{self.config.region}")
-                self._metrics_task = asyncio.get_running_loop().create_task(self.replica_metrics.publish_forever())
-                self.local_limiter = LocalRateLimiter()
-                # Only the live socket needs NATS: connect in the background, so
+                if not self.live_gateway:
+                    await self._open_api_dependencies()
+                # NATS carries revocation notices to every replica and the live
+                # events to the gateway's sockets: connect in the background, so
                 # a NATS outage shows in /readyz instead of stalling every request.
                 self.nats = None
                 self._nats_task = asyncio.get_running_loop().create_task(self._connect_nats())
                 self._deps_ready = True
                 freeze_startup_heap()
 
+    async def _open_api_dependencies(self) -> None:
+        """What only the HTTP API uses: Redis (balance views, rate limits,
+        the deployment's /metrics)."""
+        # A bounded pool that queues: under overload, requests wait their
+        # turn for a connection instead of failing (redis-py's default
+        # pool raises past 100 connections).
+        self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=REDIS_CONNECTIONS_MAX, timeout=DEPENDENCY_CHECK_TIMEOUT_S,
+            socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S))
+        self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
+        self.limiter = RateLimiter(self.redis)
+        self.replica_metrics = ReplicaMetrics(
+            self.registry, self.redis, f"{self.config.namespace}:{self.config.region}")
+        self._metrics_task = asyncio.get_running_loop().create_task(self.replica_metrics.publish_forever())
+        self.local_limiter = LocalRateLimiter()
+
     async def _connect_nats(self) -> None:
-        self.nats = await nats_io.connect(self.nats_url, name="dailydoco-api",
-                                          reconnected_cb=self._on_nats_reconnected)
+        name = "dailydoco-live" if self.live_gateway else "dailydoco-api"
+        self.nats = await nats_io.connect(self.nats_url, name=name, reconnected_cb=self._on_nats_reconnected)
         await self.nats.subscribe(TOKEN_REVOCATION_SUBJECT, cb=self._on_revocation_notice)
-        await self.live.follow_video_progress(self.nats)
+        if self.live_gateway:
+            await self.live.follow_video_progress(self.nats)
 
     async def _on_nats_reconnected(self) -> None:
         await self._load_revocations()  # notices sent while disconnected are lost to us
@@ -497,9 +514,28 @@ class EngineApi:
             r("/readyz", self.readyz, ["GET"], "readyz"),
             r("/metrics", self.metrics, ["GET"], "metrics"),
             r("/openapi.json", self.openapi, ["GET"], "openapi"),
-            WebSocketRoute("/v1/live", self.live_socket, name="live"),
             *live_page_routes(),
         ])
+
+    def live_asgi(self) -> Router:
+        """The live gateway's app. Serve hands it only what is under its
+        route prefix (`/v1/live`, see cluster/system.py), so the prefix
+        itself is the socket's one path."""
+
+        async def endpoint(scope, receive, send) -> None:
+            path = scope["path"]
+            at_prefix = path[len(scope.get("root_path", "")):] in ("", "/")
+            if scope["type"] == "websocket" and at_prefix:
+                await self.live_socket(WebSocket(scope, receive, send))
+            elif scope["type"] == "websocket":
+                # Accepted first: a handshake refused outright reaches the client as a bare 403, with no reason.
+                ws = WebSocket(scope, receive, send)
+                await ws.accept()
+                await ws.close(CloseCode.NO_ROUTE, f"no live endpoint at {path}"[:CLOSE_REASON_BYTES_MAX])
+            else:  # the API's answer to a path it does not serve
+                await _problem(p.NotFound(f"no route for {path}"), path)(scope, receive, send)
+
+        return Router(default=endpoint)
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

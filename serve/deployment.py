@@ -1,4 +1,5 @@
-"""The Ray Serve deployment wrapping the ASGI app."""
+"""The Ray Serve deployments wrapping the ASGI apps: the HTTP API, and the
+live gateway's WebSockets in a deployment of their own (see EngineApi)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,40 @@ from ray import serve
 
 from .app import EngineApi
 
-# Concurrent requests one replica takes before Serve queues: the handlers are
-# I/O-bound awaits on actors and Postgres, so a replica overlaps many. Every
-# open live WebSocket holds one of these slots for its whole life, so the
-# sockets get their own allowance on top of the requests'.
+# Concurrent requests one API replica takes before Serve queues: the handlers
+# are I/O-bound awaits on actors and Postgres, so a replica overlaps many.
 HTTP_ONGOING_REQUESTS_MAX = 2_000
+# Every open live WebSocket holds one of its replica's slots for its whole life.
 LIVE_SOCKETS_PER_REPLICA_MAX = 12_000
-REPLICA_ONGOING_REQUESTS_MAX = HTTP_ONGOING_REQUESTS_MAX + LIVE_SOCKETS_PER_REPLICA_MAX
 
 
 @serve.deployment(
     name="engine",
     ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=REPLICA_ONGOING_REQUESTS_MAX,
+    max_ongoing_requests=HTTP_ONGOING_REQUESTS_MAX,
     health_check_period_s=5,
 )
 @serve.ingress()
 class EngineIngress(EngineApi):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.connect_in_background()  # Serve runs a constructor on the replica's event loop
 
     def __serve_build_asgi_app__(self):
         return self.asgi()
+
+
+@serve.deployment(
+    name="live",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=LIVE_SOCKETS_PER_REPLICA_MAX,
+    health_check_period_s=5,
+)
+@serve.ingress()
+class LiveIngress(EngineApi):
+    def __init__(self, *args):
+        super().__init__(*args, live_gateway=True)
+        self.connect_in_background()
+
+    def __serve_build_asgi_app__(self):
+        return self.live_asgi()

@@ -14,7 +14,7 @@ const FEED_ITEMS_MAX = 200; // the page keeps this many events on screen
 const GRAPH_RADIUS = 300; // matches the SVG viewBox
 const TOKEN_SIGNATURE_BYTES = 64; // PASETO v4.public: payload || Ed25519 signature
 // Close codes after which reconnecting with the same token cannot help (protocol/live.py CloseCode).
-const FATAL_CLOSE_CODES = new Set([4000, 4001, 4004]);
+const FATAL_CLOSE_CODES = new Set([4000, 4001, 4004, 4404]);
 const TOKEN_EXPIRED = 4003;
 // Where this page's API answers: the page is <API>/live, and a region other
 // than the home one serves the whole API under its own prefix (/regions/<name>).

@@ -244,6 +244,27 @@ def test_bad_connect_frames_close_with_a_reason(api):
     assert api.anonymous.get("/healthz").status_code == 200
 
 
+def test_only_the_live_path_is_a_socket(api):
+    """The live gateway is an application of its own under /v1/live: a socket
+    at any other path there closes with a reason, and HTTP there is a 404."""
+
+    async def closed_at(path: str) -> ConnectionClosed:
+        ws = await WebSocketConnection.open(live_url(api) + path)
+        with anyio.fail_after(EVENT_WAIT_S), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.receive()
+        return closed.value
+
+    closed = anyio.run(closed_at, "/elsewhere")
+    assert (closed.code, closed.reason) == (CloseCode.NO_ROUTE, "no live endpoint at /v1/live/elsewhere")
+    for path in ("/v1/live", "/v1/live/elsewhere"):
+        r = api.anonymous.get(path)
+        assert (r.status_code, r.headers["content-type"]) == (404, "application/problem+json"), path
+        assert r.json()["detail"] == f"no route for {path}"
+    # The socket itself still opens there.
+    anyio.run(_watch_purchase, api)
+
+
 def test_no_connect_frame_in_time_closes(api):
     closed = anyio.run(_closed_with, api, None)
     assert closed.code == CloseCode.AUTH_TIMEOUT
