@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from ray import serve
 
-from .app import EngineApi
+from dailydoco.cluster.priority import LIVE_GATEWAY_NICENESS, run_ahead_of_requests
+
+from .app import EngineApi, log
 
 # Concurrent requests one API replica takes before Serve queues: the handlers
 # are I/O-bound awaits on actors and Postgres, so a replica overlaps many.
@@ -40,6 +42,12 @@ class EngineIngress(EngineApi):
 class LiveIngress(EngineApi):
     def __init__(self, *args):
         super().__init__(*args, live_gateway=True)
+        if not run_ahead_of_requests():
+            log.warning(
+                "the live gateway runs at the priority Ray gave it: raising it to nice %d needs CAP_SYS_NICE; "
+                "with the cores full, frames will trail their HTTP 2xx",
+                LIVE_GATEWAY_NICENESS,
+            )
         self.connect_in_background()
 
     def __serve_build_asgi_app__(self):

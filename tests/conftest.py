@@ -22,6 +22,14 @@ from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partiti
 SIMULATION_DATABASE = "dailydoco_simulation"
 
 
+def may_raise_priority() -> bool:
+    """Whether this process may lower a niceness: CAP_SYS_NICE (bit 23) among
+    its effective capabilities (the live gateway's replicas raise theirs)."""
+    with open("/proc/self/status") as status:
+        effective = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+    return bool(int(effective, 16) >> 23 & 1)
+
+
 @pytest.fixture(scope="session")
 def state_dir():
     with tempfile.TemporaryDirectory(prefix="dailydoco-test-") as d:

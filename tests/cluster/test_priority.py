@@ -1,7 +1,12 @@
-"""run_as_background renices every thread of the process, and new threads inherit it."""
+"""The priority helpers renice every thread of the process, new threads inherit
+it, and a raise the process may not make leaves it as it was."""
 
 import subprocess
 import sys
+
+import pytest
+
+from tests.conftest import may_raise_priority
 
 PROBE = """
 import os, threading
@@ -20,7 +25,38 @@ assert len(niceness) == 2 and set(niceness) == {BACKGROUND_NICENESS}, niceness
 assert later == [BACKGROUND_NICENESS], later
 """
 
+# Run where raising a priority is refused: a process may always lower its own
+# priority, never raise it back without CAP_SYS_NICE or RLIMIT_NICE, and
+# RLIMIT_NICE 0 lets it raise nothing. Dropping the capability needs a non-root
+# user, so the refusal is forced with a niceness already at its lowest.
+REFUSED_PROBE = """
+import os, resource
+from dailydoco.cluster.priority import run_ahead_of_requests
+resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
+if os.geteuid() == 0:
+    os.setuid(65534)  # nobody: without CAP_SYS_NICE
+os.nice(19 - os.nice(0))
+assert run_ahead_of_requests() is False
+assert os.nice(0) == 19
+"""
+
+RAISED_PROBE = """
+import os
+from dailydoco.cluster.priority import LIVE_GATEWAY_NICENESS, run_ahead_of_requests
+assert run_ahead_of_requests() is True
+assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")} == {LIVE_GATEWAY_NICENESS}
+"""
+
 
 def test_every_thread_and_every_later_thread_runs_niced():
     # In a child process: the niceness of the test process itself must not change.
     subprocess.run([sys.executable, "-c", PROBE], check=True, timeout=60)
+
+
+def test_a_refused_raise_leaves_the_priority_as_it_was():
+    subprocess.run([sys.executable, "-c", REFUSED_PROBE], check=True, timeout=60)
+
+
+@pytest.mark.skipif(not may_raise_priority(), reason="raising a priority needs CAP_SYS_NICE")
+def test_the_live_gateway_runs_ahead_of_requests_where_permitted():
+    subprocess.run([sys.executable, "-c", RAISED_PROBE], check=True, timeout=60)

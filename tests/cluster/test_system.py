@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from dailydoco.cluster.system import RAY_TELEMETRY_OFF
+from tests.conftest import may_raise_priority
 
 PROBE = """
 import json, os
@@ -55,3 +56,26 @@ def test_the_engines_ray_workers_run_with_telemetry_off(engine):
         return {k: os.environ.get(k) for k in RAY_TELEMETRY_OFF}
 
     assert ray.get(worker_env.remote(), timeout=60) == RAY_TELEMETRY_OFF
+
+
+def test_the_live_gateway_runs_ahead_of_the_api_replicas(engine):
+    """Each region's live replica raised its priority as it started, where the
+    machine lets it (CAP_SYS_NICE); the API replicas keep the one Ray gave them."""
+    import psutil
+
+    from dailydoco.cluster.priority import LIVE_GATEWAY_NICENESS
+    from dailydoco.cluster.system import live_app_name, serve_app_name
+
+    def replica_niceness(app_name: str) -> int:
+        title = f"ServeReplica:{app_name}:"
+        found = {p.nice() for p in psutil.process_iter(["cmdline"]) if any(title in a for a in p.info["cmdline"] or ())}
+        assert len(found) == 1, (app_name, found)
+        return found.pop()
+
+    for region in engine.config.regions:
+        live = replica_niceness(live_app_name(engine.config, region))
+        api = replica_niceness(serve_app_name(engine.config, region))
+        if may_raise_priority():
+            assert (live, api > live) == (LIVE_GATEWAY_NICENESS, True), (region, live, api)
+        else:
+            assert live == api, (region, live, api)
