@@ -392,18 +392,22 @@ def main() -> int:
 def print_table(r: dict) -> None:
     print(f"\nlive benchmark ({r['machine']})")
     print(f"{'path':<48}{'rate/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'missing':>9}")
+    def request_to_frame(e2e: dict) -> None:
+        print(f"{'  (request sent -> frame)':<48}{'':>8}{e2e['request_to_frame_p50_ms']:>9.2f}{'':>9}"
+              f"{e2e['request_to_frame_p99_ms']:>9.2f}   {e2e['frames_before_2xx']:,} of {e2e['acked']:,} "
+              f"frames beat their 2xx; {e2e['errors']:,} requests failed")
+
     for e2e, floor in zip(r["end_to_end"], r["nats_websocket_floor"], strict=True):
         print(f"{'HTTP 2xx -> gateway WebSocket frame, ' + e2e['region']:<48}{e2e['rate_per_s']:>8}{e2e['p50_ms']:>9.2f}"
               f"{e2e['p95_ms']:>9.2f}{e2e['p99_ms']:>9.2f}{e2e['missing_frames']:>9}")
-        print(f"{'  (request sent -> frame)':<48}{'':>8}{e2e['request_to_frame_p50_ms']:>9.2f}{'':>9}"
-              f"{e2e['request_to_frame_p99_ms']:>9.2f}   {e2e['frames_before_2xx']:,} of {e2e['acked']:,} "
-              f"frames beat their 2xx; {e2e['errors']} requests failed")
+        request_to_frame(e2e)
         print(f"{'  floor: nats-server WebSocket, publish->frame':<48}{floor['rate_per_s']:>8}{floor['p50_ms']:>9.2f}"
               f"{floor['p95_ms']:>9.2f}{floor['p99_ms']:>9.2f}{floor['missing_frames']:>9}")
         print(f"{'  ratio p99 gateway / floor':<48}{'':>8}{'':>9}{'':>9}{e2e['p99_ms'] / floor['p99_ms']:>9.1f}")
     e2e = r["end_to_end_other_region"]
     print(f"{'  the same, sockets in ' + e2e['region'] + ' (other region)':<48}{e2e['rate_per_s']:>8}"
           f"{e2e['p50_ms']:>9.2f}{e2e['p95_ms']:>9.2f}{e2e['p99_ms']:>9.2f}{e2e['missing_frames']:>9}")
+    request_to_frame(e2e)
     f = r["fan_out"]
     print(f"fan-out: {f['frames']:,} frames to {f['sockets']} sockets in {f['seconds']} s = {f['frames_per_s']:,} frames/s")
     c = r["connections"]
