@@ -392,6 +392,7 @@ def main() -> int:
 def print_table(r: dict) -> None:
     print(f"\nlive benchmark ({r['machine']})")
     print(f"{'path':<48}{'rate/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'missing':>9}")
+
     def request_to_frame(e2e: dict) -> None:
         print(f"{'  (request sent -> frame)':<48}{'':>8}{e2e['request_to_frame_p50_ms']:>9.2f}{'':>9}"
               f"{e2e['request_to_frame_p99_ms']:>9.2f}   {e2e['frames_before_2xx']:,} of {e2e['acked']:,} "

@@ -25,10 +25,10 @@ assert len(niceness) == 2 and set(niceness) == {BACKGROUND_NICENESS}, niceness
 assert later == [BACKGROUND_NICENESS], later
 """
 
-# Run where raising a priority is refused: a process may always lower its own
-# priority, never raise it back without CAP_SYS_NICE or RLIMIT_NICE, and
-# RLIMIT_NICE 0 lets it raise nothing. Dropping the capability needs a non-root
-# user, so the refusal is forced with a niceness already at its lowest.
+# A process may always lower its own priority, but raise it only with
+# CAP_SYS_NICE or within RLIMIT_NICE. The probe sets that limit to 0 and, run
+# as root, becomes nobody (dropping the capability), then lowers its priority
+# to the bottom and asks for the raise.
 REFUSED_PROBE = """
 import os, resource
 from dailydoco.cluster.priority import run_ahead_of_requests
