@@ -16,7 +16,7 @@ against that.
   HTTP 2xx leave different processes at nearly the same moment (the chain
   publishes the event, then answers), and with the cores full the gateway's
   wake-up queued behind the rest (2xx → frame p99 at 1,000 purchases/s 38
-  to 383 ms at Ray's 15, 16 at -5, 0.00 at -10; README, Live updates). A
+  to 383 ms at Ray's 15, 16 at -5, 0.00 to 5.66 at -10; README, Live updates). A
   frame is a few microseconds of work, so its priority takes little from
   anyone. Raising a priority needs CAP_SYS_NICE (or RLIMIT_NICE); without it
   the gateway stays where Ray put it and says so.
