@@ -502,11 +502,17 @@ class Ledger:
             for level, ancestor in enumerate(tx["upline"], start=1):
                 deltas.for_user(ancestor).add_revenue(ancestor, currency, level, -request.amount_micros)
             house_reversal = proportional_reversal(tx["house_micros"], purchase, before, after)
-            await conn.execute(
+            recorded = await conn.fetchval(
                 "INSERT INTO refunds (refund_id, transaction_id, amount_micros, refunded_before_micros,"
-                " house_reversal_micros, body_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                " house_reversal_micros, body_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT (refund_id) DO NOTHING RETURNING true",
                 request.refund_id, transaction_id, request.amount_micros, before, house_reversal, hash_, now,
             )
+            if not recorded:
+                # The same id, sent at the same moment for another purchase
+                # (one purchase's deliveries serialise on its row above), was
+                # recorded first. Raising rolls this write back whole.
+                raise IdempotencyConflict(f"refund {request.refund_id!r} was already recorded for another transaction")
             await conn.execute(
                 "UPDATE transactions SET refunded_micros = $2 WHERE transaction_id = $1", transaction_id, after
             )

@@ -93,6 +93,7 @@ class Simulation:
         self.purchases: dict[str, TransactionRequest] = {}
         self.purchases_drawn = 0  # numbers each new transaction id, so two never share one
         self.refunds: dict[str, tuple[str, RefundRequest]] = {}
+        self.refunds_drawn = 0
         self.step_name = "start"
 
     def fail(self, message: str) -> str:
@@ -166,6 +167,10 @@ class Simulation:
             assert req.transaction_id in created, self.fail(f"{req.transaction_id} never created")
             self.purchases[req.transaction_id] = req
 
+    def _refund_id(self) -> str:
+        self.refunds_drawn += 1
+        return f"s{self.seed}-r{self.refunds_drawn}"
+
     async def refund(self) -> None:
         if not self.purchases:
             return await self.purchase()
@@ -182,17 +187,65 @@ class Simulation:
         roll = self.rng.random()
         if roll < 0.15 or remaining == 0:
             amount = remaining + self.rng.randint(1, 10)
-            req = RefundRequest(refund_id=f"s{self.seed}-r{len(self.refunds)}-x", amount_micros=amount)
+            req = RefundRequest(refund_id=self._refund_id(), amount_micros=amount)
             before = await self._ledger_rows()
             with pytest.raises(RefundExceedsPurchase):
                 await self.chains[1].refund(tid, req)
             assert await self._ledger_rows() == before, self.fail("a rejected refund wrote rows")
             return
         amount = remaining if roll < 0.45 else self.rng.randint(1, remaining)
-        req = RefundRequest(refund_id=f"s{self.seed}-r{len(self.refunds)}", amount_micros=amount)
+        req = RefundRequest(refund_id=self._refund_id(), amount_micros=amount)
         result = await self.chains[self.rng.randint(0, 1)].refund(tid, req)
         assert result.status == "created" and result.refunded_total_micros == refunded + amount
         self.refunds[req.refund_id] = (tid, req)
+
+    async def concurrent_refunds(self) -> None:
+        """Refunds racing on both chains: one refund delivered twice at once;
+        two refunds of one purchase that together exceed what is left; one
+        refund id sent for two purchases at once."""
+        unrefunded = [tid for tid, tx in self.purchases.items()
+                      if await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1",
+                                                  tid) < tx.amount_micros]
+        if len(unrefunded) < 2:
+            return await self.purchase()
+        tid, other = self.rng.sample(unrefunded, 2)
+        refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
+        remaining = self.purchases[tid].amount_micros - refunded
+        race = self.rng.choice(["duplicate", "overdraw", "shared_id"])
+        if race == "duplicate":
+            req = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, remaining))
+            a, b = await asyncio.gather(self.chains[0].refund(tid, req), self.chains[1].refund(tid, req))
+            assert sorted([a.status, b.status]) == ["created", "replayed"], self.fail(f"duplicate refund: {a}, {b}")
+            assert a.refunded_total_micros == b.refunded_total_micros == refunded + req.amount_micros
+            self.refunds[req.refund_id] = (tid, req)
+        elif race == "overdraw":
+            # Each fits alone; both do not. Exactly one is taken.
+            first = self.rng.randint(remaining // 2 + 1, remaining) if remaining > 1 else 1
+            reqs = [RefundRequest(refund_id=self._refund_id(), amount_micros=first),
+                    RefundRequest(refund_id=self._refund_id(), amount_micros=remaining - first + 1)]
+            outcomes = await asyncio.gather(*(chain.refund(tid, req) for chain, req in zip(self.chains, reqs)),
+                                            return_exceptions=True)
+            taken = [(req, o) for req, o in zip(reqs, outcomes) if not isinstance(o, BaseException)]
+            refused = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(taken) == 1 and all(isinstance(o, RefundExceedsPurchase) for o in refused), \
+                self.fail(f"overdrawing refunds: {outcomes}")
+            req, result = taken[0]
+            assert result.status == "created" and result.refunded_total_micros == refunded + req.amount_micros
+            self.refunds[req.refund_id] = (tid, req)
+        else:
+            # One refund id for two purchases: the first recorded keeps it; the other is a conflict.
+            other_refunded = await self.pool.fetchval(
+                "SELECT refunded_micros FROM transactions WHERE transaction_id = $1", other)
+            amount = min(remaining, self.purchases[other].amount_micros - other_refunded)
+            req = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, amount))
+            outcomes = await asyncio.gather(self.chains[0].refund(tid, req), self.chains[1].refund(other, req),
+                                            return_exceptions=True)
+            taken = [(t, o) for t, o in zip((tid, other), outcomes) if not isinstance(o, BaseException)]
+            refused = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(taken) == 1 and all(isinstance(o, IdempotencyConflict) for o in refused), \
+                self.fail(f"one refund id for two purchases: {outcomes}")
+            assert taken[0][1].status == "created"
+            self.refunds[req.refund_id] = (taken[0][0], req)
 
     async def move_clock(self) -> None:
         await self.ledger.advance_clock(self.rng.choice([3600, 10 * 86400, 29 * 86400, 31 * 86400]))
@@ -384,7 +437,8 @@ class Simulation:
         for i in range(SHARDS):
             await self.recover(i)
         actions = [
-            (self.register, 3), (self.purchase, 6), (self.refund, 3), (self.move_clock, 2), (self.payout, 2),
+            (self.register, 3), (self.purchase, 6), (self.refund, 3), (self.concurrent_refunds, 1), (self.move_clock, 2),
+            (self.payout, 2),
             (self.crash_shard, 1), (self.lose_delivery, 1), (self.double_delivery, 1), (self.checkpoint, 1),
         ]
         for step in range(steps):

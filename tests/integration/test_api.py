@@ -95,6 +95,35 @@ def test_refund_partial_then_rest_then_too_much(api):
     assert_problem(api.service.post("/v1/transactions/nope/refunds", json=too_much), 404, "not-found")
 
 
+def test_concurrent_refunds(api):
+    """Refunds sent at the same moment: one refund id for two purchases is
+    recorded once and refused (409) for the other; two refunds of one purchase
+    that each fit but together exceed it are taken once and refused once."""
+    root, buyer = api.chain(2)
+    before = api.balance(root)["pending_micros"]
+
+    def together(*calls):
+        with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+            return list(pool.map(lambda call: call(), calls))
+
+    def refund(tid, refund_id, micros):
+        return lambda: api.service.post(f"/v1/transactions/{tid}/refunds",
+                                        json={"refund_id": refund_id, "amount_micros": micros})
+
+    for _ in range(4):
+        a, b = unique("tx"), unique("tx")
+        assert api.purchase(buyer, 1_000_000, a).status_code == 201 and api.purchase(buyer, 1_000_000, b).status_code == 201
+        shared = unique("rf")
+        responses = together(refund(a, shared, 400_000), refund(b, shared, 400_000))
+        assert sorted(r.status_code for r in responses) == [201, 409], [r.text for r in responses]
+        assert_problem(next(r for r in responses if r.status_code == 409), 409, "idempotency-conflict")
+        responses = together(refund(a, unique("rf"), 600_000), refund(a, unique("rf"), 600_000))
+        assert sorted(r.status_code for r in responses) == [201, 422], [r.text for r in responses]
+    # Each round pays the referrer 20 % of 2,000,000 bought, less 20 % of the
+    # 1,000,000 refunded once: the refused refunds reversed nothing.
+    assert api.balance(root)["pending_micros"] - before == 4 * (400_000 - 200_000)
+
+
 def test_lifecycle_hold_payout_and_clawback(api):
     root, buyer = api.chain(2)
     tid = unique("tx")
