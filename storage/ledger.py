@@ -634,7 +634,7 @@ class Ledger:
             # Lock every approved entry first, then net: rows a concurrent
             # refund changes are re-read after its commit, never half-seen.
             approved = await conn.fetch(
-                "SELECT beneficiary_id, currency, amount_micros FROM commission_ledger"
+                "SELECT entry_id, created_at, beneficiary_id, currency, amount_micros FROM commission_ledger"
                 " WHERE status = 'approved' AND ($1::text IS NULL OR currency = $1) ORDER BY entry_id FOR UPDATE",
                 request.currency,
             )
@@ -648,11 +648,16 @@ class Ledger:
                     "INSERT INTO payout_lines (payout_id, beneficiary_id, currency, amount_micros) VALUES ($1, $2, $3, $4)",
                     [(request.payout_id, b, c, m) for b, c, m in payable],
                 )
+                # Exactly the entries netted above, by key. Chosen again by
+                # status, the move would also take entries approved since
+                # that SELECT's snapshot (a racing refund's reversal, a
+                # sweep's approvals) and mark them paid unpaid.
+                payable_keys = {(b, c) for b, c, _ in payable}
+                paid = [r for r in approved if (r["beneficiary_id"], r["currency"].strip()) in payable_keys]
                 await self._transition(
                     conn, deltas, now, "paid", request.payout_id,
-                    "status = 'approved' AND (beneficiary_id, currency) IN"
-                    " (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    [b for b, _, _ in payable], [c for _, c, _ in payable],
+                    "(entry_id, created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))",
+                    [r["entry_id"] for r in paid], [r["created_at"] for r in paid],
                 )
                 for b, c, m in payable:
                     outbox.add(b, CommissionPaid(payout_id=request.payout_id, currency=c, amount_micros=m))

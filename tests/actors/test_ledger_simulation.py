@@ -247,6 +247,29 @@ class Simulation:
             assert taken[0][1].status == "created"
             self.refunds[req.refund_id] = (taken[0][0], req)
 
+    async def concurrent_lifecycle(self) -> None:
+        """The approval sweep, a payout, a refund and new purchases at once:
+        each takes its locks and retries what Postgres aborts, and every rule
+        still holds after (verify)."""
+        if not self.purchases:
+            return await self.purchase()
+        await self.ledger.advance_clock(self.rng.choice([29 * 86400, 31 * 86400]))
+        tid = self.rng.choice(list(self.purchases))
+        refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
+        remaining = self.purchases[tid].amount_micros - refunded
+        racing = [lifecycle.approve_due(self.ledger, self.router),
+                  lifecycle.payout(self.ledger, self.router,
+                                   PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}")),
+                  self.purchase()]
+        refund = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, remaining)) \
+            if remaining else None
+        if refund is not None:
+            racing.append(self.chains[self.rng.randint(0, 1)].refund(tid, refund))
+        results = await asyncio.gather(*racing)
+        if refund is not None:
+            assert results[-1].refunded_total_micros == refunded + refund.amount_micros, self.fail("racing refund")
+            self.refunds[refund.refund_id] = (tid, refund)
+
     async def move_clock(self) -> None:
         await self.ledger.advance_clock(self.rng.choice([3600, 10 * 86400, 29 * 86400, 31 * 86400]))
         await lifecycle.approve_due(self.ledger, self.router)
@@ -437,7 +460,8 @@ class Simulation:
         for i in range(SHARDS):
             await self.recover(i)
         actions = [
-            (self.register, 3), (self.purchase, 6), (self.refund, 3), (self.concurrent_refunds, 1), (self.move_clock, 2),
+            (self.register, 3), (self.purchase, 6), (self.refund, 3), (self.concurrent_refunds, 1),
+            (self.concurrent_lifecycle, 1), (self.move_clock, 2),
             (self.payout, 2),
             (self.crash_shard, 1), (self.lose_delivery, 1), (self.double_delivery, 1), (self.checkpoint, 1),
         ]
