@@ -248,24 +248,27 @@ class Simulation:
             self.refunds[req.refund_id] = (taken[0][0], req)
 
     async def concurrent_lifecycle(self) -> None:
-        """The approval sweep, a payout, a refund and new purchases at once:
-        each takes its locks and retries what Postgres aborts, and every rule
-        still holds after (verify)."""
+        """The approval sweep, payouts (one delivered twice), a refund and new
+        purchases, all at once: each takes its locks and retries what Postgres
+        aborts, and every rule still holds after (verify)."""
         if not self.purchases:
             return await self.purchase()
         await self.ledger.advance_clock(self.rng.choice([29 * 86400, 31 * 86400]))
         tid = self.rng.choice(list(self.purchases))
         refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
         remaining = self.purchases[tid].amount_micros - refunded
-        racing = [lifecycle.approve_due(self.ledger, self.router),
-                  lifecycle.payout(self.ledger, self.router,
-                                   PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}")),
+        twice = PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}")  # delivered twice at once
+        other = PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}", currency=self.rng.choice(CURRENCIES))
+        racing = [lifecycle.payout(self.ledger, self.router, twice), lifecycle.payout(self.ledger, self.router, twice),
+                  lifecycle.payout(self.ledger, self.router, other), lifecycle.approve_due(self.ledger, self.router),
                   self.purchase()]
         refund = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, remaining)) \
             if remaining else None
         if refund is not None:
             racing.append(self.chains[self.rng.randint(0, 1)].refund(tid, refund))
         results = await asyncio.gather(*racing)
+        assert sorted([results[0].status, results[1].status]) == ["created", "replayed"] \
+            and results[0].lines == results[1].lines, self.fail("a payout delivered twice at once")
         if refund is not None:
             assert results[-1].refunded_total_micros == refunded + refund.amount_micros, self.fail("racing refund")
             self.refunds[refund.refund_id] = (tid, refund)
