@@ -118,6 +118,31 @@ class Simulation:
             self.users.append(user)
             self.codes[user] = view.referral_code
 
+    async def concurrent_registrations(self) -> None:
+        """One user registered twice at once, and once more with another
+        referrer at the same moment: whichever body lands first is the user;
+        its twin replays it, the other body is a 409."""
+        if not self.users:
+            return await self.register()
+        user = f"s{self.seed}-u{len(self.users)}"
+        referrer, other = self.rng.choice(self.users), self.rng.choice(self.users)
+        same = RegisterUserRequest(user_id=user, referral_code=self.codes[referrer])
+        different = RegisterUserRequest(user_id=user, referral_code=None if other == referrer else self.codes[other])
+        outcomes = await asyncio.gather(*(register_user(self.ledger, self.router, r) for r in (same, same, different)),
+                                        return_exceptions=True)
+        same_won = not isinstance(outcomes[0], BaseException) or not isinstance(outcomes[1], BaseException)
+        want = ["created", "replayed", IdempotencyConflict] if same_won else [IdempotencyConflict, IdempotencyConflict,
+                                                                               "created"]
+        got = [type(o) if isinstance(o, BaseException) else o.status for o in outcomes]
+        if same_won:
+            got[:2] = sorted(got[:2], key=str)
+        assert got == want, self.fail(f"racing registrations: {outcomes}")
+        view = next(o for o in outcomes if not isinstance(o, BaseException))
+        winner_referrer = referrer if same_won else (other if different.referral_code else None)
+        assert view.referrer_id == winner_referrer, self.fail("the user's referrer is not its first body's")
+        self.users.append(user)
+        self.codes[user] = view.referral_code
+
     def _new_purchase(self) -> TransactionRequest:
         # Numbered by a counter, not len(self.purchases): a step draws several
         # before any is recorded, and the random suffix alone let two of them
@@ -463,7 +488,7 @@ class Simulation:
         for i in range(SHARDS):
             await self.recover(i)
         actions = [
-            (self.register, 3), (self.purchase, 6), (self.refund, 3), (self.concurrent_refunds, 1),
+            (self.register, 3), (self.concurrent_registrations, 1), (self.purchase, 6), (self.refund, 3), (self.concurrent_refunds, 1),
             (self.concurrent_lifecycle, 1), (self.move_clock, 2),
             (self.payout, 2),
             (self.crash_shard, 1), (self.lose_delivery, 1), (self.double_delivery, 1), (self.checkpoint, 1),
