@@ -196,6 +196,20 @@ class Simulation:
         self.refunds_drawn += 1
         return f"s{self.seed}-r{self.refunds_drawn}"
 
+    async def _refundable(self, tid: str) -> tuple[int, int]:
+        """(refunded so far, still refundable) of a purchase, as recorded."""
+        refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
+        return refunded, self.purchases[tid].amount_micros - refunded
+
+    async def _racing_refund(self) -> tuple[str, RefundRequest, int] | None:
+        """A refund of some purchase with something left (its id, the request,
+        what was refunded before), to race against other writes."""
+        tid = self.rng.choice(list(self.purchases))
+        refunded, refundable = await self._refundable(tid)
+        if not refundable:
+            return None
+        return tid, RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, refundable)), refunded
+
     async def refund(self) -> None:
         if not self.purchases:
             return await self.purchase()
@@ -206,9 +220,7 @@ class Simulation:
             assert result.status == "replayed" and await self._ledger_rows() == before, self.fail("refund replay wrote")
             return
         tid = self.rng.choice(list(self.purchases))
-        purchase = self.purchases[tid]
-        refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
-        remaining = purchase.amount_micros - refunded
+        refunded, remaining = await self._refundable(tid)
         roll = self.rng.random()
         if roll < 0.15 or remaining == 0:
             amount = remaining + self.rng.randint(1, 10)
@@ -228,14 +240,11 @@ class Simulation:
         """Refunds racing on both chains: one refund delivered twice at once;
         two refunds of one purchase that together exceed what is left; one
         refund id sent for two purchases at once."""
-        unrefunded = [tid for tid, tx in self.purchases.items()
-                      if await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1",
-                                                  tid) < tx.amount_micros]
+        unrefunded = [tid for tid in self.purchases if (await self._refundable(tid))[1]]
         if len(unrefunded) < 2:
             return await self.purchase()
         tid, other = self.rng.sample(unrefunded, 2)
-        refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
-        remaining = self.purchases[tid].amount_micros - refunded
+        refunded, remaining = await self._refundable(tid)
         race = self.rng.choice(["duplicate", "overdraw", "shared_id"])
         if race == "duplicate":
             req = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, remaining))
@@ -259,9 +268,7 @@ class Simulation:
             self.refunds[req.refund_id] = (tid, req)
         else:
             # One refund id for two purchases: the first recorded keeps it; the other is a conflict.
-            other_refunded = await self.pool.fetchval(
-                "SELECT refunded_micros FROM transactions WHERE transaction_id = $1", other)
-            amount = min(remaining, self.purchases[other].amount_micros - other_refunded)
+            amount = min(remaining, (await self._refundable(other))[1])
             req = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, amount))
             outcomes = await asyncio.gather(self.chains[0].refund(tid, req), self.chains[1].refund(other, req),
                                             return_exceptions=True)
@@ -279,24 +286,21 @@ class Simulation:
         if not self.purchases:
             return await self.purchase()
         await self.ledger.advance_clock(self.rng.choice([29 * 86400, 31 * 86400]))
-        tid = self.rng.choice(list(self.purchases))
-        refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
-        remaining = self.purchases[tid].amount_micros - refunded
+        refund = await self._racing_refund()
         twice = PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}")  # delivered twice at once
         other = PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}", currency=self.rng.choice(CURRENCIES))
         racing = [lifecycle.payout(self.ledger, self.router, twice), lifecycle.payout(self.ledger, self.router, twice),
                   lifecycle.payout(self.ledger, self.router, other), lifecycle.approve_due(self.ledger, self.router),
                   self.purchase()]
-        refund = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, remaining)) \
-            if remaining else None
         if refund is not None:
-            racing.append(self.chains[self.rng.randint(0, 1)].refund(tid, refund))
+            racing.append(self.chains[self.rng.randint(0, 1)].refund(*refund[:2]))
         results = await asyncio.gather(*racing)
         assert sorted([results[0].status, results[1].status]) == ["created", "replayed"] \
             and results[0].lines == results[1].lines, self.fail("a payout delivered twice at once")
         if refund is not None:
-            assert results[-1].refunded_total_micros == refunded + refund.amount_micros, self.fail("racing refund")
-            self.refunds[refund.refund_id] = (tid, refund)
+            tid, request, refunded = refund
+            assert results[-1].refunded_total_micros == refunded + request.amount_micros, self.fail("racing refund")
+            self.refunds[request.refund_id] = (tid, request)
 
     async def concurrent_checkpoint(self) -> None:
         """A checkpoint taken while purchases, a sweep and a refund commit:
@@ -306,14 +310,10 @@ class Simulation:
             await self.ledger.advance_clock(31 * 86400)  # so the sweep has entries to approve
         racing = [checkpoint_all(self.pool, list(range(VSHARDS))), self.purchase(),
                   lifecycle.approve_due(self.ledger, self.router)]
-        if self.purchases:
-            tid = self.rng.choice(list(self.purchases))
-            refunded = await self.pool.fetchval("SELECT refunded_micros FROM transactions WHERE transaction_id = $1", tid)
-            if refunded < self.purchases[tid].amount_micros:
-                refund = RefundRequest(refund_id=self._refund_id(),
-                                       amount_micros=self.rng.randint(1, self.purchases[tid].amount_micros - refunded))
-                racing.append(self.chains[self.rng.randint(0, 1)].refund(tid, refund))
-                self.refunds[refund.refund_id] = (tid, refund)
+        refund = await self._racing_refund() if self.purchases else None
+        if refund is not None:
+            racing.append(self.chains[self.rng.randint(0, 1)].refund(*refund[:2]))
+            self.refunds[refund[1].refund_id] = refund[:2]
         await asyncio.gather(*racing)
         await self.router.flush_posted()
         await self.crash_shard()
