@@ -95,16 +95,18 @@ def test_refund_partial_then_rest_then_too_much(api):
     assert_problem(api.service.post("/v1/transactions/nope/refunds", json=too_much), 404, "not-found")
 
 
+def together(*calls):
+    """Send requests at the same moment; their responses, in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
 def test_concurrent_refunds(api):
     """Refunds sent at the same moment: one refund id for two purchases is
     recorded once and refused (409) for the other; two refunds of one purchase
     that each fit but together exceed it are taken once and refused once."""
     root, buyer = api.chain(2)
     before = api.balance(root)["pending_micros"]
-
-    def together(*calls):
-        with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
-            return list(pool.map(lambda call: call(), calls))
 
     def refund(tid, refund_id, micros):
         return lambda: api.service.post(f"/v1/transactions/{tid}/refunds",
@@ -122,6 +124,32 @@ def test_concurrent_refunds(api):
     # Each round pays the referrer 20 % of 2,000,000 bought, less 20 % of the
     # 1,000,000 refunded once: the refused refunds reversed nothing.
     assert api.balance(root)["pending_micros"] - before == 4 * (400_000 - 200_000)
+
+
+def test_payouts_racing_refunds_pay_what_their_lines_say(api):
+    """A payout sent with refunds of approved commissions: every referrer's
+    paid balance equals the sum of its payout lines (a payout once marked paid
+    the reversals approved while it ran, outside its lines: overpaid)."""
+    users = api.chain(4)
+    buyer, referrers = users[-1], users[:-1]
+    purchases = []
+    paid_by_lines = {u: 0 for u in referrers}
+    for round_ in range(12):
+        for _ in range(10):
+            purchases.append(unique("tx"))
+            assert api.purchase(buyer, 1_000_000, purchases[-1]).status_code == 201
+        api.settle()
+        assert api.admin.post("/v1/admin/clock", json={"seconds": 31 * 24 * 3600}).status_code == 200
+        refunds = [lambda tid=tid: api.service.post(f"/v1/transactions/{tid}/refunds",
+                                                    json={"refund_id": unique("rf"), "amount_micros": 50_000})
+                   for tid in purchases[-6:]]
+        payout, *refunded = together(
+            lambda: api.admin.post("/v1/payouts", json={"payout_id": unique("po")}), *refunds)
+        assert payout.status_code == 201 and all(r.status_code == 201 for r in refunded), payout.text
+        for line in payout.json()["lines"]:
+            if line["beneficiary_id"] in paid_by_lines:
+                paid_by_lines[line["beneficiary_id"]] += line["amount_micros"]
+    assert {u: api.balance(u)["paid_micros"] for u in referrers} == paid_by_lines
 
 
 def test_lifecycle_hold_payout_and_clawback(api):
