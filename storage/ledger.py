@@ -651,7 +651,7 @@ class Ledger:
                 # Exactly the entries netted above, by key. Chosen again by
                 # status, the move would also take entries approved since
                 # that SELECT's snapshot (a racing refund's reversal, a
-                # sweep's approvals) and mark them paid unpaid.
+                # sweep's approvals): marked paid, though no line paid them.
                 payable_keys = {(b, c) for b, c, _ in payable}
                 paid = [r for r in approved if (r["beneficiary_id"], r["currency"].strip()) in payable_keys]
                 await self._transition(

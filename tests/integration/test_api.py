@@ -134,7 +134,7 @@ def test_payouts_racing_refunds_pay_what_their_lines_say(api):
     buyer, referrers = users[-1], users[:-1]
     purchases = []
     paid_by_lines = {u: 0 for u in referrers}
-    for round_ in range(12):
+    for _ in range(12):
         for _ in range(10):
             purchases.append(unique("tx"))
             assert api.purchase(buyer, 1_000_000, purchases[-1]).status_code == 201
