@@ -240,11 +240,13 @@ class Simulation:
         """Refunds racing on both chains: one refund delivered twice at once;
         two refunds of one purchase that together exceed what is left; one
         refund id sent for two purchases at once."""
-        unrefunded = [tid for tid in self.purchases if (await self._refundable(tid))[1]]
+        refunded_of = dict(await self.pool.fetch("SELECT transaction_id, refunded_micros FROM transactions"))
+        refundable = {tid: tx.amount_micros - refunded_of[tid] for tid, tx in self.purchases.items()}
+        unrefunded = [tid for tid, micros in refundable.items() if micros]
         if len(unrefunded) < 2:
             return await self.purchase()
         tid, other = self.rng.sample(unrefunded, 2)
-        refunded, remaining = await self._refundable(tid)
+        refunded, remaining = refunded_of[tid], refundable[tid]
         race = self.rng.choice(["duplicate", "overdraw", "shared_id"])
         if race == "duplicate":
             req = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, remaining))
@@ -268,7 +270,7 @@ class Simulation:
             self.refunds[req.refund_id] = (tid, req)
         else:
             # One refund id for two purchases: the first recorded keeps it; the other is a conflict.
-            amount = min(remaining, (await self._refundable(other))[1])
+            amount = min(remaining, refundable[other])
             req = RefundRequest(refund_id=self._refund_id(), amount_micros=self.rng.randint(1, amount))
             outcomes = await asyncio.gather(self.chains[0].refund(tid, req), self.chains[1].refund(other, req),
                                             return_exceptions=True)
