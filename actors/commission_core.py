@@ -15,7 +15,7 @@ from dailydoco.protocol import (
 from dailydoco.storage.ledger import Ledger, PreparedPurchase, PurchaseOutcome, purchase_hash
 
 from .batching import MicroBatcher
-from .routing import ShardRouter, deliver, deliver_soon, new_delta_set
+from .routing import ShardRouter, deliver, deliver_soon, ledger_write
 
 # One Postgres transaction carries at most this many purchases: big enough to
 # amortise the commit, small enough that one group's latency stays in the
@@ -63,16 +63,16 @@ class CommissionEngine:
             prepared.append(PreparedPurchase(r, purchase_hash(r), upline))
             positions.append(i)
         if prepared:
-            deltas = new_delta_set(self.router.shard_count)
-            xid, written = await self.ledger.write_purchases(prepared, deltas)
+            xid, written, deltas = await ledger_write(
+                self.router, self.ledger, self.ledger.write_purchases, prepared)
             deliver_soon(self.router, xid, deltas)
             for i, outcome in zip(positions, written, strict=True):
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
     async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
-        deltas = new_delta_set(self.router.shard_count)
-        xid, result = await self.ledger.refund(transaction_id, request, deltas)
+        xid, result, deltas = await ledger_write(
+            self.router, self.ledger, self.ledger.refund, transaction_id, request)
         await deliver(self.router, xid, deltas)
         return result
 

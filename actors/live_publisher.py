@@ -30,6 +30,7 @@ from dailydoco.cluster.config import EngineConfig
 from dailydoco.protocol.live import EVENT_STREAM_NAME, encode_event_batch, user_subject, user_token
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import OutboxRow, delete_relayed, stream_epoch
+from dailydoco.storage.pool import DATABASE_ERRORS
 
 PUBLISH_ACK_TIMEOUT_S = 5.0  # unacknowledged by then: left in the outbox, for the relay
 PUBLISH_PENDING_MAX = 20_000  # rows awaiting their acks before publishing waits
@@ -129,7 +130,7 @@ class LivePublisher:
                 break
             except nats.js.errors.NotFoundError:
                 await asyncio.sleep(START_RETRY_S)  # at a first start, the relay is creating it
-            except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+            except (*DATABASE_ERRORS, nats.errors.Error) as exc:
                 log.warning("%s: live publishing waits (%s)", self.name, exc)
                 await asyncio.sleep(START_RETRY_S)
         self._spawn(self._delete_acknowledged())
@@ -166,6 +167,6 @@ class LivePublisher:
             ids, self._acked_ids = self._acked_ids, []
             try:
                 await delete_relayed(self.pool, ids)
-            except (OSError, asyncpg.PostgresError) as exc:
+            except DATABASE_ERRORS as exc:
                 # Left in the outbox: the relay publishes them again, and JetStream drops the copies.
                 log.warning("%s: deleting %d published rows failed (%s)", self.name, len(ids), exc)

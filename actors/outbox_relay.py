@@ -33,7 +33,7 @@ from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.storage.outbox import delete_relayed, pending_batches, stream_epoch
-from dailydoco.storage.pool import open_pool
+from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
 from .live_publisher import PUBLISH_ACK_TIMEOUT_S, publish_rows
 from .watch import Watched
@@ -99,7 +99,7 @@ class OutboxRelay:
             await delete_relayed(self.pool, ids)
             self.relayed_rows += len(ids)
             self._deleted_during_read.update(ids)
-        except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+        except (*DATABASE_ERRORS, nats.errors.Error) as exc:
             log.warning("relay round of %d rows unconfirmed (%s); they stay in the outbox", len(ids), exc)
             for ack in acks:
                 ack.cancel()
@@ -114,7 +114,7 @@ class OutboxRelay:
             if len(self._in_flight) < RELAY_ROWS_IN_FLIGHT_MAX:
                 try:
                     relayed = await self.relay_once()
-                except (OSError, asyncio.TimeoutError, nats.errors.Error, asyncpg.PostgresError) as exc:
+                except (*DATABASE_ERRORS, nats.errors.Error) as exc:
                     log.warning("relay round failed (%s); rows stay in the outbox", exc)
                     await asyncio.sleep(RELAY_RETRY_BACKOFF_S)
                     continue

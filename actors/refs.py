@@ -121,5 +121,8 @@ class RayShardRouter:
     def post_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
         self.mailboxes[shard_index].post(xid, delta)
 
+    async def reload(self, shard_index: int) -> None:
+        await self.shards[shard_index].call("reload")
+
     async def drained(self) -> None:
         await asyncio.gather(*(m.drained() for m in self.mailboxes))

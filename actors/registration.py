@@ -16,7 +16,7 @@ from dailydoco.protocol import (
 from dailydoco.storage.deltas import UserRecord
 from dailydoco.storage.ledger import Ledger, body_hash
 
-from .routing import ShardRouter, deliver, new_delta_set
+from .routing import ShardRouter, deliver, ledger_write
 from .shard_core import user_view
 
 CODE_ATTEMPTS_MAX = 8  # each collides with probability < 1e-5 at a million users
@@ -48,10 +48,9 @@ async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUs
         upline = (referrer_id, *referrer_upline)[:LEVELS_MAX]
 
     for _ in range(CODE_ATTEMPTS_MAX):
-        deltas = new_delta_set(router.shard_count)
-        written = await ledger.insert_user(request.user_id, new_referral_code(), referrer_id, upline, hash_, deltas)
-        if written is not None:
-            xid, record = written
+        xid, record, deltas = await ledger_write(
+            router, ledger, ledger.insert_user, request.user_id, new_referral_code(), referrer_id, upline, hash_)
+        if record is not None:
             await deliver(router, xid, deltas)
             return user_view(record)
         # Either a concurrent delivery of this registration won (replay it),

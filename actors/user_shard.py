@@ -26,7 +26,7 @@ BALANCE_VIEW_WRITE_TIMEOUT_S = 2.0  # a hung Redis holds deliveries no longer th
 
 
 class LocalFirstRouter(RayShardRouter):
-    """Deliveries to this very shard skip Ray: an actor must not await itself.
+    """Deliveries (and rereads) of this very shard skip Ray: an actor must not await itself.
     Registration delivers synchronously only, so post_one is never local."""
 
     def __init__(self, namespace: str, shard_count: int, owner: "UserShardActor"):
@@ -38,6 +38,12 @@ class LocalFirstRouter(RayShardRouter):
             await self.owner.apply(xid, delta)
         else:
             await super().deliver_one(shard_index, xid, delta)
+
+    async def reload(self, shard_index: int) -> None:
+        if shard_index == self.owner.index:
+            await self.owner.reload()
+        else:
+            await super().reload(shard_index)
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
@@ -61,6 +67,7 @@ class UserShardActor(Watched):
         self.state: ShardState | None = None
         self._ready_lock = asyncio.Lock()
         self._reloading: list[tuple[int, ShardDelta]] | None = None
+        self._reload_lock = asyncio.Lock()
 
     async def _ensure_ready(self) -> ShardState:
         if self.state is None:
@@ -104,16 +111,19 @@ class UserShardActor(Watched):
 
     async def reload(self) -> int:
         """Rebuild from the ledger, picking up writes whose delivery was lost
-        (a writer that crashed between its commit and its delivery)."""
+        (a writer that crashed between its commit and its delivery, or
+        whose commit's outcome it never heard). One at a time: deliveries
+        that arrive during a reload are kept for it alone."""
         await self._ensure_ready()
-        self._reloading = []
-        try:
-            fresh = await recover_shard(self.pool, self.vshards)
-            for xid, delta in self._reloading:
-                fresh.apply(xid, delta)  # the fence drops what the new snapshot holds
-            self.state = fresh
-        finally:
-            self._reloading = None
+        async with self._reload_lock:
+            self._reloading = []
+            try:
+                fresh = await recover_shard(self.pool, self.vshards)
+                for xid, delta in self._reloading:
+                    fresh.apply(xid, delta)  # the fence drops what the new snapshot holds
+                self.state = fresh
+            finally:
+                self._reloading = None
         await self.views.publish(fresh.users)  # the rebuilt state may differ from what memory had
         return len(fresh.users)
 

@@ -23,7 +23,7 @@ from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.protocol.live import VideoProgress, video_subject
 from dailydoco.storage import video_jobs
-from dailydoco.storage.pool import open_pool
+from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
 from .watch import Watched
 
@@ -112,7 +112,7 @@ class VideoJobRunner:
             try:
                 if await self.run_one():
                     continue
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("video queue unreachable (%s); retrying", exc)
                 await asyncio.sleep(RETRY_BACKOFF_S)
                 continue

@@ -129,6 +129,16 @@ class ServiceUnavailable(EngineError):
     status, slug, title = 503, "unavailable", "Service unavailable"
 
 
+class CommitOutcomeUnknown(ServiceUnavailable):
+    """The database connection was lost while a write committed: it may or
+    may not be recorded. A retry with the same id learns which (it replays
+    the write, or makes it). `backend_pid`, set by the writer for its own
+    clean-up (Ledger.settle), does not travel across Ray."""
+
+    status, slug, title = 503, "commit-outcome-unknown", "Write outcome unknown"
+    backend_pid: int | None = None
+
+
 class MethodNotAllowed(EngineError):
     """The path exists but not with this method."""
 

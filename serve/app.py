@@ -35,7 +35,7 @@ from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRe
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import stream_epoch
-from dailydoco.storage.pool import open_pool
+from dailydoco.storage.pool import connection_lost, open_pool
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
@@ -264,6 +264,12 @@ class EngineApi:
                     # Serve cancelled this request (its client is gone) while it
                     # waited on Ray: no one will read the answer, and nothing failed.
                     error = p.ServiceUnavailable("the request was cancelled before it was served")
+                elif error is None and connection_lost(exc):
+                    # This replica's own reads: Postgres down or restarting, a
+                    # connection cut. Nothing was written; the caller may retry.
+                    log.warning("a backing service did not answer on %s: %r", request.url.path, exc)
+                    error = p.ServiceUnavailable(
+                        f"a service this request needs did not answer ({type(exc).__name__}); retry", retry_after_s=1)
                 elif error is None:
                     log.exception("unhandled error on %s", request.url.path)
                     error = p.InternalError("the server failed to handle this request; it is logged")

@@ -13,9 +13,9 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
-from collections.abc import AsyncIterator, Callable
-from itertools import repeat
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import count, repeat
+from typing import NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -26,6 +26,7 @@ from dailydoco.protocol import (
     CommissionEntryView,
     CommissionLine,
     CommissionPage,
+    CommitOutcomeUnknown,
     IdempotencyConflict,
     InvalidRequest,
     NotFound,
@@ -36,6 +37,7 @@ from dailydoco.protocol import (
     RefundRequest,
     RefundResult,
     ReversalLine,
+    ServiceUnavailable,
     TransactionRequest,
     TransactionResult,
     proportional_reversal,
@@ -52,8 +54,10 @@ from dailydoco.protocol.live import (
 
 from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
 from .outbox import APPENDED_SELECT, OutboxRow, OutboxWriter, append_ctes
+from .pool import connection_lost
 from .sharding import vshard_of
 
+T = TypeVar("T")
 WRITE_ATTEMPTS_MAX = 5
 APPROVAL_SWEEP_ROWS_MAX = 50_000  # per sweep transaction: bounds lock time and memory
 # Groups up to this many purchases, all new, are written by one statement;
@@ -70,6 +74,7 @@ COPY_COLUMNS = (
 # dd_require's SQLSTATE (migration 006): a statement that found its assumption
 # false aborted itself, and wrote nothing.
 REQUIREMENT_FAILED_SQLSTATE = "DD001"
+SETTLE_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def body_hash(*fields: object) -> bytes:
@@ -247,9 +252,80 @@ class Ledger:
         it commits (not when it rolls back: the code after `yield` runs only
         when the block, and so the commit, succeeded)."""
         outbox = OutboxWriter()
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield conn, outbox
+        async with self._write_connection() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                yield conn, outbox
+            except BaseException:
+                await transaction.rollback()
+                raise
+            await self._commit(conn, transaction.commit)
         self._committed(outbox)
+
+    @contextlib.asynccontextmanager
+    async def _write_connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pool connection for one write. Should the connection fail, the
+        write is ServiceUnavailable: it wrote nothing (a failed commit is
+        CommitOutcomeUnknown instead, see _commit). Such a connection is
+        closed, not handed out again: asyncpg can leave one that the server
+        terminated in a state where every later use fails
+        (MagicStack/asyncpg#1069)."""
+        try:
+            async with self.pool.acquire() as conn:
+                try:
+                    yield conn
+                except Exception as exc:
+                    if isinstance(exc, CommitOutcomeUnknown) or connection_lost(exc):
+                        with contextlib.suppress(asyncpg.InterfaceError):  # closed already, and out of the pool
+                            conn.terminate()
+                    raise
+        except Exception as exc:
+            if isinstance(exc, CommitOutcomeUnknown) or not connection_lost(exc):
+                raise
+            raise ServiceUnavailable(
+                f"the database connection failed ({type(exc).__name__}); nothing was written, retry with the same id",
+                retry_after_s=1,
+            ) from exc
+
+    @staticmethod
+    async def _commit(conn: asyncpg.Connection, commit: Callable[[], Awaitable[T]]) -> T:
+        """Run the request that commits a write. Once it is sent, a lost
+        connection no longer means nothing was written: the server may have
+        committed and its answer been lost. That is CommitOutcomeUnknown,
+        which names the server process that ran the write (see settle)."""
+        backend_pid = conn.get_server_pid()
+        try:
+            return await commit()
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError):
+            raise  # asyncpg refused to send it (the connection was closed or broken already): nothing committed
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise  # the server refused the write: it rolled back
+            unknown = CommitOutcomeUnknown(
+                f"the database connection was lost while this write committed ({type(exc).__name__}), so it may"
+                " have been recorded; retry with the same id to learn its outcome", retry_after_s=1)
+            unknown.backend_pid = backend_pid
+            raise unknown from exc
+
+    async def settle(self, backend_pid: int) -> None:
+        """Return once the server process that ran a write of unknown outcome
+        has exited, so that the write is, for good, committed or not, and
+        the ledger says which. The process is terminated if it still runs:
+        its client is gone, so it can only finish or abort what it had.
+        Retries until the database answers."""
+        for attempt in count():
+            try:
+                if await self.pool.fetchval(
+                    "SELECT coalesce(bool_and(pg_terminate_backend(pid, 1000)), true)"
+                    " FROM pg_stat_activity WHERE pid = $1",
+                    backend_pid,
+                ):
+                    return
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+            await asyncio.sleep(SETTLE_BACKOFF_S[min(attempt, len(SETTLE_BACKOFF_S) - 1)])
 
     # --- time ----------------------------------------------------------------
 
@@ -293,8 +369,8 @@ class Ledger:
         upline: tuple[str, ...],
         hash_: bytes,
         deltas: DeltaSet,
-    ) -> tuple[int, UserRecord] | None:
-        """Insert a new user; None if the id or the code is taken."""
+    ) -> tuple[int | None, UserRecord | None]:
+        """Insert a new user: its xid and record, or (None, None) if the id or the code is taken."""
         async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             inserted = await conn.fetchval(
@@ -303,7 +379,7 @@ class Ledger:
                 user_id, referral_code, referrer_id, list(upline), vshard_of(user_id), hash_, now,
             )
             if not inserted:
-                return None
+                return None, None
             record = UserRecord(user_id, referral_code, referrer_id, upline, now, hash_)
             deltas.for_user(user_id).users.append(record)
             for level, ancestor in enumerate(upline, start=1):
@@ -361,11 +437,12 @@ class Ledger:
             outcomes[i] = PurchaseOutcome(book.add(purchases[i], *splits[i]), None)
         book.to_deltas(deltas)
         outbox_rows = book.outbox.rows(deltas)
-        xid, now, _, *appended = await self.pool.fetchrow(
-            _NEW_PURCHASES_SQL,
-            *_transaction_columns([purchases[i] for i in order], [splits[i][1] for i in order]),
-            *book.entries, self.hold_period, *outbox_rows.params(), len(purchases), len(book.entries[0]),
-        )
+        async with self._write_connection() as conn:
+            xid, now, _, *appended = await self._commit(conn, functools.partial(
+                conn.fetchrow, _NEW_PURCHASES_SQL,
+                *_transaction_columns([purchases[i] for i in order], [splits[i][1] for i in order]),
+                *book.entries, self.hold_period, *outbox_rows.params(), len(purchases), len(book.entries[0]),
+            ))
         book.outbox.record_appended(deltas, outbox_rows, now, tuple(appended))
         self._committed(book.outbox)
         return xid, outcomes  # type: ignore[return-value]

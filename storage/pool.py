@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
 POOL_CONNECT_TIMEOUT_S = 10
 POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval sweep slice
+# SQLSTATE classes of a lost connection or a server going away: connection
+# exception, operator intervention (an administrator's or a crash's
+# shutdown), system and internal error. Reported during a commit, they leave
+# it unknown whether the commit happened (see Ledger._commit).
+CONNECTION_LOST_SQLSTATE_CLASSES = ("08", "57", "58", "XX")
 
 
 async def open_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
@@ -26,3 +33,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     ALL, advisory unlock, CLOSE ALL): pool connections never hold session
     state here. LISTEN and the migration lock use their own connections, and
     asyncpg still rolls back a transaction left open before this runs."""
+# What a statement raises when its connection fails on the client's side:
+# refused, reset, timed out, closed under it (InterfaceError), or terminated
+# by the server while idle in the pool, which asyncpg reports as
+# InternalClientError "cannot switch to state ..." (MagicStack/asyncpg#1069).
+CLIENT_CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+# Everything a statement can raise because the database failed: what loops
+# that retry until it is back catch.
+DATABASE_ERRORS = (*CLIENT_CONNECTION_ERRORS, asyncpg.PostgresError)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the database connection failed, rather than the
+    statement: on the client's side, or the server going away."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in CONNECTION_LOST_SQLSTATE_CLASSES
+    return isinstance(exc, CLIENT_CONNECTION_ERRORS)

@@ -25,16 +25,20 @@ from dailydoco.actors.recovery import checkpoint_all, recover_shard
 from dailydoco.protocol.live import BalanceChanged, CommissionEarned, ReferralJoined, decode_events
 from dailydoco.actors.registration import register_user
 from dailydoco.protocol import (
+    CommitOutcomeUnknown,
     IdempotencyConflict,
     PayoutRequest,
     RefundExceedsPurchase,
     RefundRequest,
     RegisterUserRequest,
+    ServiceUnavailable,
     TransactionRequest,
 )
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS, vshards_of_actor
+
+from ..postgres_faults import ReplyLosingProxy
 
 SEEDS = int(os.environ.get("DD_SIMULATION_SEEDS", "200"))
 SEED_FIRST = int(os.environ.get("DD_SIMULATION_SEED_FIRST", "0"))  # a soak run can go past CI's seeds
@@ -50,10 +54,11 @@ TABLES = ("users, transactions, refunds, commission_ledger, ledger_transitions, 
 class FaultyRouter:
     """Delivers to in-process shard states; can lose, double or reorder deliveries."""
 
-    def __init__(self, states, rng):
+    def __init__(self, states, rng, pool):
         self.states = states
         self.shard_count = len(states)
         self.rng = rng
+        self.pool = pool
         self.lose_deliveries = False
         self.double_deliveries = False
         self.posted: list[tuple[int, int, object]] = []
@@ -78,14 +83,18 @@ class FaultyRouter:
             assert not state.apply(xid, delta), "a doubled delivery was applied twice"
         assert applied or state.recovered_at.sees(xid)
 
+    async def reload(self, shard_index):
+        self.states[shard_index] = await recover_shard(self.pool, vshards_of_actor(shard_index, SHARDS))
+
 
 class Simulation:
-    def __init__(self, seed: int, pool: asyncpg.Pool):
+    def __init__(self, seed: int, url: str, pool: asyncpg.Pool):
         self.seed = seed
+        self.url = url
         self.rng = random.Random(seed)
         self.pool = pool
         self.ledger = Ledger(pool, HOLD_PERIOD_S)
-        self.router = FaultyRouter([None] * SHARDS, self.rng)
+        self.router = FaultyRouter([None] * SHARDS, self.rng, pool)
         # Two chains: concurrent deliveries of one id may meet different ones.
         self.chains = [CommissionEngine(self.ledger, self.router), CommissionEngine(self.ledger, self.router)]
         self.users: list[str] = []
@@ -95,12 +104,19 @@ class Simulation:
         self.refunds: dict[str, tuple[str, RefundRequest]] = {}
         self.refunds_drawn = 0
         self.step_name = "start"
+        self.faults: tuple[ReplyLosingProxy, asyncpg.Pool] | None = None  # see lose_reply
 
     def fail(self, message: str) -> str:
         return f"seed {self.seed}, step {self.step_name}: {message}"
 
     async def recover(self, index: int) -> None:
-        self.router.states[index] = await recover_shard(self.pool, vshards_of_actor(index, SHARDS))
+        await self.router.reload(index)
+
+    async def close(self) -> None:
+        if self.faults is not None:
+            proxy, pool = self.faults
+            pool.terminate()
+            await proxy.close()
 
     # --- steps ---------------------------------------------------------------
 
@@ -354,6 +370,65 @@ class Simulation:
         for i in range(SHARDS):
             await self.recover(i)
 
+    async def lose_reply(self) -> None:
+        """Postgres answers a write and the answer is lost on the way back (a
+        proxy cuts the connection once the server is ready for the next
+        query). Lost with the commit's answer, the write is committed: the
+        writer hears CommitOutcomeUnknown, and by then every shard the write
+        touched has reread the ledger. Lost before the commit, nothing is
+        written: ServiceUnavailable. Either way the same write sent again
+        replays or makes it, and memory equals the ledger (verify)."""
+        if not self.purchases:
+            return await self.purchase()
+        if self.faults is None:
+            proxy = ReplyLosingProxy(self.url)
+            self.faults = proxy, await open_pool(await proxy.start(), max_size=2)
+        proxy, pool = self.faults
+        chain = CommissionEngine(Ledger(pool, HOLD_PERIOD_S), self.router)
+        write = self.rng.choice(["purchase", "purchase_group", "refund", "register", "payout"])
+        refund = await self._racing_refund() if write == "refund" else None
+        if write == "refund" and refund is None:
+            write = "purchase"
+        # The statement whose answer is lost: the commit, or one before it.
+        committed = write in ("purchase", "register", "payout") or self.rng.random() < 0.5
+        if write in ("purchase", "purchase_group"):
+            # Up to 64 new purchases are one statement, committed on its own;
+            # more go in a transaction, committed by COMMIT.
+            requests = [self._new_purchase() for _ in range(self.rng.randint(1, 5) if write == "purchase" else 70)]
+            lost = "COMMIT" if write == "purchase_group" and committed else "INSERT INTO transactions"
+            attempt = lambda engine: engine.submit(requests)  # noqa: E731
+        elif write == "refund":
+            lost = "COMMIT" if committed else "INSERT INTO refunds"
+            attempt = lambda engine: engine.refund(*refund[:2])  # noqa: E731
+        elif write == "register":
+            user = f"s{self.seed}-u{len(self.users)}"
+            request = RegisterUserRequest(user_id=user, referral_code=self.codes[self.rng.choice(self.users)])
+            lost = "COMMIT"
+            attempt = lambda engine: register_user(engine.ledger, self.router, request)  # noqa: E731
+        else:
+            await self.ledger.advance_clock(31 * 86400)
+            request = PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}")
+            lost = "COMMIT"  # the approval sweep's, which comes first
+            attempt = lambda engine: lifecycle.payout(engine.ledger, self.router, request)  # noqa: E731
+        proxy.lose_reply_to(lost)
+        with pytest.raises(ServiceUnavailable) as raised:
+            await attempt(chain)
+        assert proxy.fired.is_set(), self.fail("the proxy lost no reply")
+        assert type(raised.value) is (CommitOutcomeUnknown if committed else ServiceUnavailable), \
+            self.fail(f"the answer to {lost!r} lost: {raised.value!r}")
+        again = await attempt(self.chains[self.rng.randint(0, 1)])
+        status = "replayed" if committed else "created"
+        if write in ("purchase", "purchase_group"):
+            assert [o.result.status for o in again] == [status] * len(requests), self.fail(f"retry: {again}")
+            self.purchases.update((r.transaction_id, r) for r in requests)
+        elif write == "refund":
+            assert again.status == status, self.fail(f"retry: {again}")
+            self.refunds[refund[1].refund_id] = refund[:2]
+        elif write == "register":
+            assert again.status == status, self.fail(f"retry: {again}")
+            self.users.append(user)
+            self.codes[user] = again.referral_code
+
     async def double_delivery(self) -> None:
         self.router.double_deliveries = True
         try:
@@ -515,6 +590,7 @@ class Simulation:
             # Racing steps: writes that meet in Postgres at once.
             (self.concurrent_registrations, 1), (self.concurrent_refunds, 1), (self.concurrent_lifecycle, 1),
             (self.concurrent_checkpoint, 1),
+            (self.lose_reply, 1),
         ]
         for step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights=[w for _, w in actions])[0]
@@ -538,7 +614,11 @@ async def _run_seed(url: str, seed: int) -> None:
     pool = await open_pool(url, max_size=6)
     try:
         await pool.execute(f"TRUNCATE {TABLES} CASCADE; UPDATE engine_clock SET offset_us = 0")
-        await Simulation(seed, pool).run(STEPS_PER_SEED)
+        simulation = Simulation(seed, url, pool)
+        try:
+            await simulation.run(STEPS_PER_SEED)
+        finally:
+            await simulation.close()
     finally:
         await pool.close()
 

@@ -1,9 +1,12 @@
-"""Killing actors on the real Ray cluster loses and duplicates nothing."""
+"""Killing actors on the real Ray cluster, or cutting every connection to
+Postgres, loses and duplicates nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import threading
 import time
 
 import asyncpg
@@ -85,3 +88,72 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
                 if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
     restarts = ray.get(engine.supervisor.restart_counts.remote())
     assert restarts.get(shard_actor_name(0), 0) >= 1 and restarts.get(chain_actor_name(0), 0) >= 1
+
+
+def _cut_database_connections(engine) -> int:
+    """Terminate every server process of the engine's database but this one."""
+    async def cut():
+        conn = await asyncpg.connect(engine.postgres_url)
+        try:
+            return await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            await conn.close()
+
+    return asyncio.run(cut())
+
+
+def test_cut_database_connections_lose_and_double_nothing(api, engine):
+    """Every connection to Postgres is cut, three times, while purchases flow.
+    A purchase caught at its commit is a 503 commit-outcome-unknown (its
+    shards reread the ledger before it goes out), one caught before is a 503
+    that wrote nothing; a client retrying with the same id gets each purchase
+    once, and memory and the served balances still equal the ledger."""
+    users = api.chain(8, prefix="dbcut")
+    buyers = users[1:]
+    stop = time.monotonic() + 6
+    answers: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+
+    def load(worker: int) -> list[str]:
+        sent = []
+        while time.monotonic() < stop:
+            tid = unique(f"dbcut{worker}")
+            for _ in range(200):
+                r = api.purchase(buyers[(worker + len(sent)) % len(buyers)], 2_000_003 + len(sent), tid)
+                with lock:
+                    body = r.json()
+                    answers[r.status_code, body["type"].rsplit("/", 1)[-1] if r.status_code >= 400 else body["status"]] += 1
+                if r.status_code != 503:
+                    break
+                time.sleep(0.05)
+            assert r.status_code in (200, 201), r.text
+            sent.append(tid)
+        return sent
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(load, w) for w in range(4)]
+        cut = 0
+        for _ in range(3):
+            time.sleep(1.5)
+            cut += _cut_database_connections(engine)
+        sent = [tid for f in futures for tid in f.result()]
+    assert cut > 0 and sent
+    api.settle()
+
+    async def recorded() -> int:
+        conn = await asyncpg.connect(engine.postgres_url)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])", sent)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(recorded()) == len(sent)
+    ledger = _ledger_balances(engine)
+    assert _memory_balances(engine) == ledger, dict(answers)
+    for user in users:
+        served = api.service.get(f"/v1/users/{user}/balance").json()["balances"]
+        assert {b["currency"]: [b["pending_micros"], b["approved_micros"], b["paid_micros"]] for b in served
+                if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
+    assert api.anonymous.get("/readyz").status_code == 200
+    print(f"{cut} connections cut; answers: {dict(answers)}")

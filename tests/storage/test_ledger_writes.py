@@ -4,7 +4,8 @@ A small group of new ids is written by one statement; a group that meets an
 id known already must undo that statement and go the general way, so that
 every id still has one set of entries, one set of events, and the shards'
 deltas count each purchase once. The sweep approves a due backlog in bounded
-slices, oldest first.
+slices, oldest first. A write whose connection is lost says whether it may
+have committed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import pytest
 
 from dailydoco.actors.routing import new_delta_set
-from dailydoco.protocol import IdempotencyConflict, TransactionRequest
+from dailydoco.protocol import CommitOutcomeUnknown, IdempotencyConflict, ServiceUnavailable, TransactionRequest
 from dailydoco.protocol.live import BalanceChanged, CommissionEarned, decode_events
 from dailydoco.storage import ledger as ledger_module
 from dailydoco.storage.deltas import PENDING
@@ -22,6 +23,7 @@ from dailydoco.storage.ledger import ONE_STATEMENT_PURCHASES_MAX, Ledger, Prepar
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import vshard_of
 from tests.conftest import migrated_database
+from tests.postgres_faults import ReplyLosingProxy
 
 SHARDS = 2
 ROOT, MIDDLE, BUYER = "w-root", "w-middle", "w-buyer"  # BUYER's upline: MIDDLE, ROOT
@@ -38,6 +40,11 @@ def ledger_database_url(servers):
 @pytest.fixture(scope="module")
 def sweep_database_url(servers):
     return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_sweeps"))
+
+
+@pytest.fixture(scope="module")
+def lost_answers_database_url(servers):
+    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_lost_answers"))
 
 
 async def _insert_users(pool) -> None:
@@ -139,3 +146,50 @@ async def _sweeps(url: str, monkeypatch) -> None:
 
 def test_approval_sweep_moves_only_due_entries_in_bounded_slices(sweep_database_url, monkeypatch):
     asyncio.run(_sweeps(sweep_database_url, monkeypatch))
+
+
+async def _lost_answers(url: str) -> None:
+    pool = await open_pool(url, max_size=2)
+    proxy = ReplyLosingProxy(url)
+    proxied = await open_pool(await proxy.start(), max_size=1)
+    try:
+        await _insert_users(pool)
+        ledger, through_proxy = Ledger(pool, hold_period_s=HOLD_S), Ledger(proxied, hold_period_s=HOLD_S)
+
+        async def recorded(tid: str) -> bool:
+            return await pool.fetchval("SELECT count(*) FROM transactions WHERE transaction_id = $1", tid) == 1
+
+        # The one statement of a small group commits it: its answer lost,
+        # the outcome is unknown, and the error names the server process.
+        proxy.lose_reply_to("INSERT INTO transactions")
+        with pytest.raises(CommitOutcomeUnknown) as unknown:
+            await through_proxy.write_purchases([_purchase("lost-1")], new_delta_set(SHARDS))
+        assert unknown.value.status == 503 and unknown.value.backend_pid
+        await ledger.settle(unknown.value.backend_pid)
+        assert await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                                   unknown.value.backend_pid) == 0
+        assert await recorded("lost-1")  # the proxy cut the connection after the commit
+
+        # In a transaction (a large group), an answer lost before COMMIT was
+        # sent means nothing was written; the COMMIT's own answer lost, unknown.
+        group = [_purchase(f"lost-big-{i}") for i in range(ONE_STATEMENT_PURCHASES_MAX + 1)]
+        proxy.lose_reply_to("INSERT INTO transactions")
+        with pytest.raises(ServiceUnavailable) as unavailable:
+            await through_proxy.write_purchases(group, new_delta_set(SHARDS))
+        assert type(unavailable.value) is ServiceUnavailable and not await recorded("lost-big-0")
+        proxy.lose_reply_to("COMMIT")
+        with pytest.raises(CommitOutcomeUnknown) as unknown:
+            await through_proxy.write_purchases(group, new_delta_set(SHARDS))
+        await ledger.settle(unknown.value.backend_pid)
+        assert await recorded("lost-big-0")
+
+        # Settling a process that already exited returns at once.
+        await asyncio.wait_for(ledger.settle(unknown.value.backend_pid), 1)
+    finally:
+        proxied.terminate()
+        await proxy.close()
+        await pool.close()
+
+
+def test_a_lost_answer_says_whether_the_write_may_have_committed(lost_answers_database_url):
+    asyncio.run(_lost_answers(lost_answers_database_url))
