@@ -74,7 +74,10 @@ COPY_COLUMNS = (
 # dd_require's SQLSTATE (migration 006): a statement that found its assumption
 # false aborted itself, and wrote nothing.
 REQUIREMENT_FAILED_SQLSTATE = "DD001"
-SETTLE_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+SETTLE_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # while the database does not answer
+# How long one settle round waits for a terminated server process to exit
+# (it may be finishing a commit, fsync included) before asking again.
+SETTLE_EXIT_WAIT_MS = 1_000
 
 
 def body_hash(*fields: object) -> bytes:
@@ -317,9 +320,9 @@ class Ledger:
         for attempt in count():
             try:
                 if await self.pool.fetchval(
-                    "SELECT coalesce(bool_and(pg_terminate_backend(pid, 1000)), true)"
+                    "SELECT coalesce(bool_and(pg_terminate_backend(pid, $2)), true)"
                     " FROM pg_stat_activity WHERE pid = $1",
-                    backend_pid,
+                    backend_pid, SETTLE_EXIT_WAIT_MS,
                 ):
                     return
             except Exception as exc:
