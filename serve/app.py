@@ -14,6 +14,7 @@ import logging
 import math
 import time
 
+import asyncpg
 import msgspec
 import nats
 import redis.asyncio as redis
@@ -57,6 +58,7 @@ RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
 RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
 REDIS_CONNECTIONS_MAX = 32  # per replica: a round trip takes well under a millisecond
+POSTGRES_CONNECTIONS_MAX = 4  # per replica: its own reads (commission pages, graphs) and revocations
 CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
 CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: bulk calls overlap, so one commits while others compute
 # Single purchases gather behind the call in flight rather than overlap it:
@@ -117,6 +119,7 @@ class EngineApi:
         self.videos = VideoJobs(self, config.video_dir)
         self._deps_lock = asyncio.Lock()
         self._deps_ready = False
+        self.pool: asyncpg.Pool | None = None
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "dailydoco_http_requests_total", "HTTP requests", ["route", "status"], registry=self.registry)
@@ -149,8 +152,9 @@ class EngineApi:
             return
         async with self._deps_lock:
             if not self._deps_ready:
-                self.pool = await open_pool(self.postgres_url, max_size=4)
-                self.ledger = Ledger(self.pool, self.config.hold_period_s)
+                if self.pool is None:  # kept when a later step failed: the retry reuses it
+                    self.pool = await open_pool(self.postgres_url, max_size=POSTGRES_CONNECTIONS_MAX)
+                    self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 await self._load_revocations()
                 if not self.live_gateway:
                     await self._open_api_dependencies()
