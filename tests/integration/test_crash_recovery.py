@@ -127,6 +127,7 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
                     answers[r.status_code, body["type"].rsplit("/", 1)[-1] if r.status_code >= 400 else body["status"]] += 1
                 if r.status_code != 503:
                     break
+                assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"], r.headers
                 time.sleep(0.05)
             assert r.status_code in (200, 201), r.text
             sent.append(tid)
@@ -168,6 +169,7 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
             reads[r.status_code] += 1
             if r.status_code != 503:
                 break
+            assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"], r.headers
             time.sleep(0.05)
         assert r.status_code == 200, r.text
     # At most once per connection the replicas' pools held.
