@@ -28,7 +28,7 @@ from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 from .watch import Watched
 
 PROGRESS_STEP = 0.05  # progress is written at most every 5 % of a video
-QUEUE_IDLE_POLL_S = 1.0  # NOTIFY wakes the processor; this catches a notification lost to a reconnect
+QUEUE_IDLE_POLL_S = 1.0  # NOTIFY wakes the processor; this catches a notification lost while it reconnects
 RETRY_BACKOFF_S = 1.0  # Postgres unreachable: wait and try again
 
 _PROGRESS_ENCODER = msgspec.msgpack.Encoder()
@@ -146,7 +146,7 @@ class VideoProcessorActor(Watched):
         self.nats_url = nats_url
         self.runner: VideoJobRunner | None = None
         self._task: asyncio.Task | None = None
-        self._listener: asyncpg.Connection | None = None
+        self._listening: asyncio.Task | None = None
 
     async def ready(self) -> bool:
         if self._task is None:
@@ -157,10 +157,26 @@ class VideoProcessorActor(Watched):
                             requeued, failed)
             self.runner = VideoJobRunner(pool, self.video_dir, "cuda" if ray.get_gpu_ids() else "cpu")
             asyncio.get_running_loop().create_task(self._connect_nats())
-            self._listener = await asyncpg.connect(self.postgres_url)
-            await self._listener.add_listener(video_jobs.VIDEO_JOBS_NOTIFY_CHANNEL, self.runner.wake)
+            self._listening = asyncio.get_running_loop().create_task(self._listen())
             self._task = asyncio.get_running_loop().create_task(self.runner.run())
         return True
+
+    async def _listen(self) -> None:
+        """LISTEN for new jobs on a connection of its own, connected again
+        whenever it is lost (a database restart, a cut connection); the
+        queue's poll covers the gap."""
+        while True:
+            try:
+                listener = await asyncpg.connect(self.postgres_url)
+                lost = asyncio.Event()
+                listener.add_termination_listener(lambda _: lost.set())
+                await listener.add_listener(video_jobs.VIDEO_JOBS_NOTIFY_CHANNEL, self.runner.wake)
+                self.runner.wake()  # a job queued while no one listened
+                await lost.wait()
+                log.warning("the video queue's LISTEN connection was lost; connecting again")
+            except DATABASE_ERRORS as exc:
+                log.warning("the video queue's LISTEN connection failed (%s); retrying", exc)
+            await asyncio.sleep(RETRY_BACKOFF_S)
 
     async def _connect_nats(self) -> None:
         # In the background: jobs run while NATS is down, only without progress frames.
@@ -170,6 +186,7 @@ class VideoProcessorActor(Watched):
         return self.runner.jobs_done if self.runner else 0
 
     def ping(self) -> int:
-        if self._task is not None and self._task.done():
-            raise RuntimeError("video job loop ended") from self._task.exception()
+        for task, what in ((self._task, "video job loop"), (self._listening, "video queue's LISTEN loop")):
+            if task is not None and task.done():
+                raise RuntimeError(f"{what} ended") from task.exception()
         return 0

@@ -13,6 +13,7 @@ import asyncpg
 import ray
 
 from dailydoco.actors.refs import chain_actor_name, shard_actor_name
+from dailydoco.actors.supervisor import video_processing_installed
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 
 from .conftest import unique
@@ -104,6 +105,18 @@ def _cut_database_connections(engine) -> int:
     return asyncio.run(cut())
 
 
+def _video_queue_listeners(engine) -> int:
+    async def count():
+        conn = await asyncpg.connect(engine.postgres_url)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                       " AND query LIKE 'LISTEN %dd_video_jobs%'")
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
 def test_cut_database_connections_lose_and_double_nothing(api, engine):
     """Every connection to Postgres is cut, three times, while purchases flow.
     A purchase caught at its commit is a 503 commit-outcome-unknown (its
@@ -112,6 +125,8 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
     once, and memory and the served balances still equal the ledger."""
     users = api.chain(8, prefix="dbcut")
     buyers = users[1:]
+    listened = _video_queue_listeners(engine)
+    assert listened == (1 if video_processing_installed() else 0)
     stop = time.monotonic() + 6
     answers: collections.Counter = collections.Counter()
     lock = threading.Lock()
@@ -158,6 +173,11 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
         assert {b["currency"]: [b["pending_micros"], b["approved_micros"], b["paid_micros"]] for b in served
                 if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
     assert api.anonymous.get("/readyz").status_code == 200
+    # The video processor listens for new jobs again.
+    deadline = time.monotonic() + 10
+    while _video_queue_listeners(engine) < listened and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _video_queue_listeners(engine) == listened
 
     # Reads that Postgres serves (the replicas' own pools) fail no worse
     # than 503 once their connections are cut, and then recover.
