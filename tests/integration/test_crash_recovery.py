@@ -21,17 +21,22 @@ from .conftest import unique
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
 
 
-def _ledger_balances(engine) -> dict:
-    async def read():
+def _query(engine, method: str, sql: str, *args):
+    """One statement, on a connection of the test's own (the engine's are what these tests cut)."""
+    async def run():
         conn = await asyncpg.connect(engine.postgres_url)
         try:
-            return await conn.fetch("SELECT beneficiary_id, currency, status, sum(amount_micros) AS s"
-                                    " FROM commission_ledger GROUP BY 1, 2, 3")
+            return await getattr(conn, method)(sql, *args)
         finally:
             await conn.close()
 
+    return asyncio.run(run())
+
+
+def _ledger_balances(engine) -> dict:
     want: dict = {}
-    for r in asyncio.run(read()):
+    for r in _query(engine, "fetch", "SELECT beneficiary_id, currency, status, sum(amount_micros) AS s"
+                                     " FROM commission_ledger GROUP BY 1, 2, 3"):
         if r["status"] in BUCKETS:
             want.setdefault(r["beneficiary_id"], {}).setdefault(r["currency"].strip(), [0, 0, 0])[BUCKETS[r["status"]]] += r["s"]
     return {u: {c: b for c, b in v.items() if any(b)} for u, v in want.items() if any(any(b) for b in v.values())}
@@ -93,28 +98,14 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
 
 
 def _cut_database_connections(engine) -> int:
-    """Terminate every server process of the engine's database but this one."""
-    async def cut():
-        conn = await asyncpg.connect(engine.postgres_url)
-        try:
-            return await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        finally:
-            await conn.close()
-
-    return asyncio.run(cut())
+    """Terminate every server process of the engine's database but the one asking."""
+    return _query(engine, "fetchval", "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                      " WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
 def _video_queue_listeners(engine) -> int:
-    async def count():
-        conn = await asyncpg.connect(engine.postgres_url)
-        try:
-            return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                       " AND query LIKE 'LISTEN %dd_video_jobs%'")
-        finally:
-            await conn.close()
-
-    return asyncio.run(count())
+    return _query(engine, "fetchval", "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                      " AND query LIKE 'LISTEN %dd_video_jobs%'")
 
 
 def test_cut_database_connections_lose_and_double_nothing(api, engine):
@@ -158,14 +149,8 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
     assert cut > 0 and sent
     api.settle()
 
-    async def recorded() -> int:
-        conn = await asyncpg.connect(engine.postgres_url)
-        try:
-            return await conn.fetchval("SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])", sent)
-        finally:
-            await conn.close()
-
-    assert asyncio.run(recorded()) == len(sent)
+    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
+                  sent) == len(sent)
     ledger = _ledger_balances(engine)
     assert _memory_balances(engine) == ledger, dict(answers)
     for user in users:
