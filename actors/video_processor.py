@@ -166,6 +166,7 @@ class VideoProcessorActor(Watched):
         whenever it is lost (a database restart, a cut connection); the
         queue's poll covers the gap."""
         while True:
+            listener = None
             try:
                 listener = await asyncpg.connect(self.postgres_url)
                 lost = asyncio.Event()
@@ -176,6 +177,9 @@ class VideoProcessorActor(Watched):
                 log.warning("the video queue's LISTEN connection was lost; connecting again")
             except DATABASE_ERRORS as exc:
                 log.warning("the video queue's LISTEN connection failed (%s); retrying", exc)
+            finally:
+                if listener is not None and not listener.is_closed():
+                    listener.terminate()
             await asyncio.sleep(RETRY_BACKOFF_S)
 
     async def _connect_nats(self) -> None:

@@ -268,9 +268,10 @@ class EngineApi:
                     # Serve cancelled this request (its client is gone) while it
                     # waited on Ray: no one will read the answer, and nothing failed.
                     error = p.ServiceUnavailable("the request was cancelled before it was served")
-                elif error is None and connection_lost(exc):
-                    # This replica's own reads: Postgres down or restarting, a
-                    # connection cut. Nothing was written; the caller may retry.
+                elif error is None and connection_lost(exc.cause if isinstance(exc, RayTaskError) else exc):
+                    # A read, this replica's or an actor's: Postgres down or
+                    # restarting, a connection cut. Nothing was written (writes
+                    # say so themselves: see Ledger._write_connection); retry.
                     log.warning("a backing service did not answer on %s: %r", request.url.path, exc)
                     error = p.ServiceUnavailable(
                         f"a service this request needs did not answer ({type(exc).__name__}); retry", retry_after_s=1)

@@ -164,8 +164,9 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
         time.sleep(0.2)
     assert _video_queue_listeners(engine) == listened
 
-    # Reads that Postgres serves (the replicas' own pools) fail no worse
-    # than 503 once their connections are cut, and then recover.
+    # Reads that Postgres serves (the replicas' own pools, the actors') fail
+    # no worse than 503 once their connections are cut, and then recover.
+    code = api.service.get(f"/v1/users/{users[-1]}").json()["referral_code"]
     cut += _cut_database_connections(engine)
     reads: collections.Counter = collections.Counter()
     for user in users:
@@ -177,6 +178,17 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
             assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"], r.headers
             time.sleep(0.05)
         assert r.status_code == 200, r.text
+    # And writes that start with an actor's read (a registration looks up
+    # the user first) are 503 at worst, then served.
+    registrations: collections.Counter = collections.Counter()
+    for _ in range(50):
+        r = api.service.post("/v1/users", json={"user_id": unique("dbcut-late"), "referral_code": code})
+        registrations[r.status_code] += 1
+        if r.status_code != 503:
+            break
+        time.sleep(0.05)
+    assert r.status_code == 201, r.text
     # At most once per connection the replicas' pools held.
     assert reads[503] <= engine.config.serve_replicas * POSTGRES_CONNECTIONS_MAX, reads
-    print(f"{cut} connections cut; purchases: {dict(answers)}; reads: {dict(reads)}")
+    print(f"{cut} connections cut; purchases: {dict(answers)}; reads: {dict(reads)};"
+          f" registrations: {dict(registrations)}")
