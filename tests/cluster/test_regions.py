@@ -47,6 +47,9 @@ class NoShards:
     def post_one(self, shard_index, xid, delta) -> None:
         pass
 
+    async def reload(self, shard_index) -> None:
+        pass
+
 
 def test_region_configs_join_every_region_by_gateway(tmp_path):
     ports = {r: {"client": 1 + i, "cluster": 10 + i, "gateway": 20 + i} for i, r in enumerate(["a", "b", "c"])}
