@@ -86,11 +86,15 @@ def _problem(error: p.EngineError, instance: str) -> Response:
     )
 
 
+def _raised(exc: BaseException) -> BaseException:
+    """What was raised, here or in an actor (through Ray's wrapping)."""
+    return getattr(exc, "cause", exc) if isinstance(exc, RayTaskError) else exc
+
+
 def _engine_error(exc: BaseException) -> p.EngineError | None:
-    """The EngineError an actor raised, through Ray's wrapping."""
-    if isinstance(exc, RayTaskError):
-        exc = getattr(exc, "cause", exc)
-    return exc if isinstance(exc, p.EngineError) else None
+    """The EngineError raised, here or in an actor."""
+    raised = _raised(exc)
+    return raised if isinstance(raised, p.EngineError) else None
 
 
 class EngineApi:
@@ -268,7 +272,7 @@ class EngineApi:
                     # Serve cancelled this request (its client is gone) while it
                     # waited on Ray: no one will read the answer, and nothing failed.
                     error = p.ServiceUnavailable("the request was cancelled before it was served")
-                elif error is None and connection_lost(exc.cause if isinstance(exc, RayTaskError) else exc):
+                elif error is None and connection_lost(_raised(exc)):
                     # A read, this replica's or an actor's: Postgres down or
                     # restarting, a connection cut. Nothing was written (writes
                     # say so themselves: see Ledger._write_connection); retry.
