@@ -189,6 +189,20 @@ class EmbeddedServers:
         _wait_for_port(port, process, name, log)
         self.ports[name] = port
 
+    def pid(self, name: str) -> int:
+        """The process id of "nats" or "redis", where started here."""
+        return self._processes[name].pid
+
+    def restart(self, name: str, down_s: float) -> None:
+        """Kill "nats" or "redis" as a crash would (SIGKILL, nothing flushed
+        beyond what the server wrote as it went) and start it again on its
+        port with its data, `down_s` later: for tests of outages."""
+        process = self._processes[name]
+        process.kill()
+        process.wait()
+        time.sleep(down_s)
+        self._spawn(name, list(process.args), self.ports[name])
+
     def start_nats(self, regions: Sequence[str]) -> dict[str, str]:
         """One JetStream server for one region; for several, one per region,
         joined by gateways (cluster/regions.py). Returns each region's URL."""

@@ -15,7 +15,12 @@ Redis, or has fallen behind, is read from memory again within LEASE_TTL_MS.
 
 Fencing. Each start of a shard actor takes a new generation (INCR), and the
 write script drops writes of any other generation: a shard process that died
-mid-write cannot overwrite what its successor wrote.
+mid-write cannot overwrite what its successor wrote. Within a generation,
+each write of views carries a sequence number, and Redis drops one older than
+the last it applied: a write the shard gave up on (Redis stalled past the
+socket timeout, which it counts as failed and writes again) can reach Redis
+after a newer write on another connection, and would otherwise put back an
+old view, under a live lease, until that user's balance next changed.
 
 Keys carry the database's stream epoch, so deployments that share a Redis
 (tests against one external server) never read each other's views.
@@ -40,22 +45,46 @@ LEASE_RENEW_S = 0.5
 # very long argument lists costs more than several calls.
 VIEWS_PER_WRITE_MAX = 2_000
 
-# KEYS: generation, lease, view...; ARGV: generation, lease ttl (ms; 0 = do
-# not renew), body... Returns 1 written, 0 another generation owns the shard,
-# -1 the generation key is gone (Redis lost its data: take a new one).
+# KEYS: generation, lease, last sequence, view...; ARGV: generation, lease ttl
+# (ms; 0 = do not renew), sequence, acknowledged sequence, body... A write of
+# views has a sequence number of its own, above the last, and records it; a
+# lease-only write carries the last one sent and records nothing. Returns:
+#  1 written;
+#  0 a newer start of the shard owns it;
+# -1 Redis lost writes it had acknowledged: the generation is gone or older
+#    than the writer's, or the last sequence is below the acknowledged one
+#    (a restart without persistence or from an older snapshot, a failover to
+#    a replica that lagged). Nothing written: take a new generation and
+#    write every view again, or the lost ones would be served stale;
+#  2 a newer write of this shard came first: this one is stale, nothing written.
 _WRITE = """
-local gen = redis.call('GET', KEYS[1])
-if not gen then return -1 end
-if gen ~= ARGV[1] then return 0 end
-for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i]) end
+local gen, mine = tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1])
+if gen > mine then return 0 end
+local seq, last = tonumber(ARGV[3]), tonumber(redis.call('GET', KEYS[3]) or '0')
+if gen < mine or last < tonumber(ARGV[4]) then
+  redis.call('DEL', KEYS[2])  -- readers ask the shard until every view is written again
+  return -1
+end
+if seq < last or (#KEYS > 3 and seq == last) then return 2 end
+if #KEYS > 3 then redis.call('SET', KEYS[3], ARGV[3]) end
+for i = 4, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1]) end
 if ARGV[2] ~= '0' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
 return 1
 """
 
-# KEYS: generation, lease. A new writer's generation, with the old lease gone.
+# KEYS: generation, lease, last sequence; ARGV: the writer's sequence now, the
+# generation it held last (0: none). A new generation for the writer, above
+# any it held (Redis that lost its data counts from 0 again), with the old
+# lease gone. The sequence floor is the writer's own (a new process starts
+# from 0): a write it sent before a loss and that arrives late is refused.
 _TAKE_GENERATION = """
 local gen = redis.call('INCR', KEYS[1])
+if gen <= tonumber(ARGV[2]) then
+  gen = tonumber(ARGV[2]) + 1
+  redis.call('SET', KEYS[1], gen)
+end
 redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1])
 return gen
 """
 
@@ -76,6 +105,10 @@ def generation_key(epoch: str, shard_index: int) -> str:
     return f"{_prefix(epoch)}gen:{shard_index}"
 
 
+def sequence_key(epoch: str, shard_index: int) -> str:
+    return f"{_prefix(epoch)}seq:{shard_index}"
+
+
 class BalanceViewWriter:
     """One shard actor's writes. `publish` returns once the views of the given
     users, as they are at the time of the write, are in Redis (or the write
@@ -88,12 +121,16 @@ class BalanceViewWriter:
         self._epoch = epoch
         self._generation_key = generation_key(epoch, shard_index)
         self._lease_key = lease_key(epoch, shard_index)
+        self._sequence_key = sequence_key(epoch, shard_index)
+        self._sequence = 0  # of the last write of views sent
+        self._acknowledged = 0  # of the last write of views Redis applied
         self._view_of = view_of
         self._all_users = all_users
         self._script = client.register_script(_WRITE)
         self._take_generation = client.register_script(_TAKE_GENERATION)
         self._encoder = msgspec.json.Encoder()
         self._generation: int | None = None
+        self._last_generation = 0  # held before; a new one is taken above it
         # One generation per start: two taken at once (a delivery's write and
         # the renewal loop, after Redis was down) would supersede each other.
         self._generation_lock = asyncio.Lock()
@@ -108,7 +145,7 @@ class BalanceViewWriter:
         (fencing out the old writer) and its lease dropped, so readers ask
         this shard until the views of `user_ids` (all its users) are written
         again, in the background; then keep the lease."""
-        self._generation = None
+        self._last_generation, self._generation = self._generation or self._last_generation, None
         try:
             await self._ensure_generation()
         except (redis.RedisError, OSError) as exc:
@@ -143,32 +180,45 @@ class BalanceViewWriter:
         await self._ensure_generation()
         ordered = list(users)
         for start in range(0, max(1, len(ordered)), VIEWS_PER_WRITE_MAX):
-            keys, bodies = [self._generation_key, self._lease_key], []
+            keys, bodies = [self._generation_key, self._lease_key, self._sequence_key], []
             for user_id in ordered[start:start + VIEWS_PER_WRITE_MAX]:
                 view = self._view_of(user_id)
                 if view is not None:
                     keys.append(view_key(self._epoch, user_id))
                     bodies.append(self._encoder.encode(view))
+            if bodies:
+                self._sequence += 1
+            sequence, generation = self._sequence, self._generation
             last = start + VIEWS_PER_WRITE_MAX >= len(ordered)
             renew = LEASE_TTL_MS if last and not (self._unwritten - users) else 0
-            outcome = await self._script(keys=keys, args=[self._generation, renew, *bodies])
+            outcome = await self._script(
+                keys=keys, args=[generation, renew, sequence, self._acknowledged, *bodies])
             if outcome == -1:
-                # Redis lost its data (a restart without persistence): every
-                # view is gone, so take a new generation and write them all.
-                self._generation = None
-                self._unwritten.update(self._all_users())
-                raise redis.RedisError("Redis lost this shard's generation key; writing every view again")
+                if generation == self._generation:
+                    self._last_generation, self._generation = generation, None
+                    self._unwritten.update(self._all_users())
+                raise redis.RedisError("Redis lost balance views it had acknowledged; writing every view again")
+            if outcome == 2 or (outcome == 0 and generation != self._generation):
+                # Sent before a newer write of this writer that Redis applied
+                # first (a lease renewal that raced a write of views, a write
+                # whose client gave up, one sent before a new generation).
+                # Raised, so its users are written again.
+                raise redis.RedisError("a newer write of this shard's views reached Redis first")
             if outcome == 0:
                 self.superseded = True
                 log.warning("a newer start of this shard writes its balance views now; this one stops")
                 return
+            if bodies:
+                self._acknowledged = max(self._acknowledged, sequence)
         self._unwritten -= users
 
     async def _ensure_generation(self) -> None:
         """Take a generation if this start holds none (at start, or after Redis lost its data)."""
         async with self._generation_lock:
             if self._generation is None:
-                self._generation = await self._take_generation(keys=[self._generation_key, self._lease_key])
+                self._generation = await self._take_generation(
+                    keys=[self._generation_key, self._lease_key, self._sequence_key],
+                    args=[self._sequence, self._last_generation])
 
     async def _renew_forever(self) -> None:
         while not self.superseded:

@@ -1,20 +1,25 @@
-"""Killing actors on the real Ray cluster, or cutting every connection to
-Postgres, loses and duplicates nothing."""
+"""Killing actors on the real Ray cluster, cutting every connection to
+Postgres, or stalling and crashing Redis, loses and duplicates nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import concurrent.futures
+import os
+import signal
 import threading
 import time
 
 import asyncpg
+import pytest
 import ray
+import redis
 
 from dailydoco.actors.refs import chain_actor_name, shard_actor_name
 from dailydoco.actors.supervisor import video_processing_installed
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
+from dailydoco.storage import balance_views
 
 from .conftest import unique
 
@@ -53,31 +58,76 @@ def _memory_balances(engine) -> dict:
     return have
 
 
+def _assert_served_balances_are(api, users: list[str], ledger: dict) -> None:
+    for user in users:
+        served = api.service.get(f"/v1/users/{user}/balance").json()["balances"]
+        assert {b["currency"]: [b["pending_micros"], b["approved_micros"], b["paid_micros"]] for b in served
+                if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
+
+
+class _PurchaseLoad:
+    """Purchases from four threads for as long as the `with` block runs. A
+    client that gets a 503 retries it with the same id, as clients must;
+    `answers` counts every answer by status and problem type (or outcome),
+    `sent` holds every transaction id that was answered 2xx."""
+
+    WORKERS = 4
+    RETRIES_MAX = 200
+
+    def __init__(self, api, buyers: list[str], prefix: str):
+        self.api, self.buyers, self.prefix = api, buyers, prefix
+        self.answers: collections.Counter = collections.Counter()
+        self.sent: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_PurchaseLoad":
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.WORKERS)
+        self._futures = [self._pool.submit(self._run, w) for w in range(self.WORKERS)]
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._stop.set()
+        try:
+            for future in self._futures:
+                self.sent += future.result()
+        finally:
+            self._pool.shutdown()
+        assert self.sent or exc_type is not None
+
+    def _run(self, worker: int) -> list[str]:
+        sent = []
+        while not self._stop.is_set():
+            tid = unique(f"{self.prefix}{worker}")
+            for _ in range(self.RETRIES_MAX):
+                r = self.api.purchase(self.buyers[(worker + len(sent)) % len(self.buyers)], 2_000_003 + len(sent), tid)
+                body = r.json()
+                with self._lock:
+                    self.answers[r.status_code, body["type"].rsplit("/", 1)[-1] if r.status_code >= 400
+                                 else body["status"]] += 1
+                if r.status_code != 503:
+                    break
+                assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"], r.headers
+                time.sleep(0.05)
+            assert r.status_code in (200, 201), r.text
+            sent.append(tid)
+        return sent
+
+
 def _kill(engine, name: str) -> None:
     ray.kill(ray.get_actor(name, namespace=engine.config.namespace), no_restart=True)
 
 
 def test_killed_actors_come_back_with_exact_balances(api, engine):
     users = api.chain(8, prefix="crash")
-    buyers = users[1:]
-    stop = time.monotonic() + 8
-
-    def load(worker: int) -> int:
-        sent = 0
-        while time.monotonic() < stop:
-            r = api.purchase(buyers[(worker + sent) % len(buyers)], 1_000_003 + sent, unique(f"crash{worker}"))
-            assert r.status_code in (200, 201), r.text
-            sent += 1
-        return sent
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(load, w) for w in range(4)]
+    with _PurchaseLoad(api, users[1:], "crash") as load:
         time.sleep(2)
         _kill(engine, shard_actor_name(0))
         time.sleep(2)
         _kill(engine, chain_actor_name(0))
-        sent = sum(f.result() for f in futures)
-    assert sent > 0
+        time.sleep(4)
+    # Callers inside the engine retry through the restarts: no client sees them.
+    assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if api.anonymous.get("/readyz").status_code == 200:
@@ -89,10 +139,7 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
     assert _memory_balances(engine) == ledger
     # And what the API serves (balance views in Redis, written again by the
     # restarted shard) is the ledger too: no view of the dead one survives.
-    for user in users:
-        served = api.service.get(f"/v1/users/{user}/balance").json()["balances"]
-        assert {b["currency"]: [b["pending_micros"], b["approved_micros"], b["paid_micros"]] for b in served
-                if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
+    _assert_served_balances_are(api, users, ledger)
     restarts = ray.get(engine.supervisor.restart_counts.remote())
     assert restarts.get(shard_actor_name(0), 0) >= 1 and restarts.get(chain_actor_name(0), 0) >= 1
 
@@ -115,48 +162,22 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
     that wrote nothing; a client retrying with the same id gets each purchase
     once, and memory and the served balances still equal the ledger."""
     users = api.chain(8, prefix="dbcut")
-    buyers = users[1:]
     listened = _video_queue_listeners(engine)
     assert listened == (1 if video_processing_installed() else 0)
-    stop = time.monotonic() + 6
-    answers: collections.Counter = collections.Counter()
-    lock = threading.Lock()
-
-    def load(worker: int) -> list[str]:
-        sent = []
-        while time.monotonic() < stop:
-            tid = unique(f"dbcut{worker}")
-            for _ in range(200):
-                r = api.purchase(buyers[(worker + len(sent)) % len(buyers)], 2_000_003 + len(sent), tid)
-                with lock:
-                    body = r.json()
-                    answers[r.status_code, body["type"].rsplit("/", 1)[-1] if r.status_code >= 400 else body["status"]] += 1
-                if r.status_code != 503:
-                    break
-                assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"], r.headers
-                time.sleep(0.05)
-            assert r.status_code in (200, 201), r.text
-            sent.append(tid)
-        return sent
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(load, w) for w in range(4)]
+    with _PurchaseLoad(api, users[1:], "dbcut") as load:
         cut = 0
         for _ in range(3):
             time.sleep(1.5)
             cut += _cut_database_connections(engine)
-        sent = [tid for f in futures for tid in f.result()]
-    assert cut > 0 and sent
+        time.sleep(1.5)
+    assert cut > 0
     api.settle()
 
     assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
-                  sent) == len(sent)
+                  load.sent) == len(load.sent)
     ledger = _ledger_balances(engine)
-    assert _memory_balances(engine) == ledger, dict(answers)
-    for user in users:
-        served = api.service.get(f"/v1/users/{user}/balance").json()["balances"]
-        assert {b["currency"]: [b["pending_micros"], b["approved_micros"], b["paid_micros"]] for b in served
-                if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
+    assert _memory_balances(engine) == ledger, dict(load.answers)
+    _assert_served_balances_are(api, users, ledger)
     assert api.anonymous.get("/readyz").status_code == 200
     # The video processor listens for new jobs again.
     deadline = time.monotonic() + 10
@@ -190,5 +211,76 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
     assert r.status_code == 201, r.text
     # At most once per connection the replicas' pools held.
     assert reads[503] <= engine.config.serve_replicas * POSTGRES_CONNECTIONS_MAX, reads
-    print(f"{cut} connections cut; purchases: {dict(answers)}; reads: {dict(reads)};"
+    print(f"{cut} connections cut; purchases: {dict(load.answers)}; reads: {dict(reads)};"
           f" registrations: {dict(registrations)}")
+
+
+def test_a_stalled_then_crashed_redis_fails_no_purchase_and_leaves_no_stale_balance(api, engine, embedded_servers):
+    """Redis stalls for three seconds (SIGSTOP: connections stay open, nothing
+    answers), then crashes and comes back a second later, then loses all its
+    data (FLUSHALL, as a restart without persistence would), while purchases
+    flow. Redis is not on the write path: every purchase is a 201. Balance
+    reads with the service key are answered from the shards meanwhile; a
+    user's own read needs the rate limiter, in Redis, and is a 503 with
+    Retry-After. Afterwards what is served equals the ledger, and balance
+    views are served from Redis again."""
+    if os.environ.get("DD_REDIS_URL"):
+        pytest.skip("Redis is external (DD_REDIS_URL): this test stops and kills the embedded one")
+    redis_server = embedded_servers[0]
+    users = api.chain(8, prefix="redisdown")
+    token = api.service.post(f"/v1/users/{users[0]}/tokens", json={"ttl_s": 600}).json()["token"]
+    as_user = {"Authorization": f"Bearer {token}"}
+    outage_reads: collections.Counter = collections.Counter()
+
+    def read_during_outage() -> None:
+        by_service = api.service.get(f"/v1/users/{users[0]}/balance")
+        assert by_service.status_code == 200, by_service.text
+        by_user = api.anonymous.get(f"/v1/users/{users[0]}/balance", headers=as_user)
+        assert by_user.status_code in (200, 503), by_user.text
+        if by_user.status_code == 503:
+            assert by_user.headers["content-type"] == "application/problem+json" and by_user.headers["retry-after"]
+        outage_reads[by_user.status_code] += 1
+
+    with _PurchaseLoad(api, users[1:], "redisdown") as load:
+        time.sleep(1)
+        os.kill(redis_server.pid("redis"), signal.SIGSTOP)
+        try:
+            stalled_until = time.monotonic() + 3
+            while time.monotonic() < stalled_until:
+                read_during_outage()
+        finally:
+            os.kill(redis_server.pid("redis"), signal.SIGCONT)
+        time.sleep(1)
+        restart = threading.Thread(target=redis_server.restart, args=("redis", 1.0))
+        restart.start()
+        while restart.is_alive():
+            read_during_outage()
+        restart.join()
+        time.sleep(1.5)
+        flushed = redis.Redis.from_url(engine.redis_url)
+        try:
+            flushed.flushall()
+        finally:
+            flushed.close()
+        time.sleep(1.5)
+    assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
+    assert outage_reads[503] > 0, dict(outage_reads)  # the outage was seen: the test tested something
+    api.settle()
+
+    ledger = _ledger_balances(engine)
+    assert _memory_balances(engine) == ledger
+    _assert_served_balances_are(api, users, ledger)
+    assert api.anonymous.get(f"/v1/users/{users[0]}/balance", headers=as_user).status_code == 200
+    # Every shard holds its lease again: balance reads come from its views.
+    epoch = _query(engine, "fetchval", "SELECT epoch FROM event_epoch")
+    client = redis.Redis.from_url(engine.redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while not all(client.exists(balance_views.lease_key(epoch, i)) for i in range(engine.config.shard_actors)):
+            assert time.monotonic() < deadline, "a shard did not take its lease back"
+            time.sleep(0.1)
+    finally:
+        client.close()
+    _assert_served_balances_are(api, users, ledger)
+    assert api.anonymous.get("/readyz").status_code == 200
+    print(f"purchases: {dict(load.answers)}; a user's reads during the outage: {dict(outage_reads)}")

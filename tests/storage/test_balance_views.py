@@ -10,6 +10,8 @@ from dailydoco.protocol import BalanceView, CurrencyBalance, StreamPosition
 from dailydoco.storage import balance_views as bv
 from dailydoco.storage.balance_views import BalanceViewReader, BalanceViewWriter
 
+from ..tcp_faults import HoldingProxy
+
 
 class FakeShard:
     """The part of a shard the writer reads: its users' current views."""
@@ -124,6 +126,35 @@ def test_views_lost_by_redis_are_written_again(servers):
     _run(servers, test)
 
 
+def test_views_lost_to_an_older_snapshot_are_written_again(servers):
+    """Redis restarted from a snapshot older than the shard's last writes (or
+    failed over to a replica that lagged) still holds the shard's generation,
+    so it cannot tell what it lost; the shard can, from the sequence number
+    Redis acknowledged, and writes every view again."""
+    async def test(client, epoch):
+        shard = FakeShard(["a", "b"])
+        writer = shard.writer(client, epoch)
+        reader = BalanceViewReader(client, epoch)
+        await writer.take_over(shard.pending)
+        await writer.publish(["a", "b"])
+        keys = [k async for k in client.scan_iter(match=f"dd:{epoch}:*")]
+        snapshot = {k: await client.dump(k) for k in keys if not k.endswith(b"lease:0")}
+        shard.pending["a"] = 4
+        await writer.publish(["a"])
+        for key, value in snapshot.items():  # the restart: back to the snapshot
+            await client.restore(key, 0, value, replace=True)
+        assert _pending(await reader.read("a", 0)) == 0  # what a reader would be served now
+        deadline = asyncio.get_running_loop().time() + 5
+        # Meanwhile reads go to the shard (no lease), then to the view written again.
+        while (body := await reader.read("a", 0)) is None or _pending(body) != 4:
+            assert asyncio.get_running_loop().time() < deadline, "the lost view stayed stale"
+            await asyncio.sleep(0.05)
+        assert not writer.superseded
+        writer.close()
+
+    _run(servers, test)
+
+
 def test_an_unreachable_redis_fails_nothing(servers):
     async def test(client, epoch):
         dead = redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
@@ -151,3 +182,38 @@ def test_writes_racing_for_a_generation_take_one(servers):
         writer.close()
 
     _run(servers, test)
+
+
+def test_a_write_that_reaches_redis_late_cannot_undo_a_later_one(servers):
+    """A view write the shard gave up on (Redis stalled past its timeout) can
+    still reach Redis after the shard wrote a newer view on a new connection.
+    Redis then refuses it: the view served stays the newer one."""
+    async def test(client, epoch):
+        proxy = HoldingProxy(servers[2])
+        await proxy.start()
+        through_proxy = redis.from_url(proxy.url, socket_timeout=0.3)
+        shard = FakeShard(["a"])
+        writer = shard.writer(through_proxy, epoch)
+        reader = BalanceViewReader(client, epoch)
+        try:
+            await writer.take_over(shard.pending)
+            await writer.publish(["a"])
+            proxy.hold()  # the shard's connection stalls
+            shard.pending["a"] = 1
+            await writer.publish(["a"])  # times out: "a" is kept to be written again
+            shard.pending["a"] = 2
+            await writer.publish(["a"])  # a new connection: written
+            assert _pending(await reader.read("a", 0)) == 2
+            assert await proxy.release() == 1  # the stale write (view 1) reaches Redis now
+            assert _pending(await reader.read("a", 0)) == 2
+            assert not writer.superseded
+        finally:
+            writer.close()
+            await through_proxy.aclose()
+            await proxy.close()
+
+    _run(servers, test)
+
+
+def _pending(body: bytes | None) -> int:
+    return msgspec.json.decode(body, type=BalanceView).balances[0].pending_micros
