@@ -22,6 +22,13 @@ socket timeout, which it counts as failed and writes again) can reach Redis
 after a newer write on another connection, and would otherwise put back an
 old view, under a live lease, until that user's balance next changed.
 
+Lost writes. Redis can come back holding less than it acknowledged: a
+restart without persistence, or from a snapshot older than the last writes,
+or a failover to a replica that lagged. The writer knows the last sequence
+number Redis applied for it; a write (the lease renewals included, every
+LEASE_RENEW_S) that finds Redis short of it, or the generation gone, drops
+the lease and writes every view of the shard again.
+
 Keys carry the database's stream epoch, so deployments that share a Redis
 (tests against one external server) never read each other's views.
 """
