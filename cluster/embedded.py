@@ -193,6 +193,12 @@ class EmbeddedServers:
         """The process id of "nats" or "redis", where started here."""
         return self._processes[name].pid
 
+    def nats_pid(self, region: str) -> int:
+        """The process id of a region's NATS, where started here."""
+        if self._nats_regions is not None:
+            return self._nats_regions.pid(region)
+        return self.pid("nats")
+
     def restart(self, name: str, down_s: float) -> None:
         """Kill "nats" or "redis" as a crash would (SIGKILL, nothing flushed
         beyond what the server wrote as it went) and start it again on its

@@ -68,6 +68,9 @@ class NatsRegions:
     def url(self, region: str) -> str:
         return f"nats://127.0.0.1:{self.ports[region]['client']}"
 
+    def pid(self, region: str) -> int:
+        return self._processes[region].pid
+
     def start(self) -> "NatsRegions":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for region, text in nats_region_configs(self.regions, self.ports, self.state_dir).items():

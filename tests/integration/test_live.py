@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import anyio
 import httpx
 import pytest
@@ -376,6 +379,58 @@ def test_the_same_event_ten_times_is_one_frame(api, servers):
             extra = await take(events, 1)
             pytest.fail(f"a duplicate came through: {extra}")
         await events.aclose()
+
+    anyio.run(run)
+
+
+def test_a_stalled_nats_delays_events_and_loses_none(api, embedded_servers):
+    """The home region's NATS stalls for three seconds (SIGSTOP: connections
+    stay open, nothing answers) while a referrer's downline buys. Purchases
+    are answered 201 meanwhile (their events wait in the outbox), and the
+    referrer's socket gets every event, in order, once NATS answers again."""
+    if os.environ.get("DD_NATS_URL"):
+        pytest.skip("NATS is external (DD_NATS_URL): this test stops the embedded one")
+    nats_pid = embedded_servers[0].nats_pid(api.engine.config.region)
+    root, _, buyer = api.chain(3, "natsstall")
+    token = token_for(api, root)
+
+    async def tokens() -> str:
+        return token
+
+    async def run() -> None:
+        seen: list = []
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_collect, LiveClient(live_url(api), tokens), seen, stop)
+            with anyio.fail_after(EVENT_WAIT_S):
+                while not seen:
+                    await anyio.sleep(0.01)
+            async with httpx.AsyncClient(base_url=api.engine.url, headers=api.service.headers, timeout=60) as http:
+                async def buy(seconds: float) -> None:
+                    until = anyio.current_time() + seconds
+                    while anyio.current_time() < until:
+                        r = await http.post("/v1/transactions", json={
+                            "transaction_id": unique("tx"), "user_id": buyer, "amount_micros": 1_000_000})
+                        assert r.status_code == 201, r.text
+                        await anyio.sleep(0.02)
+
+                await buy(1)
+                os.kill(nats_pid, signal.SIGSTOP)
+                try:
+                    await buy(3)
+                finally:
+                    os.kill(nats_pid, signal.SIGCONT)
+                await buy(1)
+                head = (await http.get(f"/v1/users/{root}/balance")).json()["stream"]["offset"]
+            with anyio.fail_after(EVENT_WAIT_S * 2):
+                while not seen or getattr(seen[-1], "offset", 0) < head:
+                    await anyio.sleep(0.05)
+            stop.set()
+            tg.cancel_scope.cancel()
+        assert isinstance(seen[0], StreamReset)
+        offsets = [x.offset for x in seen[1:]]
+        assert all(isinstance(x, Publication) for x in seen[1:])
+        assert offsets == list(range(seen[0].offset + 1, head + 1))
 
     anyio.run(run)
 
