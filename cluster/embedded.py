@@ -153,16 +153,7 @@ class EmbeddedServers:
             subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                            capture_output=True, **kwargs)
         port = free_port(self._last_ports.get("postgres"))
-        options = " ".join(f"-c {k}={v}" for k, v in POSTGRES_SETTINGS.items())
-        options += f" -p {port} -k {socket_dir}"
-        started = subprocess.run(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", str(SERVER_START_TIMEOUT_S),
-             "-o", options, "start"],
-            capture_output=True, text=True, **kwargs,
-        )
-        if started.returncode != 0:
-            raise RuntimeError(f"Postgres failed to start: {started.stderr}\n{_tail(log)}")
-        self._postgres_started = True
+        self._pg_ctl_start(port)
         self.ports["postgres"] = port
         psql = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tAc"]
         exists = subprocess.run(psql + [f"SELECT 1 FROM pg_database WHERE datname = '{POSTGRES_DATABASE}'"],
@@ -170,6 +161,19 @@ class EmbeddedServers:
         if exists.stdout.strip() != "1":
             subprocess.run(psql + [f"CREATE DATABASE {POSTGRES_DATABASE}"], check=True, capture_output=True)
         return f"postgresql://postgres@127.0.0.1:{port}/{POSTGRES_DATABASE}"
+
+    def _pg_ctl_start(self, port: int) -> None:
+        data, log = self.state_dir / "postgres", self.state_dir / "postgres.log"
+        options = " ".join(f"-c {k}={v}" for k, v in POSTGRES_SETTINGS.items())
+        options += f" -p {port} -k {self.state_dir / 'pgsock'}"
+        started = subprocess.run(
+            [str(_postgres_bin() / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t",
+             str(SERVER_START_TIMEOUT_S), "-o", options, "start"],
+            capture_output=True, text=True, **self._pg_user_kwargs(),
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"Postgres failed to start: {started.stderr}\n{_tail(log)}")
+        self._postgres_started = True
 
     def stop_postgres(self) -> None:
         if self._postgres_started:
@@ -200,9 +204,18 @@ class EmbeddedServers:
         return self.pid("nats")
 
     def restart(self, name: str, down_s: float) -> None:
-        """Kill "nats" or "redis" as a crash would (SIGKILL, nothing flushed
-        beyond what the server wrote as it went) and start it again on its
-        port with its data, `down_s` later: for tests of outages."""
+        """Stop "postgres", "nats" or "redis" as a crash would and start it
+        again on its port with its data, `down_s` later: for tests of
+        outages. NATS and Redis are killed (SIGKILL: nothing flushed beyond
+        what the server wrote as it went); Postgres is stopped in immediate
+        mode (every server process quits at once, with no checkpoint, and
+        the start replays the WAL, as after a crash)."""
+        if name == "postgres":
+            subprocess.run([str(_postgres_bin() / "pg_ctl"), "-D", str(self.state_dir / "postgres"), "-m",
+                            "immediate", "-w", "stop"], check=True, capture_output=True, **self._pg_user_kwargs())
+            time.sleep(down_s)
+            self._pg_ctl_start(self.ports["postgres"])
+            return
         process = self._processes[name]
         process.kill()
         process.wait()
