@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 import nats
 import redis.asyncio as redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ray.exceptions import RayTaskError, TaskCancelledError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -124,6 +124,7 @@ class EngineApi:
         self._deps_lock = asyncio.Lock()
         self._deps_ready = False
         self.pool: asyncpg.Pool | None = None
+        self.redis: redis.Redis | None = None
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "dailydoco_http_requests_total", "HTTP requests", ["route", "status"], registry=self.registry)
@@ -137,6 +138,9 @@ class EngineApi:
                                 ["source"], registry=self.registry)
         self.balance_reads_from_view = balance_reads.labels("redis_view")
         self.balance_reads_from_shard = balance_reads.labels("shard")
+        if live_gateway:
+            Gauge("dailydoco_live_connections", "Live sockets open on this replica",
+                  registry=self.registry).set_function(lambda: len(self.live.connections))
 
     def connect_in_background(self) -> None:
         """Connect to Postgres, Redis and NATS now, on the running loop, not on
@@ -160,6 +164,8 @@ class EngineApi:
                     self.pool = await open_pool(self.postgres_url, max_size=POSTGRES_CONNECTIONS_MAX)
                     self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 await self._load_revocations()
+                if self.redis is None:
+                    self._open_redis()
                 if not self.live_gateway:
                     await self._open_api_dependencies()
                 # NATS carries revocation notices to every replica and the live
@@ -170,20 +176,24 @@ class EngineApi:
                 self._deps_ready = True
                 freeze_startup_heap()
 
-    async def _open_api_dependencies(self) -> None:
-        """What only the HTTP API uses: Redis (balance views, rate limits,
-        the deployment's /metrics)."""
+    def _open_redis(self) -> None:
+        """Redis, and this replica's series published into the deployment's
+        /metrics through it (the live gateway's too, though it serves no
+        /metrics itself)."""
         # A bounded pool that queues: under overload, requests wait their
         # turn for a connection instead of failing (redis-py's default
         # pool raises past 100 connections).
         self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             self.redis_url, max_connections=REDIS_CONNECTIONS_MAX, timeout=DEPENDENCY_CHECK_TIMEOUT_S,
             socket_timeout=DEPENDENCY_CHECK_TIMEOUT_S))
-        self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
-        self.limiter = RateLimiter(self.redis)
         self.replica_metrics = ReplicaMetrics(
             self.registry, self.redis, f"{self.config.namespace}:{self.config.region}")
         self._metrics_task = asyncio.get_running_loop().create_task(self.replica_metrics.publish_forever())
+
+    async def _open_api_dependencies(self) -> None:
+        """What only the HTTP API uses: balance views and rate limits (Redis)."""
+        self.balance_views = BalanceViewReader(self.redis, await stream_epoch(self.pool))
+        self.limiter = RateLimiter(self.redis)
         self.local_limiter = LocalRateLimiter()
 
     async def _connect_nats(self) -> None:

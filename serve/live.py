@@ -50,6 +50,7 @@ from dailydoco.protocol.live import (
     user_subject_all_regions,
 )
 from dailydoco.storage.outbox import stream_epoch, stream_positions
+from dailydoco.storage.pool import DATABASE_ERRORS, connection_lost
 
 from .auth import TokenAuthority, TokenEnded
 
@@ -326,13 +327,22 @@ class LiveGateway:
     async def _open(self, ws: WebSocket, hello: Connect, claims) -> LiveConnection:
         pool = self._pool()
         if self._epoch is None:
-            self._epoch = await stream_epoch(pool)
+            self._epoch = await _from_database(stream_epoch(pool))
         connection = LiveConnection(self, ws, claims.sub, hello.encoding, self._epoch, claims.iat, claims.exp)
+        try:
+            return await self._start(connection, hello, claims, pool)
+        except BaseException:
+            # The caller never gets it, so cannot forget it: its subscription
+            # and its place among the pinged connections would stay for good.
+            self._forget(connection)
+            raise
+
+    async def _start(self, connection: LiveConnection, hello: Connect, claims, pool) -> LiveConnection:
         # Subscribe before reading where the stream stands: anything published
         # from here on is caught live, anything before it is in history.
         await self._subscribe(connection)
         self.connections.add(connection)
-        head = (await stream_positions(pool, [claims.sub]))[claims.sub]
+        head = (await _from_database(stream_positions(pool, [claims.sub])))[claims.sub]
         history: list[EventBatch] = []
         recovered = hello.epoch == self._epoch and hello.offset is not None and hello.offset <= head
         if recovered and hello.offset < head:
@@ -484,6 +494,19 @@ class LiveGateway:
             del self._subscriptions[connection.user_id]
             if subscription is not None:
                 self.spawn(_unsubscribe(subscription))
+
+
+async def _from_database(query):
+    """`await query`; Postgres unreachable closes the socket, to be resumed,
+    saying so (a client reconnects with backoff), instead of as an internal
+    error with a traceback in the log."""
+    try:
+        return await query
+    except DATABASE_ERRORS as exc:
+        if not connection_lost(exc):
+            raise
+        log.warning("a live socket was refused: the database is unreachable (%r)", exc)
+        raise _Closed(CloseCode.INTERNAL_ERROR, "live events are unavailable (database unreachable); resume") from None
 
 
 async def _unsubscribe(subscription) -> None:

@@ -280,12 +280,16 @@ def test_operations_endpoints(api):
     metrics = api.anonymous.get("/metrics").text
     assert "dailydoco_http_requests_total" in metrics
     # One scrape holds every replica's series, whichever replica answers it
-    # (each publishes its own every interval from its start).
+    # (each publishes its own every interval from its start): the API's,
+    # and the live gateway's, which serves no /metrics of its own.
+    replicas = api.engine.config.serve_replicas + api.engine.config.live_replicas
     deadline = time.monotonic() + 5 * REPLICA_METRICS_INTERVAL_S
-    while len(_replicas_in(metrics)) < api.engine.config.serve_replicas and time.monotonic() < deadline:
+    while len(_replicas_in(metrics)) < replicas and time.monotonic() < deadline:
         time.sleep(0.2)
         metrics = api.anonymous.get("/metrics").text
-    assert len(_replicas_in(metrics)) == api.engine.config.serve_replicas
+    assert len(_replicas_in(metrics)) == replicas
+    assert len([line for line in metrics.splitlines()
+                if line.startswith("dailydoco_live_connections{")]) == api.engine.config.live_replicas
     spec = api.anonymous.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.1") and "/v1/transactions:batch" in spec["paths"]
 

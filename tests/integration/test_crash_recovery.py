@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import os
 import signal
 import threading
 import time
 
+import anyio
 import asyncpg
 import pytest
 import ray
@@ -18,12 +20,15 @@ import redis
 
 from dailydoco.actors.refs import chain_actor_name, shard_actor_name
 from dailydoco.actors.supervisor import video_processing_installed
+from dailydoco.cluster.live_client import ConnectionClosed, WebSocketConnection
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
+from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
 
 from .conftest import unique
 
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
+LIVE_SOCKET_ANSWER_WAIT_S = 15.0
 
 
 def _query(engine, method: str, sql: str, *args):
@@ -298,11 +303,29 @@ def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_s
     if os.environ.get("DD_POSTGRES_URL"):
         pytest.skip("Postgres is external (DD_POSTGRES_URL): this test crashes the embedded one")
     users = api.chain(8, prefix="pgcrash")
+    token = api.service.post(f"/v1/users/{users[0]}/tokens", json={"ttl_s": 600}).json()["token"]
+    # One served before (the gateway then knows the stream's epoch, and the
+    # crash finds it at the read of where the user's stream stands).
+    assert anyio.run(_open_live_socket, api, token) == "connected"
+    sockets_before = _live_connections(api)
+    sockets: collections.Counter = collections.Counter()
     with _PurchaseLoad(api, users[1:], "pgcrash") as load:
         time.sleep(1.5)
-        embedded_servers[0].restart("postgres", 1.0)
+        crash = threading.Thread(target=embedded_servers[0].restart, args=("postgres", 1.0))
+        crash.start()
+        # Live sockets opened meanwhile are served, or closed to be resumed,
+        # saying why (they were "internal error", and stayed in the gateway).
+        while crash.is_alive():
+            sockets[anyio.run(_open_live_socket, api, token)] += 1
+        crash.join()
         time.sleep(3)
     assert any(status == 503 for status, _ in load.answers), dict(load.answers)  # the crash was seen
+    assert set(sockets) <= {"connected", "1011 live events are unavailable (database unreachable); resume"}, sockets
+    assert len(sockets) == 2, sockets  # the outage was seen by a socket too
+    deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
+    while _live_connections(api) > sockets_before:  # every socket that closed is gone from the gateway
+        assert time.monotonic() < deadline, (_live_connections(api), sockets_before, sockets)
+        time.sleep(0.2)
     deadline = time.monotonic() + 60
     while api.anonymous.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, api.anonymous.get("/readyz").text
@@ -316,4 +339,25 @@ def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_s
     _assert_served_balances_are(api, users, ledger)
     code = api.service.get(f"/v1/users/{users[-1]}").json()["referral_code"]
     assert api.register(unique("pgcrash-late"), code)["status"] == "created"
-    print(f"purchases: {dict(load.answers)}")
+    print(f"purchases: {dict(load.answers)}; live sockets opened meanwhile: {dict(sockets)}")
+
+
+async def _open_live_socket(api, token: str) -> str:
+    """Open a live socket with `token`: "connected", or the close code and reason."""
+    ws = await WebSocketConnection.open(api.engine.url.replace("http://", "ws://") + "/v1/live")
+    try:
+        with anyio.fail_after(LIVE_SOCKET_ANSWER_WAIT_S):
+            await ws.send(json.dumps({"type": "connect", "token": token}))
+            answer = json.loads(await ws.receive())
+        assert answer["type"] == "connected", answer
+        return "connected"
+    except ConnectionClosed as closed:
+        return f"{closed.code} {closed.reason}"
+    finally:
+        await ws.close()
+
+
+def _live_connections(api) -> float:
+    """Live sockets open, summed over the replicas (as of up to a metrics interval ago)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
+               if line.startswith("dailydoco_live_connections{"))
