@@ -102,6 +102,7 @@ class EmbeddedServers:
         self.ports: dict[str, int | dict] = {}
         self.nats_urls: dict[str, str] = {}  # region -> URL of the NATS started here
         self._processes: dict[str, subprocess.Popen] = {}
+        self._killed: dict[str, list[str]] = {}  # name -> command line, of servers `kill` stopped
         self._nats_regions = None  # NatsRegions, when several regions run here
         self._postgres_started = False
 
@@ -203,24 +204,38 @@ class EmbeddedServers:
             return self._nats_regions.pid(region)
         return self.pid("nats")
 
-    def restart(self, name: str, down_s: float) -> None:
-        """Stop "postgres", "nats" or "redis" as a crash would and start it
-        again on its port with its data, `down_s` later: for tests of
-        outages. NATS and Redis are killed (SIGKILL: nothing flushed beyond
+    def kill(self, name: str, region: str | None = None) -> None:
+        """Stop "postgres", "nats" or "redis" as a crash would, for tests of
+        outages: NATS and Redis are killed (SIGKILL: nothing flushed beyond
         what the server wrote as it went); Postgres is stopped in immediate
-        mode (every server process quits at once, with no checkpoint, and
-        the start replays the WAL, as after a crash)."""
+        mode (every server process quits at once, with no checkpoint, and the
+        next start replays the WAL, as after a crash). `region`: which
+        region's NATS, where several run here."""
         if name == "postgres":
             subprocess.run([str(_postgres_bin() / "pg_ctl"), "-D", str(self.state_dir / "postgres"), "-m",
                             "immediate", "-w", "stop"], check=True, capture_output=True, **self._pg_user_kwargs())
-            time.sleep(down_s)
+        elif name == "nats" and self._nats_regions is not None:
+            self._nats_regions.kill_region(region)
+        else:
+            process = self._processes.pop(name)
+            process.kill()
+            process.wait()
+            self._killed[name] = list(process.args)
+
+    def revive(self, name: str, region: str | None = None) -> None:
+        """Start a server `kill` stopped again, on its port, with its data."""
+        if name == "postgres":
             self._pg_ctl_start(self.ports["postgres"])
-            return
-        process = self._processes[name]
-        process.kill()
-        process.wait()
+        elif name == "nats" and self._nats_regions is not None:
+            self._nats_regions.start_region(region)
+        else:
+            self._spawn(name, self._killed.pop(name), self.ports[name])
+
+    def restart(self, name: str, down_s: float, region: str | None = None) -> None:
+        """`kill`, then `revive` `down_s` later."""
+        self.kill(name, region)
         time.sleep(down_s)
-        self._spawn(name, list(process.args), self.ports[name])
+        self.revive(name, region)
 
     def start_nats(self, regions: Sequence[str]) -> dict[str, str]:
         """One JetStream server for one region; for several, one per region,

@@ -48,10 +48,21 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
     while NATS is down must still come up and wait for it. Losing and
     regaining the connection is logged (nats-py logs neither when the server
     closes the connection), then passed to the caller's callbacks, if any.
+    The caller's `reconnected_cb` runs as a task of its own, its failure
+    logged: nats-py awaits it inside its reconnect loop, where an OSError
+    (a database refusing connections, in a callback that reloads from it)
+    counts as a failed reconnect, so it connects again without closing the
+    connection it had, and any other exception ends that loop.
     """
     given_disconnected = callbacks.pop("disconnected_cb", None)
     given_reconnected = callbacks.pop("reconnected_cb", None)
     client: Client | None = None
+    callback_tasks: set[asyncio.Task] = set()  # held: the loop keeps only weak references
+
+    def report(task: asyncio.Task) -> None:
+        callback_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: what follows a NATS reconnect failed: %r", name, task.exception())
 
     async def disconnected() -> None:
         if not (client is not None and client.is_closed):  # closing on purpose is no news
@@ -62,7 +73,9 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
     async def reconnected() -> None:
         log.warning("%s: reconnected to NATS at %s", name, url)
         if given_reconnected is not None:
-            await given_reconnected()
+            task = asyncio.get_running_loop().create_task(given_reconnected())
+            callback_tasks.add(task)
+            task.add_done_callback(report)
 
     while True:
         try:

@@ -95,6 +95,12 @@ class NatsRegions:
         except subprocess.TimeoutExpired:
             process.kill()
 
+    def kill_region(self, region: str) -> None:
+        """As a crash would: SIGKILL."""
+        process = self._processes.pop(region)
+        process.kill()
+        process.wait()
+
     def restart_region(self, region: str, down_s: float = 0.5) -> None:
         self.stop_region(region)
         time.sleep(down_s)

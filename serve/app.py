@@ -36,7 +36,7 @@ from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRe
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import stream_epoch
-from dailydoco.storage.pool import connection_lost, open_pool
+from dailydoco.storage.pool import DATABASE_ERRORS, connection_lost, open_pool
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
@@ -57,6 +57,7 @@ NETWORK_GRAPH_DEPTH_DEFAULT = 3
 RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
 RATE_LIMIT_USER = (50, 100)
 DEPENDENCY_CHECK_TIMEOUT_S = 2.0
+AFTER_NATS_RECONNECT_RETRY_S = 0.5  # reloading what a NATS outage hid, while Postgres is away too
 REDIS_CONNECTIONS_MAX = 32  # per replica: a round trip takes well under a millisecond
 POSTGRES_CONNECTIONS_MAX = 4  # per replica: its own reads (commission pages, graphs) and revocations
 CHAIN_CALL_TRANSACTIONS_MAX = 4_000  # matches the chain's group-commit size
@@ -204,8 +205,22 @@ class EngineApi:
             await self.live.follow_video_progress(self.nats)
 
     async def _on_nats_reconnected(self) -> None:
-        await self._load_revocations()  # notices sent while disconnected are lost to us
-        await self.live.on_nats_reconnected()
+        """Revocation notices sent while NATS was away are lost to this
+        replica, and events published meanwhile reached none of its sockets:
+        reload the revocations, and have every socket catch up. Retried
+        while Postgres is unreachable (an outage of both at once): a token
+        revoked meanwhile would otherwise stay good here until NATS next
+        reconnects, and sockets would miss those events until their next."""
+        while True:
+            try:
+                await self._load_revocations()
+                await self.live.on_nats_reconnected()
+                return
+            except DATABASE_ERRORS as exc:
+                if not connection_lost(exc):
+                    raise
+                log.warning("after a NATS reconnect, Postgres is unreachable (%r); retrying", exc)
+                await asyncio.sleep(AFTER_NATS_RECONNECT_RETRY_S)
 
     # --- token revocation ---------------------------------------------------
     # Postgres holds each revocation; a NATS notice tells every replica at

@@ -361,3 +361,43 @@ def _live_connections(api) -> float:
     """Live sockets open, summed over the replicas (as of up to a metrics interval ago)."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
                if line.startswith("dailydoco_live_connections{"))
+
+
+def test_a_revocation_holds_on_every_replica_after_nats_and_postgres_fail_together(api, engine, embedded_servers):
+    """A token is revoked while NATS is down: recorded in Postgres and in
+    force on the replica that answered (503: the others have no notice).
+    Postgres goes down too, NATS comes back, and each replica, reconnected,
+    cannot reload the revocations yet; once Postgres is back they have, and
+    every replica refuses the token."""
+    if os.environ.get("DD_NATS_URL") or os.environ.get("DD_POSTGRES_URL"):
+        pytest.skip("NATS or Postgres is external: this test stops the embedded ones")
+    servers, home = embedded_servers[0], engine.config.region
+    user = api.register(unique("revoke-outage"))["user_id"]
+    token = api.service.post(f"/v1/users/{user}/tokens", json={"ttl_s": 600}).json()["token"]
+    as_user = {"Authorization": f"Bearer {token}"}
+
+    def answers() -> collections.Counter:
+        # Enough reads to reach every API replica (HAProxy spreads them), within the user's rate limit.
+        return collections.Counter(api.anonymous.get(f"/v1/users/{user}/balance", headers=as_user).status_code
+                                   for _ in range(8 * engine.config.serve_replicas))
+
+    assert answers() == {200: 8 * engine.config.serve_replicas}
+    servers.kill("nats", home)
+    nats_down = True
+    try:
+        revoked = api.service.post(f"/v1/users/{user}/tokens:revoke")
+        assert revoked.status_code == 503, revoked.text  # recorded; the other replicas have no notice
+        servers.kill("postgres")
+        try:
+            servers.revive("nats", home)
+            nats_down = False
+            time.sleep(2)  # the replicas reconnect to NATS, and find Postgres down
+        finally:
+            servers.revive("postgres")
+    finally:
+        if nats_down:
+            servers.revive("nats", home)
+    deadline = time.monotonic() + 10
+    while (got := answers()) != {401: 8 * engine.config.serve_replicas}:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.5)
