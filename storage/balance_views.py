@@ -205,11 +205,12 @@ class BalanceViewWriter:
                     self._last_generation, self._generation = generation, None
                     self._unwritten.update(self._all_users())
                 raise redis.RedisError("Redis lost balance views it had acknowledged; writing every view again")
+            if outcome == 2 and not bodies:
+                return  # a lease renewal that a newer write overtook: nothing of it is lost
             if outcome == 2 or (outcome == 0 and generation != self._generation):
                 # Sent before a newer write of this writer that Redis applied
-                # first (a lease renewal that raced a write of views, a write
-                # whose client gave up, one sent before a new generation).
-                # Raised, so its users are written again.
+                # first (a write whose client gave up, or one sent before a
+                # new generation). Raised, so its users are written again.
                 raise redis.RedisError("a newer write of this shard's views reached Redis first")
             if outcome == 0:
                 self.superseded = True
