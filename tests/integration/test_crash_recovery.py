@@ -320,8 +320,8 @@ def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_s
         crash.join()
         time.sleep(3)
     assert any(status == 503 for status, _ in load.answers), dict(load.answers)  # the crash was seen
-    assert set(sockets) <= {"connected", "1011 live events are unavailable (database unreachable); resume"}, sockets
-    assert len(sockets) == 2, sockets  # the outage was seen by a socket too
+    refused = "1011 live events are unavailable (database unreachable); resume"
+    assert set(sockets) <= {"connected", refused} and sockets[refused] > 0, sockets  # sockets saw the outage too
     deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
     while _live_connections(api) > sockets_before:  # every socket that closed is gone from the gateway
         assert time.monotonic() < deadline, (_live_connections(api), sockets_before, sockets)
