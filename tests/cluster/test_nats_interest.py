@@ -1,7 +1,8 @@
 """The gateway's light per-user interest, against a real nats-server: it gets
 exactly its subject's messages, stops at unsubscribe, comes back after the
 server restarts, and a failing callback leaves the connection working. The
-connections log losing and regaining the server, and not a deliberate close."""
+connections log losing and regaining the server, and not a deliberate close;
+a reconnect callback that fails leaves one connection."""
 
 from __future__ import annotations
 
@@ -92,3 +93,47 @@ def test_interest_delivers_unsubscribes_and_survives_a_restart(tmp_path, caplog)
     for client in ("interest-test", "interest-publisher"):
         assert [m.split(" NATS", 1)[0] for m in said if m.startswith(client + ":")] == [
             f"{client}: lost its", f"{client}: reconnected to"]  # the restart, and nothing for the close
+
+
+async def _exercise_failing_reconnect_callback(regions: NatsRegions) -> None:
+    calls: list[str] = []
+
+    # What a component does once its connection is back (reload what it may
+    # have missed) must not disturb the connection itself.
+    async def reload_after_reconnect() -> None:
+        calls.append("reload")
+        if len(calls) == 1:
+            # Postgres refusing connections at that moment (ConnectionRefusedError).
+            raise ConnectionRefusedError("the database is down")
+
+    nc = await nats_io.connect(regions.url(REGION), name="reconnect-test", reconnected_cb=reload_after_reconnect)
+    publisher = await nats_io.connect(regions.url(REGION), name="reconnect-publisher")
+    try:
+        got: list[bytes] = []
+
+        async def take(msg) -> None:
+            got.append(msg.data)
+
+        await nc.subscribe("after.restart", cb=take)
+        await nc.flush()
+        await asyncio.to_thread(regions.restart_region, REGION)
+        await _until(lambda: calls and nc.is_connected and publisher.is_connected, "both clients to reconnect")
+        await asyncio.sleep(1)  # time for any reconnect that follows
+        await publisher.publish("after.restart", b"once")
+        await publisher.flush()
+        await _until(lambda: got, "the message")
+        await asyncio.sleep(0.5)
+        # One reconnect. nats-py awaits the callback inside its reconnect
+        # loop, and took the callback's OSError for a failed reconnect: it
+        # connected a second time (and called the callback again), and the
+        # first connection was never closed, as nats-py closes its transport
+        # only where a reconnect begins.
+        assert (nc.stats["reconnects"], got, calls) == (1, [b"once"], ["reload"])
+    finally:
+        await nc.close()
+        await publisher.close()
+
+
+def test_a_failing_reconnect_callback_leaves_one_connection(tmp_path):
+    with NatsRegions(tmp_path, [REGION]) as regions:
+        asyncio.run(_exercise_failing_reconnect_callback(regions))

@@ -70,6 +70,18 @@ def _assert_served_balances_are(api, users: list[str], ledger: dict) -> None:
                 if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
 
 
+def _assert_nothing_lost_or_doubled(api, engine, users: list[str], load: "_PurchaseLoad") -> dict:
+    """Every purchase the load had acknowledged is recorded once, and shard
+    memory and the balances served equal the ledger; returns the ledger's."""
+    api.settle()
+    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
+                  load.sent) == len(load.sent)
+    ledger = _ledger_balances(engine)
+    assert _memory_balances(engine) == ledger, dict(load.answers)
+    _assert_served_balances_are(api, users, ledger)
+    return ledger
+
+
 class _PurchaseLoad:
     """Purchases from four threads for as long as the `with` block runs. A
     client that gets a 503 retries it with the same id, as clients must;
@@ -139,13 +151,10 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
         if api.anonymous.get("/readyz").status_code == 200:
             break
         time.sleep(0.5)
-    api.settle()
-    # Retries after an unknown outcome replay, never duplicate.
-    ledger = _ledger_balances(engine)
-    assert _memory_balances(engine) == ledger
-    # And what the API serves (balance views in Redis, written again by the
-    # restarted shard) is the ledger too: no view of the dead one survives.
-    _assert_served_balances_are(api, users, ledger)
+    # Retries after an unknown outcome replay, never duplicate. And what the
+    # API serves (balance views in Redis, written again by the restarted
+    # shard) is the ledger too: no view of the dead one survives.
+    _assert_nothing_lost_or_doubled(api, engine, users, load)
     restarts = ray.get(engine.supervisor.restart_counts.remote())
     assert restarts.get(shard_actor_name(0), 0) >= 1 and restarts.get(chain_actor_name(0), 0) >= 1
 
@@ -177,13 +186,7 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
             cut += _cut_database_connections(engine)
         time.sleep(1.5)
     assert cut > 0
-    api.settle()
-
-    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
-                  load.sent) == len(load.sent)
-    ledger = _ledger_balances(engine)
-    assert _memory_balances(engine) == ledger, dict(load.answers)
-    _assert_served_balances_are(api, users, ledger)
+    _assert_nothing_lost_or_doubled(api, engine, users, load)
     assert api.anonymous.get("/readyz").status_code == 200
     # The video processor listens for new jobs again.
     deadline = time.monotonic() + 10
@@ -271,11 +274,7 @@ def test_a_stalled_then_crashed_redis_fails_no_purchase_and_leaves_no_stale_bala
         time.sleep(1.5)
     assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     assert outage_reads[503] > 0, dict(outage_reads)  # the outage was seen: the test tested something
-    api.settle()
-
-    ledger = _ledger_balances(engine)
-    assert _memory_balances(engine) == ledger
-    _assert_served_balances_are(api, users, ledger)
+    ledger = _assert_nothing_lost_or_doubled(api, engine, users, load)
     assert api.anonymous.get(f"/v1/users/{users[0]}/balance", headers=as_user).status_code == 200
     # Every shard holds its lease again: balance reads come from its views.
     epoch = _query(engine, "fetchval", "SELECT epoch FROM event_epoch")
@@ -330,13 +329,7 @@ def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_s
     while api.anonymous.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, api.anonymous.get("/readyz").text
         time.sleep(0.5)
-    api.settle()
-
-    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
-                  load.sent) == len(load.sent)
-    ledger = _ledger_balances(engine)
-    assert _memory_balances(engine) == ledger, dict(load.answers)
-    _assert_served_balances_are(api, users, ledger)
+    _assert_nothing_lost_or_doubled(api, engine, users, load)
     code = api.service.get(f"/v1/users/{users[-1]}").json()["referral_code"]
     assert api.register(unique("pgcrash-late"), code)["status"] == "created"
     print(f"purchases: {dict(load.answers)}; live sockets opened meanwhile: {dict(sockets)}")

@@ -104,23 +104,31 @@ def test_a_new_start_fences_out_the_old_writer(servers):
     _run(servers, test)
 
 
+async def _writing(client, epoch) -> tuple[FakeShard, BalanceViewWriter, BalanceViewReader, list[bytes]]:
+    """A shard of users a and b whose views are written; the keys it wrote."""
+    shard = FakeShard(["a", "b"])
+    writer = shard.writer(client, epoch)
+    await writer.take_over(shard.pending)
+    await writer.publish(["a", "b"])
+    return shard, writer, BalanceViewReader(client, epoch), [k async for k in client.scan_iter(match=f"dd:{epoch}:*")]
+
+
+async def _until_view(reader: BalanceViewReader, user: str, pending_micros: int, what: str) -> None:
+    """Until reads of `user` answer from a view (the lease lives) showing `pending_micros`."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while (body := await reader.read(user, 0)) is None or _pending(body) != pending_micros:
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
 def test_views_lost_by_redis_are_written_again(servers):
     async def test(client, epoch):
-        shard = FakeShard(["a", "b"])
-        writer = shard.writer(client, epoch)
-        reader = BalanceViewReader(client, epoch)
-        await writer.take_over(shard.pending)
-        await writer.publish(["a", "b"])
-        # Redis restarted without its data.
-        keys = [k async for k in client.scan_iter(match=f"dd:{epoch}:*")]
-        await client.delete(*keys)
+        shard, writer, reader, keys = await _writing(client, epoch)
+        await client.delete(*keys)  # Redis restarted without its data
         shard.pending["a"] = 3
         await writer.publish(["a"])  # finds the generation gone: takes a new one, schedules every view
-        deadline = asyncio.get_running_loop().time() + 5
-        while await reader.read("b", 0) is None:
-            assert asyncio.get_running_loop().time() < deadline, "the lost views were not written again"
-            await asyncio.sleep(0.05)
-        assert msgspec.json.decode(await reader.read("a", 0), type=BalanceView).balances[0].pending_micros == 3
+        await _until_view(reader, "b", 0, "the lost views were not written again")
+        assert _pending(await reader.read("a", 0)) == 3
         writer.close()
 
     _run(servers, test)
@@ -132,23 +140,15 @@ def test_views_lost_to_an_older_snapshot_are_written_again(servers):
     so it cannot tell what it lost; the shard can, from the sequence number
     Redis acknowledged, and writes every view again."""
     async def test(client, epoch):
-        shard = FakeShard(["a", "b"])
-        writer = shard.writer(client, epoch)
-        reader = BalanceViewReader(client, epoch)
-        await writer.take_over(shard.pending)
-        await writer.publish(["a", "b"])
-        keys = [k async for k in client.scan_iter(match=f"dd:{epoch}:*")]
+        shard, writer, reader, keys = await _writing(client, epoch)
         snapshot = {k: await client.dump(k) for k in keys if not k.endswith(b"lease:0")}
         shard.pending["a"] = 4
         await writer.publish(["a"])
         for key, value in snapshot.items():  # the restart: back to the snapshot
             await client.restore(key, 0, value, replace=True)
         assert _pending(await reader.read("a", 0)) == 0  # what a reader would be served now
-        deadline = asyncio.get_running_loop().time() + 5
         # Meanwhile reads go to the shard (no lease), then to the view written again.
-        while (body := await reader.read("a", 0)) is None or _pending(body) != 4:
-            assert asyncio.get_running_loop().time() < deadline, "the lost view stayed stale"
-            await asyncio.sleep(0.05)
+        await _until_view(reader, "a", 4, "the lost view stayed stale")
         assert not writer.superseded
         writer.close()
 
