@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -29,13 +30,22 @@ def _already_stopping(*_) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     from .demo import HTTP_TIMEOUT_S as DEMO_HTTP_TIMEOUT_S, run_demo
+    from .embedded import StateDirInUse
     from .system import EngineSystem
 
     config = load_config()
     if args.port is not None:
         config = msgspec.structs.replace(config, http_port=args.port)
+    # What this process logs (an embedded server restarted, say) reads as its own lines.
+    logging.basicConfig(level=logging.WARNING, format="dailydoco: %(message)s")
     print(f"dailydoco: starting (state in {config.state_dir}) ...", flush=True)
-    with EngineSystem(config) as system:
+    try:
+        system = EngineSystem(config).start()
+    except StateDirInUse as exc:
+        print(f"dailydoco: {exc}", file=sys.stderr)
+        return 1
+    try:
+        system.servers.watch()
         # After the start, since ray.init installs handlers of its own. The
         # handler raises rather than set an Event: it runs in the main thread,
         # which may be inside that Event's lock.
@@ -69,6 +79,8 @@ def _up(args: argparse.Namespace) -> int:
             demo_stop.set()
             if demo.is_alive():
                 demo.join(DEMO_HTTP_TIMEOUT_S)
+    finally:
+        system.stop()
     return 0
 
 

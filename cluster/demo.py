@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -11,16 +12,48 @@ from .simulator import ViralNetwork
 
 DEMO_BATCH_TRANSACTIONS = 500
 HTTP_TIMEOUT_S = 30.0
+# Long enough for an embedded server to be started again (`dailydoco up`
+# restarts one that dies; a crashed Postgres replays its WAL first).
+RETRY_FOR_S = 120.0
+RETRY_WAIT_UNSAID_S = 1.0  # after a lost connection, or a 503 without Retry-After
+RETRY_WAIT_MAX_S = 5.0
+RETRY_LOG_BODY_CHARS_MAX = 200  # of a 503's problem+json, in the line that logs its retry
 DEMO_TOKEN_TTL_S = 24 * 3600  # the printed live-page link works for a day
+
+log = logging.getLogger("dailydoco.client")
 
 
 class ApiClient:
-    """A thin synchronous client for backends, scripts and the demo."""
+    """A thin synchronous client for backends, scripts and the demo.
+
+    Every call it makes is safe to send again: each write carries its key
+    (`user_id`, `transaction_id`), which makes it idempotent. So a 503 (the
+    engine's answer while its database or cache is restarting) or a lost
+    connection is retried with the same body, after the `Retry-After` the
+    engine sends, for up to RETRY_FOR_S; any other error is raised.
+    """
 
     def __init__(self, base_url: str, api_key: str):
         self.http = httpx.Client(base_url=base_url, headers={"X-API-Key": api_key}, timeout=HTTP_TIMEOUT_S)
 
-    def _ok(self, response: httpx.Response) -> dict:
+    def _send(self, method: str, path: str, body: dict | None = None) -> dict:
+        deadline = time.monotonic() + RETRY_FOR_S
+        while True:
+            try:
+                response = self.http.request(method, path, json=body)
+            except httpx.TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                wait_s, why = RETRY_WAIT_UNSAID_S, repr(exc)
+            else:
+                if response.status_code != 503 or time.monotonic() >= deadline:
+                    return self._ok(response)
+                wait_s, why = _retry_after_s(response), "503 " + response.text[:RETRY_LOG_BODY_CHARS_MAX]
+            log.warning("%s %s: %s; retrying in %.1f s", method, path, why, wait_s)
+            time.sleep(wait_s)
+
+    @staticmethod
+    def _ok(response: httpx.Response) -> dict:
         if response.status_code >= 400:
             raise RuntimeError(f"{response.request.method} {response.request.url.path}: "
                                f"{response.status_code} {response.text}")
@@ -28,16 +61,23 @@ class ApiClient:
 
     def register(self, user_id: str, referral_code: str | None) -> dict:
         body = {"user_id": user_id} | ({"referral_code": referral_code} if referral_code else {})
-        return self._ok(self.http.post("/v1/users", json=body))
+        return self._send("POST", "/v1/users", body)
 
     def purchases(self, purchases: list[dict]) -> dict:
-        return self._ok(self.http.post("/v1/transactions:batch", json={"transactions": purchases}))
+        return self._send("POST", "/v1/transactions:batch", {"transactions": purchases})
 
     def get(self, path: str) -> dict:
-        return self._ok(self.http.get(path))
+        return self._send("GET", path)
 
     def post(self, path: str, body: dict) -> dict:
-        return self._ok(self.http.post(path, json=body))
+        return self._send("POST", path, body)
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    try:
+        return min(max(float(response.headers["Retry-After"]), 0.0), RETRY_WAIT_MAX_S)
+    except (KeyError, ValueError):  # absent, or an HTTP date, which the engine does not send
+        return RETRY_WAIT_UNSAID_S
 
 
 def register_network(client: ApiClient, network: ViralNetwork, users: int, stop: threading.Event) -> dict[str, str]:
@@ -70,10 +110,14 @@ def run_demo(region_urls: dict[str, str], api_key: str, users: int, viral_coeffi
         print(f"demo: watch the biggest network live in {region}: {url}/live#token={token}", flush=True)
     total, last_report = 0, time.monotonic()
     batch = max(1, min(DEMO_BATCH_TRANSACTIONS, purchases_per_s))
+    # The network is the same on every start (registrations replay); the
+    # purchases are new each time, or a restarted demo would only replay the
+    # last one's and no balance would move.
+    run = time.strftime("%Y%m%dT%H%M%S-", time.gmtime())
     while not stop.is_set():
         tick = time.monotonic()
         chunk = [{"transaction_id": p.transaction_id, "user_id": p.user_id, "amount_micros": p.amount_micros}
-                 for p in network.purchases(batch)]
+                 for p in network.purchases(batch, run)]
         client.purchases(chunk)
         total += len(chunk)
         if time.monotonic() - last_report >= 5:

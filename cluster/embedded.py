@@ -2,27 +2,38 @@
 started on free loopback ports with their data in one state directory.
 
 Each server keeps its data across restarts; ports are chosen afresh each start
-(preferring last time's), and `urls()` says where each listens.
+(preferring last time's), and `urls()` says where each listens. `watch()`
+restarts a server that exits while the engine runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
+import logging
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from .config import DEFAULT_REGIONS
 
 SERVER_START_TIMEOUT_S = 60
+WATCH_INTERVAL_S = 1.0  # how soon a server that exited is noticed
+# A server that fails to start again (its port taken, its disk full) is
+# retried with waits doubling from WATCH_INTERVAL_S up to this.
+RESTART_BACKOFF_MAX_S = 30.0
 POSTGRES_SYSTEM_USER = "dailydoco_pg"  # Postgres refuses to run as root
 POSTGRES_DATABASE = "dailydoco"
 # Sized for this 2-core machine; durability settings stay at Postgres defaults
@@ -36,6 +47,12 @@ POSTGRES_SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "unix_socket_permissions": "0700",
 }
+
+log = logging.getLogger("dailydoco.embedded")
+
+
+class StateDirInUse(RuntimeError):
+    """Another launcher runs servers with their data in this state directory."""
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -65,6 +82,12 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _exit_description(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with {returncode}"
 
 
 def _package_dir(name: str) -> Path:
@@ -104,7 +127,30 @@ class EmbeddedServers:
         self._processes: dict[str, subprocess.Popen] = {}
         self._killed: dict[str, list[str]] = {}  # name -> command line, of servers `kill` stopped
         self._nats_regions = None  # NatsRegions, when several regions run here
-        self._postgres_started = False
+        self._postgres_started = False  # a Postgres started here should be running
+        self._watch_stop = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        self._lock_file = None  # held while servers started here run: see _lock_state_dir
+
+    def _lock_state_dir(self) -> None:
+        """Refuse to start servers over another launcher's: a second
+        `dailydoco up` on the same state directory would otherwise stop the
+        first one's Postgres (as one a dead launcher left running, see
+        start_postgres) and take its ports. The lock goes with this process,
+        however it ends, so a launcher that died leaves none behind."""
+        lock_file = open(self.state_dir / "launcher.lock", "a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise StateDirInUse(f"another dailydoco (pid {holder}) runs servers with state in {self.state_dir}; "
+                               "stop it first, or give this one its own DD_STATE_DIR") from None
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        self._lock_file = lock_file
 
     # --- Postgres ------------------------------------------------------------
 
@@ -176,6 +222,19 @@ class EmbeddedServers:
             raise RuntimeError(f"Postgres failed to start: {started.stderr}\n{_tail(log)}")
         self._postgres_started = True
 
+    def _postgres_pid(self) -> int | None:
+        """The postmaster's process id, while it runs."""
+        try:
+            pid = int((self.state_dir / "postgres" / "postmaster.pid").read_text().split("\n", 1)[0])
+            process = psutil.Process(pid)
+            # A postmaster killed outright leaves its pid file, and its parent
+            # (whatever adopted it when pg_ctl exited) may not have reaped it.
+            if process.status() != psutil.STATUS_ZOMBIE and process.name() == "postgres":
+                return pid
+        except (OSError, ValueError, psutil.Error):
+            pass
+        return None
+
     def stop_postgres(self) -> None:
         if self._postgres_started:
             subprocess.run([str(_postgres_bin() / "pg_ctl"), "-D", str(self.state_dir / "postgres"), "-m", "fast",
@@ -195,7 +254,12 @@ class EmbeddedServers:
         self.ports[name] = port
 
     def pid(self, name: str) -> int:
-        """The process id of "nats" or "redis", where started here."""
+        """The process id of "postgres" (its postmaster), "nats" or "redis", where started here."""
+        if name == "postgres":
+            pid = self._postgres_pid()
+            if pid is None:
+                raise LookupError("no Postgres started here is running")
+            return pid
         return self._processes[name].pid
 
     def nats_pid(self, region: str) -> int:
@@ -214,6 +278,7 @@ class EmbeddedServers:
         if name == "postgres":
             subprocess.run([str(_postgres_bin() / "pg_ctl"), "-D", str(self.state_dir / "postgres"), "-m",
                             "immediate", "-w", "stop"], check=True, capture_output=True, **self._pg_user_kwargs())
+            self._postgres_started = False
         elif name == "nats" and self._nats_regions is not None:
             self._nats_regions.kill_region(region)
         else:
@@ -236,6 +301,61 @@ class EmbeddedServers:
         self.kill(name, region)
         time.sleep(down_s)
         self.revive(name, region)
+
+    # --- restarting what exits -------------------------------------------------
+
+    def watch(self) -> None:
+        """From now until `stop`, restart each server started here that exits
+        unasked (a crash, the OOM killer, an operator's kill), on its port and
+        with its data, so that the engine's connections, which retry, find it
+        again. A server that fails to start is tried again, the waits doubling
+        up to RESTART_BACKOFF_MAX_S. Servers `kill` stopped are left down."""
+        assert self._watch_thread is None, "watch() runs once"
+        self._watch_thread = threading.Thread(target=self._watch, name="dailydoco-server-watch", daemon=True)
+        self._watch_thread.start()
+
+    def _exited(self) -> dict[tuple[str, str | None], str]:
+        """(server, region) -> how it ended, for each server started here that
+        no longer runs."""
+        exited = {(name, None): _exit_description(process.returncode)
+                  for name, process in self._processes.items() if process.poll() is not None}
+        if self._nats_regions is not None:
+            exited.update({("nats", region): _exit_description(returncode)
+                           for region, returncode in self._nats_regions.exited().items()})
+        if self._postgres_started and self._postgres_pid() is None:
+            exited[("postgres", None)] = "is no longer running"
+        return exited
+
+    def _start_again(self, name: str, region: str | None) -> None:
+        if name == "postgres":
+            self._pg_ctl_start(self.ports["postgres"])
+        elif region is not None:
+            self._nats_regions.start_region(region)
+        else:
+            self._spawn(name, list(self._processes[name].args), self.ports[name])
+
+    def _watch(self) -> None:
+        retry_at: dict[tuple[str, str | None], float] = {}  # a server whose start failed -> when to try again
+        wait_s: dict[tuple[str, str | None], float] = {}  # -> how long it waited last
+        while not self._watch_stop.wait(WATCH_INTERVAL_S):
+            for server, how in self._exited().items():
+                if time.monotonic() < retry_at.get(server, 0.0):
+                    continue
+                label = " ".join(part for part in server if part)
+                log.warning("%s %s; starting it again with its data", label, how)
+                try:
+                    self._start_again(*server)
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    wait_s[server] = min(wait_s.get(server, WATCH_INTERVAL_S / 2) * 2, RESTART_BACKOFF_MAX_S)
+                    retry_at[server] = time.monotonic() + wait_s[server]
+                    # The last line of what it logged says why (a lock file, a port in use).
+                    reason = (str(exc).strip().splitlines() or [repr(exc)])[-1]
+                    log.error("%s failed to start again (%s); next try in %.0f s; its log is in %s", label, reason,
+                              wait_s[server], self.state_dir)
+                else:
+                    retry_at.pop(server, None)
+                    wait_s.pop(server, None)
+                    log.warning("%s is running again", label)
 
     def start_nats(self, regions: Sequence[str]) -> dict[str, str]:
         """One JetStream server for one region; for several, one per region,
@@ -268,6 +388,8 @@ class EmbeddedServers:
         """Start an embedded server for each URL not given; return all three
         URLs. NATS is started for each of `nats_regions` (`nats_urls`); the
         URL returned is the first region's."""
+        if not (postgres_url and nats_url and redis_url):
+            self._lock_state_dir()
         try:
             postgres_url = postgres_url or self.start_postgres()
             if not nats_url:
@@ -281,6 +403,10 @@ class EmbeddedServers:
         return postgres_url, nats_url, redis_url
 
     def stop(self) -> None:
+        # The watch first: it would otherwise start again what this stops.
+        self._watch_stop.set()
+        if self._watch_thread is not None:
+            self._watch_thread.join()
         for name, process in reversed(list(self._processes.items())):
             process.terminate()
             try:
@@ -292,3 +418,6 @@ class EmbeddedServers:
             self._nats_regions.stop()
             self._nats_regions = None
         self.stop_postgres()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None

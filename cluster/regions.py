@@ -87,6 +87,11 @@ class NatsRegions:
         self._processes[region] = process
         _wait_for_port(self.ports[region]["client"], process, f"nats {region}", log)
 
+    def exited(self) -> dict[str, int]:
+        """region -> exit status, of each region's server that has exited unasked."""
+        return {region: process.returncode for region, process in self._processes.items()
+                if process.poll() is not None}
+
     def stop_region(self, region: str) -> None:
         process = self._processes.pop(region)
         process.terminate()

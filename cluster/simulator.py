@@ -75,12 +75,15 @@ class ViralNetwork:
                     yield Registration(user, referrer)
             self._frontier = next_frontier
 
-    def purchases(self, count: int) -> Iterator[Purchase]:
+    def purchases(self, count: int, run: str = "") -> Iterator[Purchase]:
+        """The next `count` purchases. `run` goes into each transaction id: a
+        run of the same seed against a ledger that kept the last one's
+        purchases (a demo started again) buys anew instead of replaying them."""
         assert self.members, "register users first"
         for _ in range(count):
             self._purchases += 1
             yield Purchase(
-                transaction_id=f"{self.prefix}tx{self._purchases:09d}-{self.rng.getrandbits(32):08x}",
+                transaction_id=f"{self.prefix}tx{run}{self._purchases:09d}-{self.rng.getrandbits(32):08x}",
                 user_id=self.rng.choice(self.members),
                 amount_micros=self.rng.choice(PLAN_PRICES_MICROS),
             )

@@ -18,3 +18,11 @@ def test_viral_coefficient_shapes_the_network():
         return sum(r.referrer_id is not None for r in regs) / len(regs)
 
     assert referred_share(0.3) < referred_share(1.5)
+
+
+def test_another_run_buys_the_same_things_under_new_ids():
+    a, b = ViralNetwork(7, 1.5), ViralNetwork(7, 1.5)
+    list(a.registrations(100)), list(b.registrations(100))
+    first, again = list(a.purchases(50, "run1-")), list(b.purchases(50, "run2-"))
+    assert [(p.user_id, p.amount_micros) for p in first] == [(p.user_id, p.amount_micros) for p in again]
+    assert not {p.transaction_id for p in first} & {p.transaction_id for p in again}

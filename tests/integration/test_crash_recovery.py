@@ -7,6 +7,7 @@ import asyncio
 import collections
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import threading
@@ -20,6 +21,7 @@ import redis
 
 from dailydoco.actors.refs import chain_actor_name, shard_actor_name
 from dailydoco.actors.supervisor import video_processing_installed
+from dailydoco.cluster.demo import ApiClient
 from dailydoco.cluster.live_client import ConnectionClosed, WebSocketConnection
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
@@ -70,14 +72,15 @@ def _assert_served_balances_are(api, users: list[str], ledger: dict) -> None:
                 if b["pending_micros"] or b["approved_micros"] or b["paid_micros"]} == ledger.get(user, {}), user
 
 
-def _assert_nothing_lost_or_doubled(api, engine, users: list[str], load: "_PurchaseLoad") -> dict:
-    """Every purchase the load had acknowledged is recorded once, and shard
-    memory and the balances served equal the ledger; returns the ledger's."""
+def _assert_nothing_lost_or_doubled(api, engine, users: list[str], sent: list[str], answers: dict) -> dict:
+    """Every purchase acknowledged (the ids `sent`) is recorded once, and
+    shard memory and the balances served equal the ledger; returns the
+    ledger's. `answers`: what the client was told, for the failure message."""
     api.settle()
     assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
-                  load.sent) == len(load.sent)
+                  sent) == len(sent)
     ledger = _ledger_balances(engine)
-    assert _memory_balances(engine) == ledger, dict(load.answers)
+    assert _memory_balances(engine) == ledger, answers
     _assert_served_balances_are(api, users, ledger)
     return ledger
 
@@ -154,7 +157,7 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
     # Retries after an unknown outcome replay, never duplicate. And what the
     # API serves (balance views in Redis, written again by the restarted
     # shard) is the ledger too: no view of the dead one survives.
-    _assert_nothing_lost_or_doubled(api, engine, users, load)
+    _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     restarts = ray.get(engine.supervisor.restart_counts.remote())
     assert restarts.get(shard_actor_name(0), 0) >= 1 and restarts.get(chain_actor_name(0), 0) >= 1
 
@@ -186,7 +189,7 @@ def test_cut_database_connections_lose_and_double_nothing(api, engine):
             cut += _cut_database_connections(engine)
         time.sleep(1.5)
     assert cut > 0
-    _assert_nothing_lost_or_doubled(api, engine, users, load)
+    _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get("/readyz").status_code == 200
     # The video processor listens for new jobs again.
     deadline = time.monotonic() + 10
@@ -274,7 +277,7 @@ def test_a_stalled_then_crashed_redis_fails_no_purchase_and_leaves_no_stale_bala
         time.sleep(1.5)
     assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     assert outage_reads[503] > 0, dict(outage_reads)  # the outage was seen: the test tested something
-    ledger = _assert_nothing_lost_or_doubled(api, engine, users, load)
+    ledger = _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get(f"/v1/users/{users[0]}/balance", headers=as_user).status_code == 200
     # Every shard holds its lease again: balance reads come from its views.
     epoch = _query(engine, "fetchval", "SELECT epoch FROM event_epoch")
@@ -329,10 +332,36 @@ def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_s
     while api.anonymous.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, api.anonymous.get("/readyz").text
         time.sleep(0.5)
-    _assert_nothing_lost_or_doubled(api, engine, users, load)
+    _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     code = api.service.get(f"/v1/users/{users[-1]}").json()["referral_code"]
     assert api.register(unique("pgcrash-late"), code)["status"] == "created"
     print(f"purchases: {dict(load.answers)}; live sockets opened meanwhile: {dict(sockets)}")
+
+
+def test_the_api_client_carries_its_batches_through_a_postgres_crash(api, engine, embedded_servers, caplog):
+    """The client the demo and the benchmark use (cluster/demo.py) retries a
+    503 with the same body until the engine answers: batches sent while
+    Postgres is down and restarting all go through, each purchase once."""
+    if os.environ.get("DD_POSTGRES_URL"):
+        pytest.skip("Postgres is external (DD_POSTGRES_URL): this test crashes the embedded one")
+    users = api.chain(8, prefix="clientcrash")
+    client = ApiClient(engine.url, engine.secrets.service_api_key)
+    sent: list[str] = []
+    crash = threading.Thread(target=embedded_servers[0].restart, args=("postgres", 2.0))
+    caplog.set_level(logging.WARNING, logger="dailydoco.client")
+    crash.start()
+    while crash.is_alive() or not sent:
+        batch = [{"transaction_id": unique("clientcrash"), "user_id": users[1 + i % 7], "amount_micros": 3_000_017}
+                 for i in range(50)]
+        answer = client.purchases(batch)
+        # Replayed: a retry of a batch whose commit went through unheard.
+        assert answer["failed"] == 0 and answer["created"] + answer["replayed"] == len(batch), answer
+        sent += [p["transaction_id"] for p in batch]
+    crash.join()
+    retried = [r.getMessage() for r in caplog.records if r.name == "dailydoco.client"]
+    assert any(" 503 " in message for message in retried), retried  # the outage was met, and ridden out
+    _assert_nothing_lost_or_doubled(api, engine, users, sent, {"retries": len(retried)})
+    print(f"{len(sent)} purchases in batches of 50, none failed; {len(retried)} retries")
 
 
 async def _open_live_socket(api, token: str) -> str:
