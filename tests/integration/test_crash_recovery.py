@@ -15,6 +15,7 @@ import time
 
 import anyio
 import asyncpg
+import psutil
 import pytest
 import ray
 import redis
@@ -292,6 +293,52 @@ def test_a_stalled_then_crashed_redis_fails_no_purchase_and_leaves_no_stale_bala
     _assert_served_balances_are(api, users, ledger)
     assert api.anonymous.get("/readyz").status_code == 200
     print(f"purchases: {dict(load.answers)}; a user's reads during the outage: {dict(outage_reads)}")
+
+
+POSTGRES_STALL_S = 8.0
+READYZ_ANSWER_WAIT_S = 5.0  # its checks give up after 2 s; the rest is room for a loaded machine
+
+
+def _signal_postgres(servers, sig: signal.Signals) -> None:
+    """`sig` to the postmaster and every server process it runs."""
+    postmaster = psutil.Process(servers.pid("postgres"))
+    for process in [postmaster, *postmaster.children()]:
+        os.kill(process.pid, sig)
+
+
+def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api, engine, embedded_servers):
+    """Postgres stops answering for 8 s (SIGSTOP: its connections stay
+    open, nothing answers, as with a hung disk or a network that drops
+    packets), while purchases flow. Purchases wait and then go through;
+    /readyz says Postgres is not answering within its 2 s check, rather than
+    after asyncpg's 60 s command timeout (it did, before); the service key's
+    balance reads, served from Redis, are unaffected. Nothing is lost."""
+    if os.environ.get("DD_POSTGRES_URL"):
+        pytest.skip("Postgres is external (DD_POSTGRES_URL): this test stops the embedded one")
+    servers = embedded_servers[0]
+    users = api.chain(8, prefix="pgstall")
+    readiness: list[tuple[int, str, float]] = []
+    with _PurchaseLoad(api, users[1:], "pgstall") as load:
+        time.sleep(1)
+        _signal_postgres(servers, signal.SIGSTOP)
+        try:
+            resume_at = time.monotonic() + POSTGRES_STALL_S
+            while time.monotonic() < resume_at - READYZ_ANSWER_WAIT_S:
+                started = time.monotonic()
+                ready = api.anonymous.get("/readyz")
+                readiness.append((ready.status_code, ready.json()["checks"]["postgres"], time.monotonic() - started))
+                balance = api.service.get(f"/v1/users/{users[0]}/balance")
+                assert balance.status_code == 200, balance.text
+        finally:
+            time.sleep(max(0.0, resume_at - time.monotonic()))
+            _signal_postgres(servers, signal.SIGCONT)
+        time.sleep(2)
+    assert readiness and all(status == 503 and "TimeoutError" in postgres and answered_s < READYZ_ANSWER_WAIT_S
+                             for status, postgres, answered_s in readiness), readiness
+    assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
+    _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
+    assert api.anonymous.get("/readyz").status_code == 200
+    print(f"purchases: {dict(load.answers)}; readiness during the stall: {readiness}")
 
 
 def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_servers):
