@@ -13,7 +13,6 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Awaitable
 
 import asyncpg
 import msgspec
@@ -37,7 +36,7 @@ from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRe
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import stream_epoch
-from dailydoco.storage.pool import DATABASE_ERRORS, connection_lost, open_pool
+from dailydoco.storage.pool import DATABASE_ERRORS, answered_within, connection_lost, open_pool
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
@@ -97,32 +96,6 @@ def _engine_error(exc: BaseException) -> p.EngineError | None:
     """The EngineError raised, here or in an actor."""
     raised = _raised(exc)
     return raised if isinstance(raised, p.EngineError) else None
-
-
-_abandoned_probes: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
-
-
-def _forget_probe(task: asyncio.Task) -> None:
-    _abandoned_probes.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: what a probe given up on raised is of no interest
-
-
-async def _answered_within(probe: Awaitable, timeout_s: float) -> None:
-    """Await a readiness probe for up to `timeout_s`, then raise TimeoutError
-    at once, leaving the probe cancelled to end in the background.
-    `asyncio.wait_for` also waits for the cancelled probe to end, and asyncpg
-    ends a query cancelled on a server that does not answer (stalled, or cut
-    off without a reset) only once its command timeout (60 s) is up: with
-    Postgres stopped (SIGSTOP), /readyz answered after 62 s instead of 2."""
-    task = asyncio.ensure_future(probe)
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done:
-        task.cancel()
-        _abandoned_probes.add(task)
-        task.add_done_callback(_forget_probe)
-        raise TimeoutError(f"no answer within {timeout_s:g} s")
-    task.result()
 
 
 class EngineApi:
@@ -524,7 +497,7 @@ class EngineApi:
 
         async def check(name, probe):
             try:
-                await _answered_within(probe(), DEPENDENCY_CHECK_TIMEOUT_S)
+                await answered_within(probe(), DEPENDENCY_CHECK_TIMEOUT_S)
                 checks[name] = "ok"
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 checks[name] = f"error: {type(exc).__name__}: {exc}"[:200]

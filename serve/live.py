@@ -50,7 +50,7 @@ from dailydoco.protocol.live import (
     user_subject_all_regions,
 )
 from dailydoco.storage.outbox import stream_epoch, stream_positions
-from dailydoco.storage.pool import DATABASE_ERRORS, connection_lost
+from dailydoco.storage.pool import DATABASE_ERRORS, answered_within, connection_lost
 
 from .auth import TokenAuthority, TokenEnded
 
@@ -60,6 +60,10 @@ CLOSE_REASON_BYTES_MAX = 123  # RFC 6455: a close frame's reason fits in 123 byt
 GAP_FILL_DEADLINE_S = 20.0  # then the socket closes and the client resumes
 GAP_FILL_BACKOFF_S = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 HISTORY_READ_TIMEOUT_S = 2.0
+# A socket's reads of where its stream stands: a Postgres that does not
+# answer closes it, saying so, before a client gives up on the handshake by
+# itself (where it would learn nothing) and as NATS_WAIT_S does.
+LIVE_DATABASE_ANSWER_WAIT_S = 3.0
 # A socket opened while the replica (re)connects to NATS waits this long for
 # it: longer than a start or a reconnect (RECONNECT_WAIT_S) takes, well inside
 # the client's own connect timeout.
@@ -501,7 +505,7 @@ async def _from_database(query):
     saying so (a client reconnects with backoff), instead of as an internal
     error with a traceback in the log."""
     try:
-        return await query
+        return await answered_within(query, LIVE_DATABASE_ANSWER_WAIT_S)
     except DATABASE_ERRORS as exc:
         if not connection_lost(exc):
             raise

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import asyncpg
 
+T = TypeVar("T")
 POOL_CONNECT_TIMEOUT_S = 10
 POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval sweep slice
 # SQLSTATE classes of a lost connection or a server going away: connection
@@ -49,3 +52,34 @@ def connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return (exc.sqlstate or "")[:2] in CONNECTION_LOST_SQLSTATE_CLASSES
     return isinstance(exc, CLIENT_CONNECTION_ERRORS)
+
+
+_abandoned: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
+
+
+def _forget(task: asyncio.Task) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: what a wait given up on raised is of no interest
+
+
+async def answered_within(query: Awaitable[T], timeout_s: float) -> T:
+    """`await query` for up to `timeout_s`, then raise TimeoutError at once,
+    leaving the query cancelled to end in the background.
+
+    `asyncio.wait_for` also waits for the cancelled query to end, and asyncpg
+    ends a query cancelled on a server that does not answer (stalled, or cut
+    off without a reset) only once its command timeout is up: with Postgres
+    stopped (SIGSTOP), a readiness check bounded at 2 s by `wait_for`
+    answered after 62 s. A query's own `timeout=` is no better: asyncpg then
+    sends a cancel request on a new connection, and waits out the connect
+    timeout (10 s) on a server that does not accept it.
+    """
+    task = asyncio.ensure_future(query)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    return task.result()

@@ -50,6 +50,15 @@ async def _postgres_rows(url: str, write: bool) -> list[int]:
         await conn.close()
 
 
+async def _postgres_answers(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=2)
+    except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError):
+        return False
+    await conn.close()
+    return True
+
+
 async def _stream_messages(url: str, write: bool) -> int:
     nc = await nats.connect(url)
     try:
@@ -113,6 +122,8 @@ def test_a_server_that_dies_is_started_again_with_its_data_and_a_stopped_one_is_
         _wait_for("NATS is back", _is_new_and_answering(servers, "nats", pids["nats"], ports["nats"], home))
         _wait_for("Postgres is back", _is_new_and_answering(servers, "postgres", pids["postgres"],
                                                             ports["postgres"]))
+        # Its port answers from the start of each try; its queries, once the WAL is replayed.
+        _wait_for("Postgres recovered", lambda: asyncio.run(_postgres_answers(postgres_url)))
         assert asyncio.run(_postgres_rows(postgres_url, write=False)) == [1, 2]
         assert asyncio.run(_stream_messages(nats_url, write=False)) == 1
         assert cache.get("kept") == b"1"

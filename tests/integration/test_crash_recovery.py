@@ -311,17 +311,33 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     open, nothing answers, as with a hung disk or a network that drops
     packets), while purchases flow. Purchases wait and then go through;
     /readyz says Postgres is not answering within its 2 s check, rather than
-    after asyncpg's 60 s command timeout (it did, before); the service key's
-    balance reads, served from Redis, are unaffected. Nothing is lost."""
+    after asyncpg's 60 s command timeout (it did, before); a live socket
+    opened meanwhile is closed to be resumed, saying why, within seconds;
+    the service key's balance reads, served from Redis, are unaffected.
+    Nothing is lost."""
     if os.environ.get("DD_POSTGRES_URL"):
         pytest.skip("Postgres is external (DD_POSTGRES_URL): this test stops the embedded one")
     servers = embedded_servers[0]
     users = api.chain(8, prefix="pgstall")
+    token = api.service.post(f"/v1/users/{users[0]}/tokens", json={"ttl_s": 600}).json()["token"]
+    assert anyio.run(_open_live_socket, api, token) == "connected"
     readiness: list[tuple[int, str, float]] = []
+    socket_during_stall: list[tuple[str, float]] = []
+
+    def open_live_socket() -> None:
+        started = time.monotonic()
+        try:
+            answer = anyio.run(_open_live_socket, api, token)
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            answer = repr(exc)
+        socket_during_stall.append((answer, time.monotonic() - started))
+
+    live_socket = threading.Thread(target=open_live_socket)
     with _PurchaseLoad(api, users[1:], "pgstall") as load:
         time.sleep(1)
         _signal_postgres(servers, signal.SIGSTOP)
         try:
+            live_socket.start()
             resume_at = time.monotonic() + POSTGRES_STALL_S
             while time.monotonic() < resume_at - READYZ_ANSWER_WAIT_S:
                 started = time.monotonic()
@@ -329,16 +345,21 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
                 readiness.append((ready.status_code, ready.json()["checks"]["postgres"], time.monotonic() - started))
                 balance = api.service.get(f"/v1/users/{users[0]}/balance")
                 assert balance.status_code == 200, balance.text
+            live_socket.join()
         finally:
             time.sleep(max(0.0, resume_at - time.monotonic()))
             _signal_postgres(servers, signal.SIGCONT)
         time.sleep(2)
     assert readiness and all(status == 503 and "TimeoutError" in postgres and answered_s < READYZ_ANSWER_WAIT_S
                              for status, postgres, answered_s in readiness), readiness
+    [(socket, answered_s)] = socket_during_stall
+    assert socket == "1011 live events are unavailable (database unreachable); resume", socket
+    assert answered_s < POSTGRES_STALL_S - 1, socket_during_stall  # not when the stall ended
     assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get("/readyz").status_code == 200
-    print(f"purchases: {dict(load.answers)}; readiness during the stall: {readiness}")
+    print(f"purchases: {dict(load.answers)}; readiness during the stall: {readiness}; "
+          f"a live socket opened during it: {socket_during_stall}")
 
 
 def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_servers):
