@@ -276,9 +276,15 @@ class EmbeddedServers:
         next start replays the WAL, as after a crash). `region`: which
         region's NATS, where several run here."""
         if name == "postgres":
-            subprocess.run([str(_postgres_bin() / "pg_ctl"), "-D", str(self.state_dir / "postgres"), "-m",
-                            "immediate", "-w", "stop"], check=True, capture_output=True, **self._pg_user_kwargs())
+            # Unflagged first: the watch must not see it gone and start it again.
             self._postgres_started = False
+            try:
+                subprocess.run([str(_postgres_bin() / "pg_ctl"), "-D", str(self.state_dir / "postgres"), "-m",
+                                "immediate", "-w", "stop"], check=True, capture_output=True,
+                               **self._pg_user_kwargs())
+            except BaseException:
+                self._postgres_started = self._postgres_pid() is not None  # still ours to stop
+                raise
         elif name == "nats" and self._nats_regions is not None:
             self._nats_regions.kill_region(region)
         else:
@@ -317,8 +323,10 @@ class EmbeddedServers:
     def _exited(self) -> dict[tuple[str, str | None], str]:
         """(server, region) -> how it ended, for each server started here that
         no longer runs."""
+        # Copies (one step under the GIL): `kill` and `revive` change these
+        # from the caller's thread, and a dict changed mid-iteration raises.
         exited = {(name, None): _exit_description(process.returncode)
-                  for name, process in self._processes.items() if process.poll() is not None}
+                  for name, process in list(self._processes.items()) if process.poll() is not None}
         if self._nats_regions is not None:
             exited.update({("nats", region): _exit_description(returncode)
                            for region, returncode in self._nats_regions.exited().items()})
@@ -338,7 +346,13 @@ class EmbeddedServers:
         retry_at: dict[tuple[str, str | None], float] = {}  # a server whose start failed -> when to try again
         wait_s: dict[tuple[str, str | None], float] = {}  # -> how long it waited last
         while not self._watch_stop.wait(WATCH_INTERVAL_S):
-            for server, how in self._exited().items():
+            try:
+                exited = self._exited()
+            except Exception:  # noqa: BLE001 - a watch that dies unseen would restart nothing ever again
+                log.exception("the server watch could not tell which servers run; it looks again in %.0f s",
+                              WATCH_INTERVAL_S)
+                continue
+            for server, how in exited.items():
                 if time.monotonic() < retry_at.get(server, 0.0):
                     continue
                 label = " ".join(part for part in server if part)

@@ -89,7 +89,8 @@ class NatsRegions:
 
     def exited(self) -> dict[str, int]:
         """region -> exit status, of each region's server that has exited unasked."""
-        return {region: process.returncode for region, process in self._processes.items()
+        # A copy: the server watch calls this while tests kill and start regions.
+        return {region: process.returncode for region, process in list(self._processes.items())
                 if process.poll() is not None}
 
     def stop_region(self, region: str) -> None:

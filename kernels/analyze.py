@@ -9,10 +9,12 @@ across batches), so neither does the result.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 import statistics
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +39,9 @@ from dailydoco.protocol.video import (
 
 from . import frame_kernels as k
 from .crops import plan_crops, summarise, write_variants
-from .decode import VideoError, analysis_size, decode_batches, open_video, prefetched
+from .decode import Colour, VideoError, analysis_size, decode_batches, open_video, prefetched
+
+log = logging.getLogger("dailydoco.video")
 from .thumbnails import write_thumbnails
 
 BATCH_FRAMES_DEFAULT = 32
@@ -58,6 +62,12 @@ SHAKE_MOTION_SHARE_MIN = 0.5  # inside a shot, over half the screen changing at 
 SHARPNESS_REFERENCE = 2_000.0  # variance of the Laplacian of crisp text at analysis size
 BACKENDS = ("eager", "compile")
 _COMPILED_STEPS: dict[str, Callable] = {}
+# Compiled graphs, by what they are built for (see _graph_key): those built
+# and run, and those a background thread is building.
+_BUILT_GRAPHS: set[tuple] = set()
+_BUILDING_GRAPHS: set[tuple] = set()
+_GRAPHS_LOCK = threading.Lock()
+GRAPH_BUILD_NICENESS = 19
 QUALITY_WEIGHTS = {"sharpness": 0.35, "exposure": 0.25, "stability": 0.2, "information": 0.2}
 
 
@@ -66,6 +76,7 @@ class FrameSeries:
     """Per-frame results of the kernels, gathered batch by batch."""
 
     parts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    backend: str = "eager"  # the step that computed them
 
     def add(self, **values: torch.Tensor) -> None:
         for name, value in values.items():
@@ -108,13 +119,67 @@ def _compiled_step(device: torch.device):
     return _COMPILED_STEPS[device.type]
 
 
+def _graph_key(device: torch.device, batch_frames: int, luma: torch.Tensor, chroma: torch.Tensor,
+               colour: Colour) -> tuple:
+    """What a compiled step is built for: with `dynamic=False`, each shape
+    of batch and each colour setting (Python values, baked in) is a graph."""
+    return device.type, batch_frames, tuple(luma.shape[1:]), tuple(chroma.shape[1:]), colour.bt709, colour.full_range
+
+
+def _build_graph(path: str | Path, batch_frames: int, device: torch.device, key: tuple) -> None:
+    """Compile the step for `key` by running the first batch of `path` through it."""
+    # Behind the analyses (Linux: a thread's own niceness; the compiler's
+    # worker processes, started from this thread, inherit it). That orders
+    # the cores, not the GIL, which the compiler holds for most of its
+    # minute: what an analysis beside it waits for the GIL, and what cuts
+    # that, is at ANALYSIS_GIL_SWITCH_INTERVAL_S (actors/video_processor.py).
+    # Tried and not kept: the compiler in a process of its own, filling
+    # inductor's cache on disk for this one to load; the load here still
+    # took over a minute, with the same waits.
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAPH_BUILD_NICENESS)
+    try:
+        run_kernels(path, batch_frames, device, backend="compile", batches_max=1, share_cores=False)
+        log.info("the compiled analysis step for %s is built", key)
+    except Exception:  # noqa: BLE001 - analyses go on eagerly; the next one tries again
+        log.exception("building the compiled analysis step for %s failed; analyses stay eager", key)
+    finally:
+        with _GRAPHS_LOCK:
+            _BUILDING_GRAPHS.discard(key)
+
+
+def _step_for(key: tuple, backend: str, wait_for_compile: bool, path: str | Path, batch_frames: int,
+              device: torch.device) -> tuple[Callable, str]:
+    """The step that runs an analysis, and its backend's name. Not waiting
+    for a graph not yet built, the analysis runs eagerly while a thread
+    builds it for the ones after: compiling takes a minute or more on the
+    CPU (83 s on this project's 2 cores, cold cache) for an analysis that
+    takes seconds eagerly."""
+    if backend != "compile":
+        return k.batch_step, "eager"
+    with _GRAPHS_LOCK:
+        if wait_for_compile or key in _BUILT_GRAPHS:
+            return _compiled_step(device), "compile"
+        if key not in _BUILDING_GRAPHS:
+            _BUILDING_GRAPHS.add(key)
+            threading.Thread(target=_build_graph, args=(path, batch_frames, device, key),
+                             name="dailydoco-compile", daemon=True).start()
+    return k.batch_step, "eager"
+
+
 def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: torch.device | None = None,
-                progress: Callable[[int, int], None] | None = None, backend: str = "eager"):
-    """Decode and run every frame kernel; returns (info, series)."""
+                progress: Callable[[int, int], None] | None = None, backend: str = "eager",
+                wait_for_compile: bool = True, batches_max: int | None = None, share_cores: bool = True):
+    """Decode and run every frame kernel (or the first `batches_max`
+    batches); returns (info, series). `wait_for_compile`: see _step_for.
+    `share_cores=False` leaves torch's thread count, which is the whole
+    process's, to the analysis running beside (a graph being built)."""
     device = device or choose_device()
-    step = _compiled_step(device) if backend == "compile" else k.batch_step
     torch_threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if device.type != "cpu":
+        decode_threads = 0  # the device computes: FFmpeg takes every core
+    elif not share_cores:
+        decode_threads = 1
+    else:
         # Decoding and the kernels run side by side on threads of their own
         # and share the cores. On two cores, one FFmpeg thread and one torch
         # thread finished a 1080p video 25% sooner than FFmpeg's and torch's
@@ -122,19 +187,23 @@ def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, devi
         cores = os.cpu_count() or 1
         decode_threads = max(1, cores // 2)
         torch.set_num_threads(max(1, cores - decode_threads))
-    else:
-        decode_threads = 0  # the device computes: FFmpeg takes every core
     container, stream, info = open_video(path, decode_threads)
     series = FrameSeries()
+    step = key = None
     previous_hsv = previous_luma = None
     expected = max(1, round(info.duration_s * float(info.fps)))
     try:
         with torch.inference_mode():
-            for batch in prefetched(decode_batches(container, stream, info, batch_frames)):
+            for batches, batch in enumerate(prefetched(decode_batches(container, stream, info, batch_frames))):
+                if batches == batches_max:
+                    break
                 luma, chroma = batch.luma.to(device), batch.chroma.to(device)
                 colour = {"bt709": batch.colour.bt709, "full_range": batch.colour.full_range}
+                if step is None:  # the first batch tells what the step is for
+                    key = _graph_key(device, batch_frames, luma, chroma, batch.colour)
+                    step, series.backend = _step_for(key, backend, wait_for_compile, path, batch_frames, device)
                 n = luma.shape[0]
-                if backend == "compile" and n < batch_frames:  # repeat the last frame: same shapes, same graph
+                if series.backend == "compile" and n < batch_frames:  # repeat the last frame: same shapes, same graph
                     luma = torch.cat((luma, luma[-1:].expand(batch_frames - n, -1, -1)))
                     chroma = torch.cat((chroma, chroma[-1:].expand(batch_frames - n, -1, -1, -1)))
                 if previous_hsv is None:
@@ -142,6 +211,9 @@ def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, devi
                     previous_luma = luma[0]
                     previous_dwell = torch.zeros((), dtype=torch.int64, device=device)
                 out = step(luma, chroma, previous_hsv, previous_luma, previous_dwell, **colour)
+                if series.backend == "compile" and batches == 0:
+                    with _GRAPHS_LOCK:
+                        _BUILT_GRAPHS.add(key)
                 # Padding repeats frame n-1, so the batch's last HSV frame is that one's.
                 previous_hsv, previous_luma, previous_dwell = out.pop("last_hsv"), luma[n - 1], out["dwell"][n - 1]
                 series.add(**{name: value[:n] for name, value in out.items()})
@@ -337,12 +409,14 @@ def predict(quality: QualityReport, pacing: Pacing) -> PerformancePrediction:
 
 def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: str | None = None,
             progress: Callable[[int, int], None] | None = None, backend: str | None = None,
-            thumbnails_dir: str | Path | None = None, variants_dir: str | Path | None = None) -> VideoAnalysis:
+            thumbnails_dir: str | Path | None = None, variants_dir: str | Path | None = None,
+            wait_for_compile: bool = True) -> VideoAnalysis:
     """The whole analysis; JPEG thumbnails of the keyframes and the encoded
-    platform variants are written only when given a folder for them."""
+    platform variants are written only when given a folder for them.
+    `wait_for_compile=False`: see _step_for; the result's `backend` says
+    which step ran."""
     dev = choose_device(device)
-    chosen = choose_backend(backend, dev)
-    info, series = run_kernels(path, batch_frames, dev, progress, chosen)
+    info, series = run_kernels(path, batch_frames, dev, progress, choose_backend(backend, dev), wait_for_compile)
     arrays = {name: series.array(name) for name in series.parts}
     arrays["adaptive_ratio"] = k.adaptive_ratios(torch.from_numpy(arrays["content"])).numpy()
     frames, fps = len(arrays["content"]), float(info.fps)
@@ -361,8 +435,9 @@ def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: 
     w, h = analysis_size(info.width, info.height)
     return VideoAnalysis(
         width=info.width, height=info.height, fps=round(fps, 3), frames=frames, duration_s=round(duration_s, 3),
-        analysis_width=w, analysis_height=h, device=str(dev), backend=chosen, shots=shots, chapters=chapters,
+        analysis_width=w, analysis_height=h, device=str(dev), backend=series.backend, shots=shots, chapters=chapters,
         chapters_note=note, keyframes=keyframes,
         quality=quality, pacing=pacing, activity=activity_from(arrays, fps),
         variants=[summarise(plan, fps, out) for plan, out in zip(plans, encoded, strict=True)], prediction=predict(quality, pacing),
         content_scores=[round(float(x), 3) for x in arrays["content"]])
+
