@@ -15,6 +15,7 @@ import os
 import shutil
 import statistics
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,9 +41,9 @@ from dailydoco.protocol.video import (
 from . import frame_kernels as k
 from .crops import plan_crops, summarise, write_variants
 from .decode import Colour, VideoError, analysis_size, decode_batches, open_video, prefetched
+from .thumbnails import write_thumbnails
 
 log = logging.getLogger("dailydoco.video")
-from .thumbnails import write_thumbnails
 
 BATCH_FRAMES_DEFAULT = 32
 CUT_THRESHOLD = 27.0  # PySceneDetect ContentDetector's default, on the same score scale
@@ -68,6 +69,11 @@ _BUILT_GRAPHS: set[tuple] = set()
 _BUILDING_GRAPHS: set[tuple] = set()
 _GRAPHS_LOCK = threading.Lock()
 GRAPH_BUILD_NICENESS = 19
+# torch's thread count is the whole process's, and a graph builds beside an
+# analysis: set while any runs, put back when the last ends.
+_TORCH_THREADS_LOCK = threading.Lock()
+_torch_threads_users = 0
+_torch_threads_before = 0
 QUALITY_WEIGHTS = {"sharpness": 0.35, "exposure": 0.25, "stability": 0.2, "information": 0.2}
 
 
@@ -119,6 +125,23 @@ def _compiled_step(device: torch.device):
     return _COMPILED_STEPS[device.type]
 
 
+@contextmanager
+def _torch_threads(count: int):
+    global _torch_threads_users, _torch_threads_before
+    with _TORCH_THREADS_LOCK:
+        if _torch_threads_users == 0:
+            _torch_threads_before = torch.get_num_threads()
+        _torch_threads_users += 1
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        with _TORCH_THREADS_LOCK:
+            _torch_threads_users -= 1
+            if _torch_threads_users == 0:
+                torch.set_num_threads(_torch_threads_before)
+
+
 def _graph_key(device: torch.device, batch_frames: int, luma: torch.Tensor, chroma: torch.Tensor,
                colour: Colour) -> tuple:
     """What a compiled step is built for: with `dynamic=False`, each shape
@@ -138,7 +161,7 @@ def _build_graph(path: str | Path, batch_frames: int, device: torch.device, key:
     # took over a minute, with the same waits.
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAPH_BUILD_NICENESS)
     try:
-        run_kernels(path, batch_frames, device, backend="compile", batches_max=1, share_cores=False)
+        run_kernels(path, batch_frames, device, backend="compile", batches_max=1)
         log.info("the compiled analysis step for %s is built", key)
     except Exception:  # noqa: BLE001 - analyses go on eagerly; the next one tries again
         log.exception("building the compiled analysis step for %s failed; analyses stay eager", key)
@@ -168,25 +191,29 @@ def _step_for(key: tuple, backend: str, wait_for_compile: bool, path: str | Path
 
 def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: torch.device | None = None,
                 progress: Callable[[int, int], None] | None = None, backend: str = "eager",
-                wait_for_compile: bool = True, batches_max: int | None = None, share_cores: bool = True):
+                wait_for_compile: bool = True, batches_max: int | None = None):
     """Decode and run every frame kernel (or the first `batches_max`
-    batches); returns (info, series). `wait_for_compile`: see _step_for.
-    `share_cores=False` leaves torch's thread count, which is the whole
-    process's, to the analysis running beside (a graph being built)."""
+    batches); returns (info, series). `wait_for_compile`: see _step_for."""
     device = device or choose_device()
-    torch_threads = torch.get_num_threads()
-    if device.type != "cpu":
-        decode_threads = 0  # the device computes: FFmpeg takes every core
-    elif not share_cores:
-        decode_threads = 1
-    else:
+    if device.type == "cpu":
         # Decoding and the kernels run side by side on threads of their own
         # and share the cores. On two cores, one FFmpeg thread and one torch
         # thread finished a 1080p video 25% sooner than FFmpeg's and torch's
-        # own choices (two each), which contended.
+        # own choices (two each), which contended. A graph built beside an
+        # analysis gets the count of the analyses it will run in.
         cores = os.cpu_count() or 1
         decode_threads = max(1, cores // 2)
-        torch.set_num_threads(max(1, cores - decode_threads))
+        torch_threads = max(1, cores - decode_threads)
+    else:
+        decode_threads = 0  # the device computes: FFmpeg takes every core
+        torch_threads = torch.get_num_threads()
+    with _torch_threads(torch_threads):
+        return _run_kernels(path, batch_frames, device, progress, backend, wait_for_compile, batches_max,
+                            decode_threads)
+
+
+def _run_kernels(path, batch_frames, device, progress, backend, wait_for_compile, batches_max, decode_threads):
+    """run_kernels, with torch's threads set."""
     container, stream, info = open_video(path, decode_threads)
     series = FrameSeries()
     step = key = None
@@ -220,7 +247,6 @@ def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, devi
                 if progress:
                     progress(batch.first_index + n, expected)
     finally:
-        torch.set_num_threads(torch_threads)
         container.close()
     if not series.parts:
         raise VideoError(f"{Path(path).name}: the video stream holds no frames")
