@@ -407,9 +407,10 @@ def test_compiled_kernels_agree_with_eager_and_an_analysis_need_not_wait_for_the
     eager = analyze(path, backend="eager")
     first = analyze(path, backend="compile", wait_for_compile=False)
     assert first == eager  # backend "eager" included
-    [builder] = [thread for thread in threading.enumerate() if thread.name == "dailydoco-compile"]
-    builder.join(timeout=GRAPH_BUILD_WAIT_S)
-    assert not builder.is_alive(), f"the compiled step is built within {GRAPH_BUILD_WAIT_S} s"
+    # None left when the build ended first (inductor's cache on disk warm: seconds).
+    for builder in [thread for thread in threading.enumerate() if thread.name == "dailydoco-compile"]:
+        builder.join(timeout=GRAPH_BUILD_WAIT_S)
+        assert not builder.is_alive(), f"the compiled step is built within {GRAPH_BUILD_WAIT_S} s"
     compiled = analyze(path, backend="compile", wait_for_compile=False)
     assert compiled.backend == "compile"
     np.testing.assert_allclose(compiled.content_scores, eager.content_scores, atol=1e-2)
