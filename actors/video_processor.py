@@ -35,7 +35,7 @@ RETRY_BACKOFF_S = 1.0  # Postgres unreachable: wait and try again
 # 5 ms). An analysis takes and releases it around every kernel and every
 # decoded batch; beside the step's compiler, which holds it for most of a
 # minute (kernels/analyze.py: _build_graph), it waited up to 5 ms each
-# time. Measured on 2 cores, a 12 s recording analysed eagerly again and
+# time. A one-off probe on 2 cores, a 12 s recording analysed eagerly again and
 # again while the step compiled: the slowest analysis 36.6 s at 5 ms, 11.5 s
 # at 0.5 ms; without the compiler, 2.1 s and 1.6 s.
 ANALYSIS_GIL_SWITCH_INTERVAL_S = 0.0005

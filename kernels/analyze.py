@@ -466,4 +466,3 @@ def analyze(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: 
         quality=quality, pacing=pacing, activity=activity_from(arrays, fps),
         variants=[summarise(plan, fps, out) for plan, out in zip(plans, encoded, strict=True)], prediction=predict(quality, pacing),
         content_scores=[round(float(x), 3) for x in arrays["content"]])
-
