@@ -55,16 +55,22 @@ async def open_loop(host: str, port: int, rate_per_s: int, duration_s: float,
         nonlocal opened
         conn = idle.pop() if idle else None
         try:
-            if conn is None:
-                opened += 1
-                conn = _Connection(*await asyncio.open_connection(host, port))
-            status = await asyncio.wait_for(conn.exchange(make_request(i)), REQUEST_TIMEOUT_S)
-        except (ConnectionError, asyncio.IncompleteReadError):  # refused or cut: a failed request, not a crash
-            statuses["connection-error"] += 1
-            return
-        except asyncio.TimeoutError:
+            # The timeout covers connecting too: an overloaded server's full
+            # accept queue holds a connect for minutes (the kernel's SYN retries).
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                if conn is None:
+                    opened += 1
+                    conn = _Connection(*await asyncio.open_connection(host, port))
+                status = await conn.exchange(make_request(i))
+        except TimeoutError:  # ours, or the kernel giving up a connect (ETIMEDOUT): before OSError, its base
             statuses["timeout"] += 1
-            conn.writer.close()
+            if conn is not None:
+                conn.writer.close()
+            return
+        except (OSError, asyncio.IncompleteReadError):  # refused or cut: a failed request, not a crash
+            statuses["connection-error"] += 1
+            if conn is not None:
+                conn.writer.close()
             return
         idle.append(conn)
         if record:

@@ -29,6 +29,15 @@ def recordings(tmp_path_factory):
     return [(folder / f"rec{seed}.mp4", write_recording(folder / f"rec{seed}.mp4", seed, 45.0)) for seed in SEEDS]
 
 
+@pytest.fixture(scope="module")
+def short_recording(tmp_path_factory):
+    """Several screens and transitions, a third of the length: for the tests
+    that analyse one video many ways (batch sizes down to one frame)."""
+    path = tmp_path_factory.mktemp("videos") / "short.mp4"
+    write_recording(path, SEEDS[1], 15.0)
+    return path
+
+
 def test_hsv_matches_opencv_to_within_rounding():
     rng = np.random.default_rng(5)
     pixels = np.concatenate([
@@ -148,19 +157,17 @@ def test_videos_not_in_yuv420p_are_converted_then_analysed(tmp_path):
     assert result.frames == 60 and [s.start_frame for s in result.shots] == [0, 30]
 
 
-def test_results_do_not_depend_on_the_batch_size(recordings):
-    path, _ = recordings[0]
-    results = [analyze(path, batch_frames=n, backend="eager") for n in (1, 7, 64)]
+def test_results_do_not_depend_on_the_batch_size(short_recording):
+    results = [analyze(short_recording, batch_frames=n, backend="eager") for n in (1, 7, 64)]
     for other in results[1:]:
         np.testing.assert_allclose(other.content_scores, results[0].content_scores, atol=1e-3)
         assert (other.shots, other.keyframes, other.chapters) == (results[0].shots, results[0].keyframes,
                                                                   results[0].chapters)
 
 
-def test_per_frame_kernels_carry_state_across_batches(recordings):
-    path, _ = recordings[1]
-    _, one = run_kernels(path, batch_frames=1000)
-    _, many = run_kernels(path, batch_frames=5)
+def test_per_frame_kernels_carry_state_across_batches(short_recording):
+    _, one = run_kernels(short_recording, batch_frames=1000)
+    _, many = run_kernels(short_recording, batch_frames=5)
     for name in ("motion_energy", "motion_share", "motion_bbox", "dhash", "phash", "mean_luma", "entropy", "scroll",
                  "dwell", "text_density", "saliency_x", "saliency_y"):
         np.testing.assert_allclose(many.array(name), one.array(name), atol=1e-3, err_msg=name)
