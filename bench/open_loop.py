@@ -44,7 +44,7 @@ def build_request(host: str, method: str, path: str, headers: dict[str, str], bo
 
 
 async def open_loop(host: str, port: int, rate_per_s: int, duration_s: float,
-                    make_request: Callable[[int], bytes]) -> dict:
+                    make_request: Callable[[int], bytes], warmup_s: float = WARMUP_S) -> dict:
     loop = asyncio.get_running_loop()
     idle: list[_Connection] = []
     latencies: list[float] = []
@@ -77,8 +77,8 @@ async def open_loop(host: str, port: int, rate_per_s: int, duration_s: float,
             statuses[status] += 1
             latencies.append(loop.time() - scheduled)
 
-    total = int(rate_per_s * (duration_s + WARMUP_S))
-    warmup = int(rate_per_s * WARMUP_S)
+    total = max(1, int(rate_per_s * (duration_s + warmup_s)))
+    warmup = int(rate_per_s * warmup_s)
     start = loop.time() + 0.05
     async with asyncio.TaskGroup() as group:
         for i in range(total):

@@ -1,0 +1,67 @@
+"""The client of cluster/demo.py against a scripted HTTP server: what it
+retries (the engine's 503, the ingress's plain 500) and what it raises."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+
+from dailydoco.cluster import demo
+
+# Byte for byte the page Ray Serve 2.60's HAProxy ingress answers its own 502,
+# 503 and 504 with (ray/serve/_private/haproxy.py writes it at start).
+INGRESS_ERROR_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
+                      b"Internal Server Error")
+ENGINE_ERROR_BODY = json.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                                "detail": "the server failed to handle this request; it is logged"}).encode()
+
+
+def _answer(status: int, content_type: str, body: bytes) -> bytes:
+    reason = {200: "OK", 500: "Internal Server Error"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body)
+
+
+@pytest.fixture
+def scripted_server():
+    """A server answering each request with the next of the raw answers it is given."""
+    answers: list[bytes] = []
+    received: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.wfile.write(answers.pop(0))
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", answers, received
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_ingress_plain_500_is_retried_with_the_same_body(scripted_server, monkeypatch):
+    monkeypatch.setattr(demo, "RETRY_WAIT_UNSAID_S", 0.01)
+    url, answers, received = scripted_server
+    answers += [INGRESS_ERROR_PAGE, INGRESS_ERROR_PAGE,
+                _answer(200, "application/json", b'{"created": 1, "replayed": 0, "failed": 0}')]
+    client = demo.ApiClient(url, "key")
+    purchase = [{"transaction_id": "t-1", "user_id": "u-1", "amount_micros": 1_000_000}]
+    assert client.purchases(purchase) == {"created": 1, "replayed": 0, "failed": 0}
+    assert len(received) == 3 and len(set(received)) == 1
+
+
+def test_the_engines_own_500_is_raised_not_retried(scripted_server):
+    url, answers, received = scripted_server
+    answers += [_answer(500, "application/problem+json", ENGINE_ERROR_BODY)]
+    client = demo.ApiClient(url, "key")
+    with pytest.raises(RuntimeError, match="500 .*failed to handle this request"):
+        client.purchases([{"transaction_id": "t-2", "user_id": "u-1", "amount_micros": 1_000_000}])
+    assert len(received) == 1
