@@ -15,9 +15,9 @@ HTTP_TIMEOUT_S = 30.0
 # Long enough for an embedded server to be started again (`dailydoco up`
 # restarts one that dies; a crashed Postgres replays its WAL first).
 RETRY_FOR_S = 120.0
-RETRY_WAIT_UNSAID_S = 1.0  # after a lost connection, or a 503 (or the ingress's 500) without Retry-After
+RETRY_WAIT_UNSAID_S = 1.0  # after a lost connection, or a 503 without Retry-After
 RETRY_WAIT_MAX_S = 5.0
-RETRY_LOG_BODY_CHARS_MAX = 200  # of the answer retried, in the line that logs its retry
+RETRY_LOG_BODY_CHARS_MAX = 200  # of a 503's problem+json, in the line that logs its retry
 DEMO_TOKEN_TTL_S = 24 * 3600  # the printed live-page link works for a day
 
 log = logging.getLogger("dailydoco.client")
@@ -28,10 +28,10 @@ class ApiClient:
 
     Every call it makes is safe to send again: each write carries its key
     (`user_id`, `transaction_id`), which makes it idempotent. So a 503 (the
-    engine's answer while its database or cache is restarting), the
-    ingress's stand-in for one (see `_unavailable`) or a lost connection is
-    retried with the same body, after the `Retry-After` the engine sends,
-    for up to RETRY_FOR_S; any other error is raised.
+    engine's answer while its database or cache is restarting, and the
+    ingress's while no API replica answers: cluster/ingress_errors.py) or a
+    lost connection is retried with the same body, after the `Retry-After`
+    the engine sends, for up to RETRY_FOR_S; any other error is raised.
     """
 
     def __init__(self, base_url: str, api_key: str):
@@ -47,10 +47,9 @@ class ApiClient:
                     raise
                 wait_s, why = RETRY_WAIT_UNSAID_S, repr(exc)
             else:
-                if not _unavailable(response) or time.monotonic() >= deadline:
+                if response.status_code != 503 or time.monotonic() >= deadline:
                     return self._ok(response)
-                wait_s = _retry_after_s(response)
-                why = f"{response.status_code} {response.text[:RETRY_LOG_BODY_CHARS_MAX]}"
+                wait_s, why = _retry_after_s(response), "503 " + response.text[:RETRY_LOG_BODY_CHARS_MAX]
             log.warning("%s %s: %s; retrying in %.1f s", method, path, why, wait_s)
             time.sleep(wait_s)
 
@@ -73,17 +72,6 @@ class ApiClient:
 
     def post(self, path: str, body: dict) -> dict:
         return self._send("POST", path, body)
-
-
-def _unavailable(response: httpx.Response) -> bool:
-    """A 503 from the engine, or one from the HAProxy ingress in front of it.
-    Ray Serve's HAProxy answers its own 502, 503 and 504 (no replica up, or
-    none reached in time) with one plain-text 500 page; the engine's own
-    500s are problem+json, and are not retried."""
-    if response.status_code == 503:
-        return True
-    return response.status_code == 500 and not response.headers.get("content-type", "").startswith(
-        "application/problem+json")
 
 
 def _retry_after_s(response: httpx.Response) -> float:

@@ -13,6 +13,7 @@ import msgspec
 
 from .config import EngineConfig, regions_home_first
 from .embedded import EmbeddedServers, free_port
+from .ingress_errors import install_wrapper, real_haproxy_binary
 
 SERVE_APP_NAME = "dailydoco"
 LIVE_PATH = "/v1/live"  # the live gateway's socket, under each region's prefix
@@ -100,6 +101,7 @@ def _ray_env(config: EngineConfig) -> None:
     haproxy_dir = _haproxy_dir(config)
     haproxy_dir.mkdir(parents=True, exist_ok=True)
     os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = str(haproxy_dir / "haproxy.cfg")
+    os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_wrapper(haproxy_dir, real_haproxy_binary()))
     os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = str(haproxy_dir / "admin.sock")
     os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(haproxy_dir)
     os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = str(haproxy_dir / "server-state")

