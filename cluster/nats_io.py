@@ -16,6 +16,15 @@ RECONNECT_WAIT_S = 0.25  # a restarted server is found again within this
 FIRST_CONNECT_RETRY_S = 0.5
 EVENT_HISTORY_AGE_S = 7 * 24 * 3600  # a client away longer reloads over HTTP
 DUPLICATE_WINDOW_S = 120  # a republished outbox row is dropped within this (JetStream's default)
+# nats-py pings the server every 120 s and gives a connection up as stale at
+# the third unanswered ping: a link that goes silent without closing (a NAT or
+# firewall that dropped its state, a frozen peer) went unnoticed for up to 6
+# minutes, and live updates and event publishing stopped that long. With these
+# it is found 10 to 15 s after it went silent, and the client reconnects; a
+# ping every 5 s per connection costs nothing.
+PING_INTERVAL_S = 5
+PINGS_OUTSTANDING_MAX = 2
+SILENT_LINK_FOUND_S = (PINGS_OUTSTANDING_MAX + 1) * PING_INTERVAL_S
 
 log = logging.getLogger("dailydoco.nats")
 
@@ -83,6 +92,7 @@ async def connect(url: str, name: str, **callbacks) -> nats.NATS:
             await client.connect(
                 url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
                 reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S,
+                ping_interval=PING_INTERVAL_S, max_outstanding_pings=PINGS_OUTSTANDING_MAX,
                 disconnected_cb=disconnected, reconnected_cb=reconnected, **callbacks)
             return client
         except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
