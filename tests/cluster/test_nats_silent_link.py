@@ -54,7 +54,6 @@ async def _exercise(url: str) -> None:
     try:
         await nats_interest.subscribe(listener, subject, lambda msg: got.append(msg.data))
         await _until_heard(client, subject, b"before", got)
-        got.clear()
 
         proxy.hold()  # the link goes silent; the client is not told
         await client.publish(subject, b"into the silent link")
@@ -65,7 +64,7 @@ async def _exercise(url: str) -> None:
         # What went into the dead link is gone: NATS core publishing is at
         # most once, which is why events go through JetStream with acks and
         # an outbox (see README, Live updates).
-        assert set(got) == {b"after reconnecting"}
+        assert b"into the silent link" not in got
     finally:
         await client.close()
         await listener.close()
