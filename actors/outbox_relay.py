@@ -35,7 +35,7 @@ from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.storage.outbox import delete_relayed, pending_batches, stream_epoch
 from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
-from .live_publisher import PUBLISH_ACK_TIMEOUT_S, publish_rows
+from .live_publisher import PUBLISH_ACK_TIMEOUT_S, PublishedRound, StreamPublisher
 from .watch import Watched
 
 RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes
@@ -61,8 +61,7 @@ class OutboxRelay:
         self.grace_s = grace_s
         self.nc = nc
         # Room for every row in flight plus a full round: publishing never stalls on it.
-        self.js = nc.jetstream(publish_async_max_pending=RELAY_ROWS_IN_FLIGHT_MAX + RELAY_ROWS_MAX)
-        self.region = region
+        self.publisher = StreamPublisher(nc, region, RELAY_ROWS_IN_FLIGHT_MAX + RELAY_ROWS_MAX)
         self.epoch: str | None = None
         self.relayed_rows = 0  # acknowledged by JetStream and deleted
         self._wake = asyncio.Event()
@@ -83,26 +82,24 @@ class OutboxRelay:
         rows = [r for r in read if r.outbox_id not in taken][:RELAY_ROWS_MAX]
         if not rows:
             return 0
-        acks = await publish_rows(self.js, self.region, self.epoch, rows)  # in outbox order
+        published = await self.publisher.publish(self.epoch, rows)  # in outbox order
         ids = [r.outbox_id for r in rows]
         self._in_flight.update(ids)
-        task = asyncio.get_running_loop().create_task(self._settle(ids, acks))
+        task = asyncio.get_running_loop().create_task(self._settle(published, ids))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return len(rows)
 
-    async def _settle(self, ids: list[int], acks: list[asyncio.Future]) -> None:
+    async def _settle(self, published: PublishedRound, ids: list[int]) -> None:
         """Delete a round's rows once JetStream holds them all; if it does not
         say so in time, leave them to be published again."""
         try:
-            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_ACK_TIMEOUT_S)
+            await self.publisher.stored(published, PUBLISH_ACK_TIMEOUT_S)
             await delete_relayed(self.pool, ids)
             self.relayed_rows += len(ids)
             self._deleted_during_read.update(ids)
         except (*DATABASE_ERRORS, nats.errors.Error) as exc:
             log.warning("relay round of %d rows unconfirmed (%s); they stay in the outbox", len(ids), exc)
-            for ack in acks:
-                ack.cancel()
         finally:
             self._in_flight.difference_update(ids)
             self._wake.set()  # room for another round, or rows to take again
