@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -55,15 +56,48 @@ class StateDirInUse(RuntimeError):
     """Another launcher runs servers with their data in this state directory."""
 
 
+# Ports handed out by free_port lie between Ray's worker ports (10002 to
+# 19999 by default) and the kernel's ephemeral range, from which every
+# outgoing connection takes its local port. A port found free inside that
+# range can be taken by any connect before its server binds it: HAProxy once
+# failed to start so ("Address already in use", in session 32's CI, with
+# Ray, Postgres and NATS connecting all the while).
+ASSIGNED_PORT_MIN = 20_000
+EPHEMERAL_PORT_MIN_DEFAULT = 32_768  # Linux's default, where the kernel does not say
+PORT_TRIES_MAX = 200
+
+
+def _ephemeral_port_min() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_PORT_MIN_DEFAULT
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(preferred: int | None = None) -> int:
-    for candidate in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free loopback port")
+    """A loopback port that nothing listens on: `preferred` if free, else
+    one outside the ephemeral range (chosen at random, so that processes
+    asking at once rarely get the same), else any the kernel gives."""
+    if preferred and _bindable(preferred):
+        return preferred
+    ephemeral_min = _ephemeral_port_min()
+    if ephemeral_min > ASSIGNED_PORT_MIN:
+        for _ in range(PORT_TRIES_MAX):
+            candidate = random.randrange(ASSIGNED_PORT_MIN, ephemeral_min)
+            if _bindable(candidate):
+                return candidate
+    with socket.socket() as s:  # a kernel with no room below its ephemeral range
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen | None, name: str, log: Path) -> None:

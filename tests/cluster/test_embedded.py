@@ -18,6 +18,7 @@ import psutil
 import pytest
 import redis
 
+from dailydoco.cluster import embedded
 from dailydoco.cluster.config import DEFAULT_REGIONS
 from dailydoco.cluster.embedded import EmbeddedServers
 
@@ -148,3 +149,16 @@ def test_a_server_that_dies_is_started_again_with_its_data_and_a_stopped_one_is_
 def test_pid_says_when_no_postgres_runs(tmp_path):
     with pytest.raises(LookupError):
         EmbeddedServers(tmp_path).pid("postgres")
+
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_a_taken_one_is_not_given():
+    ephemeral_min = embedded._ephemeral_port_min()
+    if ephemeral_min <= embedded.ASSIGNED_PORT_MIN:
+        pytest.skip(f"this kernel's ephemeral range starts at {ephemeral_min}: no room below it")
+    ports = {embedded.free_port() for _ in range(50)}
+    assert all(embedded.ASSIGNED_PORT_MIN <= port < ephemeral_min for port in ports), sorted(ports)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", ports.pop()))
+        listening.listen()
+        taken = listening.getsockname()[1]
+        assert embedded.free_port(preferred=taken) != taken
