@@ -47,7 +47,7 @@ class StreamRefused(nats.errors.Error):
 
 
 class _PubAck(msgspec.Struct):
-    """What JetStream answers a publish with; only `error` is read."""
+    """What JetStream answers a publish with: the stream that stored it, or an error."""
 
     stream: str = ""
     error: dict | None = None
@@ -140,6 +140,9 @@ class StreamPublisher:
     def _forget(self, published: PublishedRound) -> None:
         for reply in published.reply_subjects:
             self._round_of.pop(reply, None)
+        self._note_room()
+
+    def _note_room(self) -> None:
         if len(self._round_of) < self.pending_max:
             self._room.set()
 
@@ -159,8 +162,7 @@ class StreamPublisher:
         published.waiting -= 1
         if published.waiting == 0 and published.sealed:
             published.acked.set_result(None)
-        if len(self._round_of) < self.pending_max:
-            self._room.set()
+        self._note_room()
 
 
 def publishing_ledger(pool: asyncpg.Pool, config: EngineConfig, nats_url: str, name: str) -> Ledger:
