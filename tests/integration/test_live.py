@@ -421,6 +421,8 @@ def test_a_stalled_nats_delays_events_and_loses_none(api, embedded_servers):
                 finally:
                     os.kill(nats_pid, signal.SIGCONT)
                 await buy(1)
+                # The balance's stream offset trails the ledger until the shards are credited.
+                await anyio.to_thread.run_sync(api.settle)
                 head = (await http.get(f"/v1/users/{root}/balance")).json()["stream"]["offset"]
             with anyio.fail_after(EVENT_WAIT_S * 2):
                 while not seen or getattr(seen[-1], "offset", 0) < head:
