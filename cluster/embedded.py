@@ -29,8 +29,17 @@ from pathlib import Path
 import psutil
 
 from .config import DEFAULT_REGIONS
+from .nats_io import PING_INTERVAL_S, PINGS_OUTSTANDING_MAX
 
 SERVER_START_TIMEOUT_S = 60
+# nats-server pings its peers every 2 minutes (gateways to other regions
+# every 15 s at most) and gives a link up at the third unanswered ping: a
+# gateway link that went silent without closing (a NAT or firewall that
+# dropped its state, a frozen peer) cut one region's messages off from
+# another's for 30 to 45 s (32 s measured, tests/cluster/test_nats_silent_gateway.py),
+# and a dead client kept its subscriptions for up to 6 minutes. The servers
+# started here ping as the engine's clients do (cluster/nats_io.py).
+NATS_SERVER_PINGS = f'ping_interval: "{PING_INTERVAL_S}s"\nping_max: {PINGS_OUTSTANDING_MAX}\n'
 WATCH_INTERVAL_S = 1.0  # how soon a server that exited is noticed
 # A server that fails to start again (its port taken, its disk full) is
 # retried with waits doubling from WATCH_INTERVAL_S up to this.
@@ -418,7 +427,9 @@ class EmbeddedServers:
         port = free_port(self._last_ports.get("nats"))
         store = self.state_dir / "nats"
         store.mkdir(exist_ok=True)
-        self._spawn("nats", [_nats_server_bin(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)], port)
+        config = self.state_dir / "nats.conf"
+        config.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{\n    store_dir: "{store}"\n}}\n{NATS_SERVER_PINGS}')
+        self._spawn("nats", [_nats_server_bin(), "-c", str(config)], port)
         return {regions[0]: f"nats://127.0.0.1:{port}"}
 
     def start_redis(self) -> str:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .config import REGION_PATTERN
-from .embedded import _nats_server_bin, _wait_for_port, free_port
+from .embedded import NATS_SERVER_PINGS, _nats_server_bin, _wait_for_port, free_port
 
 REGION_STOP_TIMEOUT_S = 10
 
@@ -48,7 +48,7 @@ gateway {{
     listen: "127.0.0.1:{p["gateway"]}"
     gateways: [{gateways}]
 }}
-"""
+{NATS_SERVER_PINGS}"""
     return configs
 
 

@@ -21,9 +21,11 @@ import redis
 from dailydoco.cluster import embedded
 from dailydoco.cluster.config import DEFAULT_REGIONS
 from dailydoco.cluster.embedded import EmbeddedServers
+from dailydoco.cluster.nats_io import PINGS_OUTSTANDING_MAX, SILENT_LINK_FOUND_S
 
 BACK_WITHIN_S = 60  # a Postgres killed outright can take a few tries: its orphans hold its shared memory
 KEPT_STREAM = "KEPT"
+PINGS_SLACK_S = 5.0  # the server's first ping may come up to an interval late
 
 
 def _answers(port: int) -> bool:
@@ -162,3 +164,25 @@ def test_free_ports_lie_outside_the_ephemeral_range_and_a_taken_one_is_not_given
         listening.listen()
         taken = listening.getsockname()[1]
         assert embedded.free_port(preferred=taken) != taken
+
+
+def test_the_embedded_nats_drops_a_client_that_stops_answering_its_pings(tmp_path):
+    """A client gone silent without closing (its machine lost power, a NAT
+    dropped the link) is dropped within the engine's own bound, and its
+    subscriptions with it; nats-server's default took up to 6 minutes."""
+    servers = EmbeddedServers(tmp_path)
+    try:
+        [url] = servers.start_nats(DEFAULT_REGIONS[:1]).values()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as silent:
+            silent.recv(4096)  # INFO
+            silent.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB silent.client 1\r\n')
+            silent.settimeout(SILENT_LINK_FOUND_S + PINGS_SLACK_S)
+            connected_at, heard = time.monotonic(), b""
+            while chunk := silent.recv(4096):  # PINGs, never answered; then the server hangs up
+                heard += chunk
+            dropped_after_s = time.monotonic() - connected_at
+        assert b"Stale Connection" in heard
+        assert heard.count(b"PING") >= PINGS_OUTSTANDING_MAX
+        assert dropped_after_s <= SILENT_LINK_FOUND_S + PINGS_SLACK_S
+    finally:
+        servers.stop()
