@@ -36,7 +36,7 @@ SERVER_START_TIMEOUT_S = 60
 # every 15 s at most) and gives a link up at the third unanswered ping: a
 # gateway link that went silent without closing (a NAT or firewall that
 # dropped its state, a frozen peer) cut one region's messages off from
-# another's for 30 to 45 s (32 s measured, tests/cluster/test_nats_silent_gateway.py),
+# another's for 30 to 45 s (32 s measured, tests/cluster/test_nats_silent_link.py),
 # and a dead client kept its subscriptions for up to 6 minutes. The servers
 # started here ping as the engine's clients do (cluster/nats_io.py).
 NATS_SERVER_PINGS = f'ping_interval: "{PING_INTERVAL_S}s"\nping_max: {PINGS_OUTSTANDING_MAX}\n'
@@ -428,7 +428,9 @@ class EmbeddedServers:
         store = self.state_dir / "nats"
         store.mkdir(exist_ok=True)
         config = self.state_dir / "nats.conf"
-        config.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{\n    store_dir: "{store}"\n}}\n{NATS_SERVER_PINGS}')
+        config.write_text(f'listen: "127.0.0.1:{port}"\n'
+                          f'jetstream {{\n    store_dir: "{store}"\n}}\n'
+                          f'{NATS_SERVER_PINGS}')
         self._spawn("nats", [_nats_server_bin(), "-c", str(config)], port)
         return {regions[0]: f"nats://127.0.0.1:{port}"}
 

@@ -12,6 +12,7 @@ that moment send from then on, while connections opened later pass through;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.parse
 
 RELEASE_ANSWER_WAIT_S = 5.0  # how long `release` waits for the server to answer what it delivered
@@ -47,6 +48,16 @@ class HoldingProxy:
     async def close(self) -> None:
         self._server.close()
         await self._server.wait_closed()
+
+    async def __aenter__(self) -> "HoldingProxy":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        """Deliver what is still held (so each connection's handler can end), then close."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await self.release()
+        await self.close()
 
     def hold(self) -> None:
         """Buffer, from now on, what every connection open now sends."""
