@@ -15,10 +15,16 @@ from .money import AMOUNT_MICROS_MAX, LEVELS_MAX
 
 # Ids are ASCII and case-sensitive: one spelling per id, so two users can never
 # alias each other through Unicode or case folding.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+# msgspec matches patterns with re.search, where `$` also matches before a
+# final newline: every pattern ends in PATTERN_END, so "USD\n" and "abc\n"
+# are refused (the first reached Postgres, a 500 for its whole write group;
+# the second was taken as an id), and the OpenAPI document's JSON Schema
+# reads the same.
+PATTERN_END = r"$(?!\n)"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}" + PATTERN_END
 UserId = Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
 TransactionId = Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}" + PATTERN_END)]
 AmountMicros = Annotated[int, Meta(gt=0, le=AMOUNT_MICROS_MAX)]
 
 BATCH_TRANSACTIONS_MAX = 5_000  # per POST /v1/transactions:batch; the issue asks ≥ 1,000
@@ -146,7 +152,8 @@ class PurchaseOutcomeWire(_Message, array_like=True):
 class RefundRequest(_Message):
     refund_id: TransactionId
     amount_micros: AmountMicros
-    reason: Annotated[str, Meta(max_length=500)] | None = None
+    # Kept with the refund and returned with it; Postgres refuses a NUL in text.
+    reason: Annotated[str, Meta(max_length=500, pattern=r"^[^\x00]*" + PATTERN_END)] | None = None
 
 
 class ReversalLine(_Message):
@@ -164,6 +171,7 @@ class RefundResult(_Message):
     refunded_total_micros: int
     reversals: list[ReversalLine]
     house_reversal_micros: int
+    reason: str | None = None  # as recorded: a replay with another reason is a conflict (409)
 
 
 # --- reads -------------------------------------------------------------------

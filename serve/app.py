@@ -40,7 +40,7 @@ from dailydoco.storage.pool import DATABASE_ERRORS, answered_within, connection_
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
-from .bodies import json_response, read_body
+from .bodies import json_response, path_id, read_body
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
 from .live import CLOSE_REASON_BYTES_MAX, LiveGateway
@@ -245,7 +245,7 @@ class EngineApi:
 
     async def revoke_user_tokens(self, request: Request) -> Response:
         """Sign a user out everywhere: a service, or the user themself."""
-        user_id = request.path_params["user_id"]
+        user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
         if await self._shard_of(user_id).call("get_user", user_id) is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
@@ -351,7 +351,7 @@ class EngineApi:
         return json_response(view, 201 if view.status == "created" else 200)
 
     async def get_user(self, request: Request) -> Response:
-        user_id = request.path_params["user_id"]
+        user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
         view = await self._shard_of(user_id).call("get_user", user_id)
         if view is None:
@@ -360,7 +360,7 @@ class EngineApi:
 
     async def issue_token(self, request: Request) -> Response:
         require_service(await self.principal(request))
-        user_id = request.path_params["user_id"]
+        user_id = path_id(request, "user_id")
         body = await read_body(request, p.TokenRequest)
         if await self._shard_of(user_id).call("get_user", user_id) is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
@@ -370,7 +370,7 @@ class EngineApi:
     async def balance(self, request: Request) -> Response:
         """From the shard's view in Redis while its lease lives (one round trip,
         no Ray call; storage/balance_views.py), else from the shard itself."""
-        user_id = request.path_params["user_id"]
+        user_id = path_id(request, "user_id")
         principal = self._authenticate(request)
         require_reader_of(principal, user_id)
         shard_index = self._shard_index(user_id)
@@ -390,7 +390,7 @@ class EngineApi:
         return json_response(view)
 
     async def network(self, request: Request) -> Response:
-        user_id = request.path_params["user_id"]
+        user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
         depth = _int_param(request, "depth", NETWORK_GRAPH_DEPTH_DEFAULT, 1, p.NETWORK_GRAPH_DEPTH_MAX)
         stats = await self._shard_of(user_id).call("get_network_stats", user_id)
@@ -403,7 +403,7 @@ class EngineApi:
             truncated=truncated))
 
     async def commissions(self, request: Request) -> Response:
-        user_id = request.path_params["user_id"]
+        user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
         status = request.query_params.get("status")
         if status is not None and status not in ("pending", "approved", "paid", "refunded", "reversed"):
@@ -464,7 +464,7 @@ class EngineApi:
 
     async def refund(self, request: Request) -> Response:
         require_service(await self.principal(request))
-        transaction_id = request.path_params["transaction_id"]
+        transaction_id = path_id(request, "transaction_id")
         body = await read_body(request, p.RefundRequest)
         chain = self.chains[chain_of_transaction(transaction_id, len(self.chains))]
         result: p.RefundResult = await chain.call("refund", transaction_id, body)

@@ -15,6 +15,21 @@ _ENCODER = msgspec.json.Encoder()
 _PATH_IN_ERROR = re.compile(r" - at `(.+)`$")
 
 
+# What the ids in the URL name, for the 404 of an id nothing can have.
+_PATH_ID_NOUNS = {"user_id": "user", "transaction_id": "transaction", "job_id": "video job"}
+_ID = re.compile(p.ID_PATTERN)
+
+
+def path_id(request: Request, name: str) -> str:
+    """An id from the URL. One no resource can have (ids match
+    protocol.ID_PATTERN) does not exist: 404 before it reaches a query.
+    Postgres refuses a NUL in text, so `/v1/users/%00/commissions` was a 500."""
+    value = request.path_params[name]
+    if _ID.search(value) is None:
+        raise p.NotFound(f"{_PATH_ID_NOUNS[name]} {value!r} does not exist: ids match {p.ID_PATTERN}")
+    return value
+
+
 def json_response(value, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_ENCODER.encode(value), status_code=status, media_type="application/json", headers=headers)
 

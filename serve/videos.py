@@ -28,7 +28,7 @@ from dailydoco.protocol.video import (
 from dailydoco.storage import video_jobs
 
 from .auth import require_reader_of, require_service
-from .bodies import json_response, read_body
+from .bodies import json_response, path_id, read_body
 
 UPLOAD_FOLDER = "uploads"
 OUTPUT_MEDIA_TYPES = {".jpg": "image/jpeg", ".mp4": "video/mp4"}
@@ -36,6 +36,15 @@ OUTPUT_MEDIA_TYPES = {".jpg": "image/jpeg", ".mp4": "video/mp4"}
 
 def new_job_id() -> str:
     return "vid_" + secrets.token_urlsafe(12)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but False for a name the system refuses to look up (a
+    component over 255 bytes), where Path.is_file raises: that was a 500."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def job_view(row: video_jobs.VideoJobRow) -> VideoJobView:
@@ -63,7 +72,7 @@ class VideoJobs:
         if not path.is_relative_to(self.folder):
             raise p.InvalidRequest(f"path {relative!r} leaves the video folder",
                                    errors=[p.ProblemField(path="$.path", message="must stay inside the video folder")])
-        if not path.is_file():
+        if not _is_file(path):
             raise p.InvalidRequest(f"no video at {relative!r} in the video folder",
                                    errors=[p.ProblemField(path="$.path", message="no such file")])
         return path
@@ -121,9 +130,10 @@ class VideoJobs:
 
     async def _readable_job(self, request: Request) -> video_jobs.VideoJobRow:
         principal = await self.api.principal(request)
-        row = await video_jobs.get(self.api.pool, request.path_params["job_id"])
+        job_id = path_id(request, "job_id")
+        row = await video_jobs.get(self.api.pool, job_id)
         if row is None:
-            raise p.NotFound(f"video job {request.path_params['job_id']!r} does not exist")
+            raise p.NotFound(f"video job {job_id!r} does not exist")
         require_reader_of(principal, row.user_id)
         return row
 
@@ -135,9 +145,9 @@ class VideoJobs:
         row = await self._readable_job(request)
         relative = request.path_params["path"]
         outputs = job_outputs(self.folder, row.job_id)
-        path = (outputs / relative).resolve()
-        media = OUTPUT_MEDIA_TYPES.get(path.suffix)
-        if row.status != "done" or media is None or not path.is_relative_to(outputs) or not path.is_file():
+        path = None if "\x00" in relative else (outputs / relative).resolve()  # resolving a NUL raises
+        media = OUTPUT_MEDIA_TYPES.get(path.suffix) if path is not None else None
+        if row.status != "done" or media is None or not path.is_relative_to(outputs) or not _is_file(path):
             raise p.NotFound(f"video job {row.job_id!r} has no file {relative!r}")
         return FileResponse(path, media_type=media)
 

@@ -527,7 +527,10 @@ class Ledger:
         self, transaction_id: str, request: RefundRequest, deltas: DeltaSet
     ) -> tuple[int | None, RefundResult]:
         """Reverse, proportionally, exactly the commissions this purchase paid."""
-        hash_ = body_hash(transaction_id, request.amount_micros)
+        # The reason joins the body compared on replay only when given: a
+        # refund recorded without one keeps the fingerprint it always had.
+        given = (transaction_id, request.amount_micros)
+        hash_ = body_hash(*given) if request.reason is None else body_hash(*given, request.reason)
         async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             tx = await conn.fetchrow(
@@ -584,9 +587,10 @@ class Ledger:
             house_reversal = proportional_reversal(tx["house_micros"], purchase, before, after)
             recorded = await conn.fetchval(
                 "INSERT INTO refunds (refund_id, transaction_id, amount_micros, refunded_before_micros,"
-                " house_reversal_micros, body_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " house_reversal_micros, body_hash, created_at, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
                 " ON CONFLICT (refund_id) DO NOTHING RETURNING true",
                 request.refund_id, transaction_id, request.amount_micros, before, house_reversal, hash_, now,
+                request.reason,
             )
             if not recorded:
                 # The same id, sent at the same moment for another purchase
@@ -617,7 +621,7 @@ class Ledger:
 
     async def _refund_result(self, conn, refund_id: str, status: str) -> RefundResult:
         r = await conn.fetchrow(
-            "SELECT r.transaction_id, r.amount_micros, r.refunded_before_micros, r.house_reversal_micros"
+            "SELECT r.transaction_id, r.amount_micros, r.refunded_before_micros, r.house_reversal_micros, r.reason"
             " FROM refunds r WHERE refund_id = $1",
             refund_id,
         )
@@ -637,6 +641,7 @@ class Ledger:
             reversals=[ReversalLine(level=x["level"], beneficiary_id=x["beneficiary_id"],
                                     amount_micros=x["amount_micros"], kind=x["kind"]) for x in lines],
             house_reversal_micros=r["house_reversal_micros"],
+            reason=r["reason"],
         )
 
     async def _transition(self, conn, deltas: DeltaSet, now, to_status: str, payout_id: str | None,

@@ -95,6 +95,29 @@ def test_refund_partial_then_rest_then_too_much(api):
     assert_problem(api.service.post("/v1/transactions/nope/refunds", json=too_much), 404, "not-found")
 
 
+def test_a_refund_keeps_its_reason_and_a_replay_must_give_the_same(api):
+    root, buyer = api.chain(2)
+    tid = unique("tx")
+    api.purchase(buyer, 1_000_000, tid)
+    refund = {"refund_id": unique("rf"), "amount_micros": 100_000, "reason": "duplicate charge\nper ticket 42"}
+    first = api.service.post(f"/v1/transactions/{tid}/refunds", json=refund)
+    assert first.status_code == 201 and first.json()["reason"] == refund["reason"], first.text
+    replay = api.service.post(f"/v1/transactions/{tid}/refunds", json=refund)
+    assert replay.status_code == 200 and replay.json() == first.json() | {"status": "replayed"}
+    assert_problem(api.service.post(f"/v1/transactions/{tid}/refunds", json=refund | {"reason": "another"}),
+                   409, "idempotency-conflict")
+    assert_problem(api.service.post(f"/v1/transactions/{tid}/refunds", json={k: v for k, v in refund.items()
+                                                                             if k != "reason"}),
+                   409, "idempotency-conflict")
+    # Postgres refuses a NUL in text: refused here, before anything is written.
+    assert_problem(api.service.post(f"/v1/transactions/{tid}/refunds",
+                                    json={"refund_id": unique("rf"), "amount_micros": 1, "reason": "a\u0000b"}),
+                   422, "validation")
+    plain = api.service.post(f"/v1/transactions/{tid}/refunds", json={"refund_id": unique("rf"), "amount_micros": 1})
+    assert plain.status_code == 201 and plain.json()["reason"] is None
+    assert plain.json()["refunded_total_micros"] == 100_001
+
+
 def together(*calls):
     """Send requests at the same moment; their responses, in order."""
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
@@ -210,6 +233,38 @@ def test_bad_purchases_are_rejected_and_write_nothing(api, body, status, slug):
     assert_problem(r, status, slug)
     assert api.admin.get("/v1/admin/house").json() == before
     assert api.anonymous.get("/healthz").status_code == 200
+
+
+def test_what_postgres_would_refuse_is_refused_at_the_edge_and_spares_its_write_group(api):
+    """A purchase's row that Postgres refuses fails the whole write group it
+    shares. "USD\\n" passed validation (a pattern's `$` matches before a final
+    newline) and failed every purchase committed with it, 500s for other
+    callers; now it is refused alone."""
+    root, buyer = api.chain(2)
+    sent = [("USD\n" if i % 10 == 0 else "USD", unique("tx")) for i in range(40)]
+    answers = together(*(lambda c=currency, t=tid: api.purchase(buyer, 1_000_000, t, currency=c)
+                         for currency, tid in sent))
+    for (currency, _), answer in zip(sent, answers, strict=True):
+        if currency == "USD":
+            assert answer.status_code == 201, answer.text
+        else:
+            assert_problem(answer, 422, "validation")
+    assert api.balance(root)["pending_micros"] == 36 * 200_000
+    assert_problem(api.service.post("/v1/users", json={"user_id": unique("nl") + "\n"}), 422, "validation")
+
+
+def test_ids_in_the_url_that_nothing_can_have_are_not_found(api):
+    """Before any query: Postgres refuses a NUL in text, and these were 500s."""
+    [user] = api.chain(1)
+    for bad in ("%00", "a%0A", "x" * 129, "%C3%A9"):
+        for method, path in [("GET", f"/v1/users/{bad}"), ("GET", f"/v1/users/{bad}/balance"),
+                             ("GET", f"/v1/users/{bad}/network"), ("GET", f"/v1/users/{bad}/commissions"),
+                             ("POST", f"/v1/transactions/{bad}/refunds"), ("GET", f"/v1/videos/{bad}"),
+                             ("GET", f"/v1/videos/{bad}/files/thumb.jpg")]:
+            body = {"refund_id": unique("rf"), "amount_micros": 1} if method == "POST" else None
+            assert_problem(api.service.request(method, path, json=body), 404, "not-found")
+    assert api.service.get(f"/v1/users/{user}/commissions").status_code == 200
+    assert api.anonymous.get("/readyz").status_code == 200
 
 
 def test_transport_errors(api):
