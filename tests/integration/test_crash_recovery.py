@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -300,10 +301,23 @@ READYZ_ANSWER_WAIT_S = 5.0  # its checks give up after 2 s; the rest is room for
 
 
 def _signal_postgres(servers, sig: signal.Signals) -> None:
-    """`sig` to the postmaster and every server process it runs."""
+    """`sig` to the postmaster and every server process it runs.
+
+    Stopped, the postmaster goes first and its children are listed after:
+    listed before, a child it forked in between was never stopped, exited
+    during the stall, and was reaped as the postmaster resumed, so the
+    resume's signal to it failed (ProcessLookupError, one CI run) and left
+    the rest of Postgres stopped. Resumed, it goes last: its children run
+    again before it acts on them. A child gone since the listing needs no
+    signal."""
     postmaster = psutil.Process(servers.pid("postgres"))
-    for process in [postmaster, *postmaster.children()]:
-        os.kill(process.pid, sig)
+    if sig == signal.SIGSTOP:
+        os.kill(postmaster.pid, sig)
+    for child in postmaster.children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, sig)
+    if sig != signal.SIGSTOP:
+        os.kill(postmaster.pid, sig)
 
 
 def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api, engine, embedded_servers):
