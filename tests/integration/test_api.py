@@ -254,7 +254,8 @@ def test_what_postgres_would_refuse_is_refused_at_the_edge_and_spares_its_write_
 
 
 def test_ids_in_the_url_that_nothing_can_have_are_not_found(api):
-    """Before any query: Postgres refuses a NUL in text, and these were 500s."""
+    """404 before any query: Postgres refuses a NUL in text, so those that
+    reached it (commissions, refunds, video jobs) were 500s."""
     [user] = api.chain(1)
     for bad in ("%00", "a%0A", "x" * 129, "%C3%A9"):
         for method, path in [("GET", f"/v1/users/{bad}"), ("GET", f"/v1/users/{bad}/balance"),
