@@ -18,13 +18,17 @@ POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval s
 CONNECTION_LOST_SQLSTATE_CLASSES = ("08", "57", "58", "XX")
 
 
-async def open_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def open_pool(url: str, min_size: int = 1, max_size: int = 4,
+                    command_timeout_s: float = POOL_COMMAND_TIMEOUT_S) -> asyncpg.Pool:
+    """A pool whose statements give up after `command_timeout_s`: an
+    unanswered statement then raises TimeoutError, which connection_lost
+    counts as a lost connection (an unanswered commit's outcome is unknown)."""
     return await asyncpg.create_pool(
         url,
         min_size=min_size,
         max_size=max_size,
         timeout=POOL_CONNECT_TIMEOUT_S,
-        command_timeout=POOL_COMMAND_TIMEOUT_S,
+        command_timeout=command_timeout_s,
         # JIT compilation costs more than it saves on our short statements.
         server_settings={"jit": "off", "application_name": "dailydoco"},
         reset=_keep_session,

@@ -1,26 +1,38 @@
-"""A TCP proxy in front of a real Postgres that loses one reply on demand.
+"""A TCP proxy in front of a real Postgres that fails one statement on demand.
 
-It makes the fault no test against the server alone can: the database
-executes (and commits) a statement, and the writer never hears of it,
-because the connection is cut after the request reached the server and
-before its reply came back. The proxy reads the wire protocol just far
-enough to recognise the statement: asyncpg prepares a statement once per
-connection (Parse, carrying its text) and then only binds it by name.
+It makes the faults no test against the server alone can: a statement's
+request, or its reply, is lost on the way, and the connection is cut at
+once or held open with nothing more passing (a network that drops packets
+without closing, or a server that hangs, until the client's command
+timeout gives up). A reply lost means the database executed, and may have
+committed, what the writer never hears of; a request lost, that it never
+saw it. The proxy reads the wire protocol just far enough to recognise the
+statement: asyncpg prepares a statement once per connection (Parse,
+carrying its text) and then only binds it by name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import struct
 import urllib.parse
 
-SERVER_REPLY_WAIT_S = 10.0  # a doomed connection is cut once the server has answered, or after this
+SERVER_REPLY_WAIT_S = 10.0  # a connection losing a reply is cut once the server has answered, or after this
 
 
-class ReplyLosingProxy:
-    """Forwards every connection to `upstream`; `lose_reply_to(marker)` arms it
-    to swallow the reply to the next execution of a statement whose text
-    contains `marker`, then close both sides of that connection."""
+class Fault(enum.Enum):
+    REPLY_LOST = "the server executes the statement; its reply is lost and the connection cut"
+    REQUEST_LOST = "the statement never reaches the server; the connection is cut"
+    REPLY_HELD = "the server executes the statement; nothing more comes back, the connection stays open"
+    REQUEST_HELD = "the statement never reaches the server; nothing more passes, the connection stays open"
+
+
+class FaultyPostgresProxy:
+    """Forwards every connection to `upstream`; `fail(marker, fault)` arms it
+    to fail the next execution of a statement whose text contains `marker`,
+    on whichever connection runs it. A held connection ends when its client
+    closes it, and the proxy then closes its side to the server."""
 
     def __init__(self, url: str):
         """`url`: the Postgres to forward to; `self.url` (after start) reaches it through the proxy."""
@@ -28,7 +40,7 @@ class ReplyLosingProxy:
         self.upstream = (parts.hostname, parts.port or 5432)
         self._url = parts
         self.url: str | None = None
-        self._marker: bytes | None = None
+        self._armed: tuple[bytes, Fault] | None = None
         self.fired = asyncio.Event()
         self._server: asyncio.base_events.Server | None = None
         self._pumps: set[asyncio.Task] = set()
@@ -43,8 +55,8 @@ class ReplyLosingProxy:
             query="sslmode=disable"))
         return self.url
 
-    def lose_reply_to(self, marker: str) -> None:
-        self._marker = marker.encode()
+    def fail(self, marker: str, fault: Fault) -> None:
+        self._armed = marker.encode(), fault
         self.fired.clear()
 
     async def close(self) -> None:
@@ -55,9 +67,9 @@ class ReplyLosingProxy:
 
     async def _connection(self, client_reader, client_writer) -> None:
         server_reader, server_writer = await asyncio.open_connection(*self.upstream)
-        doomed = asyncio.Event()
-        pumps = [asyncio.create_task(self._client_to_server(client_reader, server_writer, doomed)),
-                 asyncio.create_task(self._server_to_client(server_reader, client_writer, doomed))]
+        failing: list[Fault] = []  # the fault this connection has met, once it has
+        pumps = [asyncio.create_task(self._client_to_server(client_reader, server_writer, failing)),
+                 asyncio.create_task(self._server_to_client(server_reader, client_writer, failing))]
         self._pumps.update(pumps)
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -69,7 +81,17 @@ class ReplyLosingProxy:
             for writer in (client_writer, server_writer):
                 writer.close()
 
-    async def _client_to_server(self, reader, writer, doomed: asyncio.Event) -> None:
+    def _meets_armed(self, kind: bytes, body: bytes, statements: dict[bytes, bytes]) -> bool:
+        if self._armed is None:
+            return False
+        text = None
+        if kind == b"B":
+            text = statements.get(body.split(b"\0", 2)[1], b"")
+        elif kind == b"Q":
+            text = body
+        return text is not None and self._armed[0] in text
+
+    async def _client_to_server(self, reader, writer, failing: list[Fault]) -> None:
         statements: dict[bytes, bytes] = {}  # prepared statement name -> its text
         # The startup message has no type byte; every later one does.
         length = struct.unpack("!i", await reader.readexactly(4))[0]
@@ -81,28 +103,31 @@ class ReplyLosingProxy:
             if kind == b"P":
                 name, text = body.split(b"\0", 2)[:2]
                 statements[name] = text
-            elif self._marker is not None and not doomed.is_set():
-                text = None
-                if kind == b"B":
-                    text = statements.get(body.split(b"\0", 2)[1], b"")
-                elif kind == b"Q":
-                    text = body
-                if text is not None and self._marker in text:
-                    self._marker = None
-                    doomed.set()
-                    self.fired.set()
+            elif not failing and self._meets_armed(kind, body, statements):
+                failing.append(self._armed[1])
+                self._armed = None
+                self.fired.set()
+            if failing == [Fault.REQUEST_LOST]:
+                return
+            if failing == [Fault.REQUEST_HELD]:
+                while await reader.read(65_536):  # until the client gives up and closes
+                    pass
+                return
             writer.write(kind + struct.pack("!i", length) + body)
             await writer.drain()
 
-    async def _server_to_client(self, reader, writer, doomed: asyncio.Event) -> None:
+    async def _server_to_client(self, reader, writer, failing: list[Fault]) -> None:
         while True:
+            reply_wait_s = SERVER_REPLY_WAIT_S if failing == [Fault.REPLY_LOST] else None
             try:
-                kind = await asyncio.wait_for(reader.readexactly(1), SERVER_REPLY_WAIT_S if doomed.is_set() else None)
+                kind = await asyncio.wait_for(reader.readexactly(1), reply_wait_s)
             except asyncio.TimeoutError:
                 return
             length = struct.unpack("!i", await reader.readexactly(4))[0]
             body = await reader.readexactly(length - 4)
-            if doomed.is_set():
+            if failing == [Fault.REPLY_HELD]:
+                continue
+            if failing == [Fault.REPLY_LOST]:
                 if kind == b"Z":  # ReadyForQuery: the server is done with the statement, and its transaction
                     return
                 continue

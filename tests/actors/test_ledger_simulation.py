@@ -38,7 +38,7 @@ from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS, vshards_of_actor
 
-from ..postgres_faults import ReplyLosingProxy
+from ..postgres_faults import Fault, FaultyPostgresProxy
 
 SEEDS = int(os.environ.get("DD_SIMULATION_SEEDS", "200"))
 SEED_FIRST = int(os.environ.get("DD_SIMULATION_SEED_FIRST", "0"))  # a soak run can go past CI's seeds
@@ -104,7 +104,7 @@ class Simulation:
         self.refunds: dict[str, tuple[str, RefundRequest]] = {}
         self.refunds_drawn = 0
         self.step_name = "start"
-        self.faults: tuple[ReplyLosingProxy, asyncpg.Pool] | None = None  # see lose_reply
+        self.faults: tuple[FaultyPostgresProxy, asyncpg.Pool] | None = None  # see lose_message
 
     def fail(self, message: str) -> str:
         return f"seed {self.seed}, step {self.step_name}: {message}"
@@ -370,18 +370,20 @@ class Simulation:
         for i in range(SHARDS):
             await self.recover(i)
 
-    async def lose_reply(self) -> None:
-        """Postgres answers a write and the answer is lost on the way back (a
-        proxy cuts the connection once the server is ready for the next
-        query). Lost with the commit's answer, the write is committed: the
+    async def lose_message(self) -> None:
+        """A statement of a write, or its answer, is lost on the way (a proxy
+        cuts the connection: once the server is ready for the next query,
+        or before the statement reaches it). The commit's answer lost, the
+        write is committed; the commit lost, it is not; either way the
         writer hears CommitOutcomeUnknown, and by then every shard the write
-        touched has reread the ledger. Lost before the commit, nothing is
-        written: ServiceUnavailable. Either way the same write sent again
-        replays or makes it, and memory equals the ledger (verify)."""
+        touched has reread the ledger. A statement before the commit lost,
+        or its answer, nothing is written: ServiceUnavailable. Either way the
+        same write sent again replays or makes it, and memory equals the
+        ledger (verify)."""
         if not self.purchases:
             return await self.purchase()
         if self.faults is None:
-            proxy = ReplyLosingProxy(self.url)
+            proxy = FaultyPostgresProxy(self.url)
             self.faults = proxy, await open_pool(await proxy.start(), max_size=2)
         proxy, pool = self.faults
         chain = CommissionEngine(Ledger(pool, HOLD_PERIOD_S), self.router)
@@ -389,16 +391,19 @@ class Simulation:
         refund = await self._racing_refund() if write == "refund" else None
         if write == "refund" and refund is None:
             write = "purchase"
-        # The statement whose answer is lost: the commit, or one before it.
-        committed = write in ("purchase", "register", "payout") or self.rng.random() < 0.5
+        # The statement failed: the commit, or one before it; at the commit,
+        # its request or its answer lost.
+        at_commit = write in ("purchase", "register", "payout") or self.rng.random() < 0.5
+        fault = self.rng.choice([Fault.REPLY_LOST, Fault.REQUEST_LOST])
+        committed = at_commit and fault is Fault.REPLY_LOST
         if write in ("purchase", "purchase_group"):
             # Up to 64 new purchases are one statement, committed on its own;
             # more go in a transaction, committed by COMMIT.
             requests = [self._new_purchase() for _ in range(self.rng.randint(1, 5) if write == "purchase" else 70)]
-            lost = "COMMIT" if write == "purchase_group" and committed else "INSERT INTO transactions"
+            lost = "COMMIT" if write == "purchase_group" and at_commit else "INSERT INTO transactions"
             attempt = lambda engine: engine.submit(requests)  # noqa: E731
         elif write == "refund":
-            lost = "COMMIT" if committed else "INSERT INTO refunds"
+            lost = "COMMIT" if at_commit else "INSERT INTO refunds"
             attempt = lambda engine: engine.refund(*refund[:2])  # noqa: E731
         elif write == "register":
             user = f"s{self.seed}-u{len(self.users)}"
@@ -410,12 +415,12 @@ class Simulation:
             request = PayoutRequest(payout_id=f"s{self.seed}-p{self.rng.getrandbits(32)}")
             lost = "COMMIT"  # the approval sweep's, which comes first
             attempt = lambda engine: lifecycle.payout(engine.ledger, self.router, request)  # noqa: E731
-        proxy.lose_reply_to(lost)
+        proxy.fail(lost, fault)
         with pytest.raises(ServiceUnavailable) as raised:
             await attempt(chain)
-        assert proxy.fired.is_set(), self.fail("the proxy lost no reply")
-        assert type(raised.value) is (CommitOutcomeUnknown if committed else ServiceUnavailable), \
-            self.fail(f"the answer to {lost!r} lost: {raised.value!r}")
+        assert proxy.fired.is_set(), self.fail(f"the proxy met no {lost!r}")
+        assert type(raised.value) is (CommitOutcomeUnknown if at_commit else ServiceUnavailable), \
+            self.fail(f"{fault.name} at {lost!r}: {raised.value!r}")
         again = await attempt(self.chains[self.rng.randint(0, 1)])
         status = "replayed" if committed else "created"
         if write in ("purchase", "purchase_group"):
@@ -590,7 +595,7 @@ class Simulation:
             # Racing steps: writes that meet in Postgres at once.
             (self.concurrent_registrations, 1), (self.concurrent_refunds, 1), (self.concurrent_lifecycle, 1),
             (self.concurrent_checkpoint, 1),
-            (self.lose_reply, 1),
+            (self.lose_message, 1),
         ]
         for step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights=[w for _, w in actions])[0]

@@ -4,13 +4,14 @@ A small group of new ids is written by one statement; a group that meets an
 id known already must undo that statement and go the general way, so that
 every id still has one set of entries, one set of events, and the shards'
 deltas count each purchase once. The sweep approves a due backlog in bounded
-slices, oldest first. A write whose connection is lost says whether it may
-have committed.
+slices, oldest first. A write whose connection is lost, or whose database
+never answers, says whether it may have committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -23,7 +24,7 @@ from dailydoco.storage.ledger import ONE_STATEMENT_PURCHASES_MAX, Ledger, Prepar
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import vshard_of
 from tests.conftest import migrated_database
-from tests.postgres_faults import ReplyLosingProxy
+from tests.postgres_faults import Fault, FaultyPostgresProxy
 
 SHARDS = 2
 ROOT, MIDDLE, BUYER = "w-root", "w-middle", "w-buyer"  # BUYER's upline: MIDDLE, ROOT
@@ -45,6 +46,11 @@ def sweep_database_url(servers):
 @pytest.fixture(scope="module")
 def lost_answers_database_url(servers):
     return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_lost_answers"))
+
+
+@pytest.fixture(scope="module")
+def unanswered_writes_database_url(servers):
+    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_unanswered_writes"))
 
 
 async def _insert_users(pool) -> None:
@@ -150,7 +156,7 @@ def test_approval_sweep_moves_only_due_entries_in_bounded_slices(sweep_database_
 
 async def _lost_answers(url: str) -> None:
     pool = await open_pool(url, max_size=2)
-    proxy = ReplyLosingProxy(url)
+    proxy = FaultyPostgresProxy(url)
     proxied = await open_pool(await proxy.start(), max_size=1)
     try:
         await _insert_users(pool)
@@ -161,7 +167,7 @@ async def _lost_answers(url: str) -> None:
 
         # The one statement of a small group commits it: its answer lost,
         # the outcome is unknown, and the error names the server process.
-        proxy.lose_reply_to("INSERT INTO transactions")
+        proxy.fail("INSERT INTO transactions", Fault.REPLY_LOST)
         with pytest.raises(CommitOutcomeUnknown) as unknown:
             await through_proxy.write_purchases([_purchase("lost-1")], new_delta_set(SHARDS))
         assert unknown.value.status == 503 and unknown.value.backend_pid
@@ -170,14 +176,23 @@ async def _lost_answers(url: str) -> None:
                                    unknown.value.backend_pid) == 0
         assert await recorded("lost-1")  # the proxy cut the connection after the commit
 
+        # Its request lost, the same statement never reached the server: the
+        # outcome is just as unknown to the writer, and settling shows it
+        # was not written.
+        proxy.fail("INSERT INTO transactions", Fault.REQUEST_LOST)
+        with pytest.raises(CommitOutcomeUnknown) as unknown:
+            await through_proxy.write_purchases([_purchase("unsent-1")], new_delta_set(SHARDS))
+        await ledger.settle(unknown.value.backend_pid)
+        assert not await recorded("unsent-1")
+
         # In a transaction (a large group), an answer lost before COMMIT was
         # sent means nothing was written; the COMMIT's own answer lost, unknown.
         group = [_purchase(f"lost-big-{i}") for i in range(ONE_STATEMENT_PURCHASES_MAX + 1)]
-        proxy.lose_reply_to("INSERT INTO transactions")
+        proxy.fail("INSERT INTO transactions", Fault.REPLY_LOST)
         with pytest.raises(ServiceUnavailable) as unavailable:
             await through_proxy.write_purchases(group, new_delta_set(SHARDS))
         assert type(unavailable.value) is ServiceUnavailable and not await recorded("lost-big-0")
-        proxy.lose_reply_to("COMMIT")
+        proxy.fail("COMMIT", Fault.REPLY_LOST)
         with pytest.raises(CommitOutcomeUnknown) as unknown:
             await through_proxy.write_purchases(group, new_delta_set(SHARDS))
         await ledger.settle(unknown.value.backend_pid)
@@ -193,3 +208,58 @@ async def _lost_answers(url: str) -> None:
 
 def test_a_lost_answer_says_whether_the_write_may_have_committed(lost_answers_database_url):
     asyncio.run(_lost_answers(lost_answers_database_url))
+
+
+UNANSWERED_COMMAND_TIMEOUT_S = 1.0  # the proxied pool's (the engine's is POOL_COMMAND_TIMEOUT_S)
+UNANSWERED_RAISE_WAIT_S = 5.0  # the timeout, and room for asyncpg's cancel request and a loaded machine
+
+
+async def _unanswered_writes(url: str) -> None:
+    pool = await open_pool(url, max_size=2)
+    proxy = FaultyPostgresProxy(url)
+    proxied = await open_pool(await proxy.start(), max_size=1, command_timeout_s=UNANSWERED_COMMAND_TIMEOUT_S)
+    try:
+        await _insert_users(pool)
+        ledger, through_proxy = Ledger(pool, hold_period_s=HOLD_S), Ledger(proxied, hold_period_s=HOLD_S)
+
+        def big_group(prefix: str) -> list[PreparedPurchase]:  # written in a transaction, committed by COMMIT
+            return [_purchase(f"{prefix}-{i}") for i in range(ONE_STATEMENT_PURCHASES_MAX + 1)]
+
+        # (fault, the statement it meets, the write, what the writer hears, whether it was written)
+        cases = [
+            (Fault.REPLY_HELD, "INSERT INTO transactions", [_purchase("held-reply")], CommitOutcomeUnknown, True),
+            (Fault.REQUEST_HELD, "INSERT INTO transactions", [_purchase("held-request")], CommitOutcomeUnknown, False),
+            (Fault.REPLY_HELD, "INSERT INTO transactions", big_group("held-insert"), ServiceUnavailable, False),
+            (Fault.REPLY_HELD, "COMMIT", big_group("held-commit-reply"), CommitOutcomeUnknown, True),
+            (Fault.REQUEST_HELD, "COMMIT", big_group("held-commit"), CommitOutcomeUnknown, False),
+        ]
+        for fault, statement, purchases, heard, written in cases:
+            case = f"{fault.name} at {statement!r}, {len(purchases)} purchases"
+            proxy.fail(statement, fault)
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable) as raised:
+                await through_proxy.write_purchases(purchases, new_delta_set(SHARDS))
+            waited_s = time.monotonic() - started
+            assert proxy.fired.is_set() and type(raised.value) is heard, (case, raised.value)
+            assert UNANSWERED_COMMAND_TIMEOUT_S <= waited_s < UNANSWERED_RAISE_WAIT_S, (case, waited_s)
+            if heard is CommitOutcomeUnknown:
+                await ledger.settle(raised.value.backend_pid)
+            ids = [p.request.transaction_id for p in purchases]
+            assert await pool.fetchval("SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
+                                       ids) == (len(ids) if written else 0), case
+            # The same write sent again, as a client retries a 503, replays or makes it.
+            _, outcomes = await through_proxy.write_purchases(purchases, new_delta_set(SHARDS))
+            assert {o.result.status for o in outcomes} == {"replayed" if written else "created"}, case
+    finally:
+        proxied.terminate()
+        await proxy.close()
+        await pool.close()
+
+
+def test_a_write_the_database_never_answers_gives_up_and_says_whether_it_may_have_committed(
+        unanswered_writes_database_url):
+    """A network that drops packets without closing, or a hung server: the
+    writer hears nothing back. The pool's command timeout ends the wait,
+    and the error says, as for a cut connection, whether the write may have
+    committed; settled, the ledger says whether it did."""
+    asyncio.run(_unanswered_writes(unanswered_writes_database_url))
