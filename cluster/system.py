@@ -70,18 +70,26 @@ RAY_TELEMETRY_OFF = {
     "REPORTER_UPDATE_INTERVAL_MS": str(600_000),  # the agent's node stats, for a dashboard that is off
 }
 
-# Serve's controller reconciles its deployments every 0.1 s by default: 4.4 %
-# of a core on an idle engine here, 1.6 % at 0.5 s. Its deployments change
-# only when the engine starts, stops or loses a replica; 0.4 s more to react
-# then is nothing against a replica's start.
-SERVE_CONTROL_LOOP_INTERVAL_S = 0.5
+SERVE_SETTINGS = {
+    # Serve's controller reconciles its deployments every 0.1 s by default:
+    # 4.4 % of a core on an idle engine here, 1.6 % at 0.5 s. Its deployments
+    # change only when the engine starts, stops or loses a replica; 0.4 s
+    # more to react then is nothing against a replica's start.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # A replica that failed its health checks is killed at once. Serve would
+    # stop it gracefully, which behind HAProxy means at least 30 s of
+    # draining, and a replica that answers no health check drains nothing:
+    # the requests it holds just wait longer (serve/deployment.py).
+    "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
+}
 
 
 def _ray_env(config: EngineConfig) -> None:
     """Serve and Ray read these at start, in every process Ray starts: set them
     first. A variable already set (by an operator) is left as it is."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", str(SERVE_CONTROL_LOOP_INTERVAL_S))
+    for name, value in SERVE_SETTINGS.items():
+        os.environ.setdefault(name, value)
     if not config.ray_telemetry:
         for name, value in RAY_TELEMETRY_OFF.items():
             os.environ.setdefault(name, value)

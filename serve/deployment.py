@@ -14,13 +14,22 @@ from .app import EngineApi, log
 HTTP_ONGOING_REQUESTS_MAX = 2_000
 # Every open live WebSocket holds one of its replica's slots for its whole life.
 LIVE_SOCKETS_PER_REPLICA_MAX = 12_000
+# A replica that stops answering (stopped, hung in native code) holds every
+# request HAProxy gave it until Serve kills it, once three health checks in a
+# row went unanswered for this long each: about 25 s here, against two
+# minutes with Ray's 30 s (and its graceful stop, see cluster/system.py). A
+# replica answers its health check from its own event loop; a loop that
+# cannot within 5 s, three times running, is not serving either.
+REPLICA_HEALTH_CHECK_TIMEOUT_S = 5
+REPLICA_HEALTH_CHECK_PERIOD_S = 5
 
 
 @serve.deployment(
     name="engine",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=HTTP_ONGOING_REQUESTS_MAX,
-    health_check_period_s=5,
+    health_check_period_s=REPLICA_HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=REPLICA_HEALTH_CHECK_TIMEOUT_S,
 )
 @serve.ingress()
 class EngineIngress(EngineApi):
@@ -36,7 +45,8 @@ class EngineIngress(EngineApi):
     name="live",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=LIVE_SOCKETS_PER_REPLICA_MAX,
-    health_check_period_s=5,
+    health_check_period_s=REPLICA_HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=REPLICA_HEALTH_CHECK_TIMEOUT_S,
 )
 @serve.ingress()
 class LiveIngress(EngineApi):

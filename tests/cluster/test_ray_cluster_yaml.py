@@ -11,7 +11,7 @@ import ray
 import yaml
 
 from dailydoco.cluster.ingress_errors import WRAPPER_NAME
-from dailydoco.cluster.system import RAY_TELEMETRY_OFF, SERVE_CONTROL_LOOP_INTERVAL_S
+from dailydoco.cluster.system import RAY_TELEMETRY_OFF, SERVE_SETTINGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_cluster_yaml_matches_rays_schema():
         started = " ".join(config[commands])
         assert "RAY_SERVE_ENABLE_HA_PROXY=1" in started and "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in started
         # The same Ray settings as the local Ray that `dailydoco up` starts.
-        expected = RAY_TELEMETRY_OFF | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(SERVE_CONTROL_LOOP_INTERVAL_S)}
+        expected = RAY_TELEMETRY_OFF | SERVE_SETTINGS
         for name, value in expected.items():
             assert f"{name}={value}" in started.split(), (commands, name)
         # HAProxy through the wrapper that the setup commands install.

@@ -16,6 +16,7 @@ import time
 
 import anyio
 import asyncpg
+import httpx
 import psutil
 import pytest
 import ray
@@ -25,6 +26,7 @@ from dailydoco.actors.refs import chain_actor_name, shard_actor_name
 from dailydoco.actors.supervisor import video_processing_installed
 from dailydoco.cluster.demo import ApiClient
 from dailydoco.cluster.live_client import ConnectionClosed, WebSocketConnection
+from dailydoco.cluster.system import serve_app_name
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
@@ -374,6 +376,92 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     assert api.anonymous.get("/readyz").status_code == 200
     print(f"purchases: {dict(load.answers)}; readiness during the stall: {readiness}; "
           f"a live socket opened during it: {socket_during_stall}")
+
+
+# Serve finds a replica that answers nothing after three health checks of
+# REPLICA_HEALTH_CHECK_TIMEOUT_S and kills it: about 25 s here. With Ray's
+# defaults (30 s checks, then at least 30 s of draining behind HAProxy) it
+# took about two minutes.
+REPLICA_REPLACED_WAIT_S = 45.0
+
+
+def _api_replica_pids(engine) -> set[int]:
+    """The processes of the home region's live API replicas, asked of Ray by
+    name (one killed a moment ago may still be named: it answers nothing)."""
+    prefix = f"SERVE_REPLICA::{serve_app_name(engine.config, engine.config.region)}#engine#"
+    pids = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(prefix):
+            with contextlib.suppress(ray.exceptions.RayActorError, ValueError):  # dead, or its name gone since
+                replica = ray.get_actor(actor["name"], namespace="serve")
+                pids.add(ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
+    return pids
+
+
+def test_a_stalled_api_replica_is_replaced_and_the_requests_it_held_are_answered(api, engine):
+    """One API replica stops (SIGSTOP: a hang in native code, a frozen
+    process) under purchases. HAProxy keeps giving it the odd request until
+    Serve's health checks find it and it is killed; those requests are then
+    answered (an error, which the client retries with the same id) instead
+    of waiting for it to resume, however long; the rest are served by the
+    other replica. A new replica takes its place, and nothing is lost or
+    doubled."""
+    if engine.config.serve_replicas < 2:
+        pytest.skip("one API replica (DD_SERVE_REPLICAS): stopping it stops the API")
+    users = api.chain(3, prefix="replicastall")
+    before = _api_replica_pids(engine)
+    victim = min(before)
+    answers: list[tuple[str, int | str, float]] = []  # (transaction id, status or error, seconds)
+    stop = threading.Event()
+
+    def purchases(worker: int) -> None:
+        # Each purchase on a connection of its own, as from many clients.
+        with httpx.Client(base_url=engine.url, headers={"X-API-Key": engine.secrets.service_api_key},
+                          timeout=REPLICA_REPLACED_WAIT_S * 3, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            while not stop.is_set():
+                tid = unique(f"replicastall{worker}")
+                started = time.monotonic()
+                try:
+                    status = client.post("/v1/transactions", json=_purchase_body(users, tid)).status_code
+                except httpx.TransportError as exc:
+                    status = type(exc).__name__
+                answers.append((tid, status, time.monotonic() - started))
+                time.sleep(0.1)
+
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            workers = [pool.submit(purchases, w) for w in range(4)]
+            try:
+                while victim in psutil.pids() and time.monotonic() - stopped_at < REPLICA_REPLACED_WAIT_S:
+                    time.sleep(0.5)
+                replaced_s = time.monotonic() - stopped_at
+            finally:
+                stop.set()
+            for worker in workers:
+                worker.result()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert replaced_s < REPLICA_REPLACED_WAIT_S, "Serve did not replace the stopped replica"
+    held = [(status, round(waited_s, 1)) for _, status, waited_s in answers if status not in (200, 201)]
+    assert all(waited_s < replaced_s + 5 for _, _, waited_s in answers), held
+    deadline = time.monotonic() + REPLICA_REPLACED_WAIT_S
+    while len(_api_replica_pids(engine) - {victim}) < len(before) or api.anonymous.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "no new replica took the stopped one's place"
+        time.sleep(0.5)
+    # The clients retry what was not acknowledged, with the same id.
+    for tid, status, _ in answers:
+        if status not in (200, 201):
+            retried = api.service.post("/v1/transactions", json=_purchase_body(users, tid))
+            assert retried.status_code in (200, 201), retried.text
+    _assert_nothing_lost_or_doubled(api, engine, users, [tid for tid, _, _ in answers], {"held": held})
+    print(f"replaced after {replaced_s:.1f} s; {len(answers)} purchases, held by the stopped replica: {held}")
+
+
+def _purchase_body(users: list[str], tid: str) -> dict:
+    return {"transaction_id": tid, "user_id": users[-1], "amount_micros": 3_000_001}
 
 
 def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_servers):
