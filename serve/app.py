@@ -36,7 +36,14 @@ from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRe
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.outbox import stream_epoch
-from dailydoco.storage.pool import DATABASE_ERRORS, answered_within, connection_lost, open_pool
+from dailydoco.storage.pool import (
+    DATABASE_ERRORS,
+    OUT_OF_RESOURCES_RETRY_AFTER_S,
+    answered_within,
+    connection_lost,
+    open_pool,
+    out_of_resources,
+)
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
@@ -304,6 +311,11 @@ class EngineApi:
                     log.warning("a backing service did not answer on %s: %r", request.url.path, exc)
                     error = p.ServiceUnavailable(
                         f"a service this request needs did not answer ({type(exc).__name__}); retry", retry_after_s=1)
+                elif error is None and out_of_resources(_raised(exc)):
+                    log.warning("the database is out of room on %s: %r", request.url.path, exc)
+                    error = p.ServiceUnavailable(
+                        f"the database is out of room ({type(_raised(exc)).__name__}); retry later",
+                        retry_after_s=OUT_OF_RESOURCES_RETRY_AFTER_S)
                 elif error is None:
                     log.exception("unhandled error on %s", request.url.path)
                     error = p.InternalError("the server failed to handle this request; it is logged")

@@ -50,7 +50,7 @@ from dailydoco.protocol.live import (
     user_subject_all_regions,
 )
 from dailydoco.storage.outbox import stream_epoch, stream_positions
-from dailydoco.storage.pool import DATABASE_ERRORS, answered_within, connection_lost
+from dailydoco.storage.pool import DATABASE_ERRORS, answered_within, connection_lost, out_of_resources
 
 from .auth import TokenAuthority, TokenEnded
 
@@ -501,16 +501,21 @@ class LiveGateway:
 
 
 async def _from_database(query):
-    """`await query`; Postgres unreachable closes the socket, to be resumed,
-    saying so (a client reconnects with backoff), instead of as an internal
-    error with a traceback in the log."""
+    """`await query`; Postgres unreachable, or out of room (no connection
+    slot free, say), closes the socket, to be resumed, saying so (a client
+    reconnects with backoff), instead of as an internal error with a
+    traceback in the log."""
     try:
         return await answered_within(query, LIVE_DATABASE_ANSWER_WAIT_S)
     except DATABASE_ERRORS as exc:
-        if not connection_lost(exc):
+        if connection_lost(exc):
+            why = "database unreachable"
+        elif out_of_resources(exc):
+            why = "database out of room"
+        else:
             raise
-        log.warning("a live socket was refused: the database is unreachable (%r)", exc)
-        raise _Closed(CloseCode.INTERNAL_ERROR, "live events are unavailable (database unreachable); resume") from None
+        log.warning("a live socket was refused: %s (%r)", why, exc)
+        raise _Closed(CloseCode.INTERNAL_ERROR, f"live events are unavailable ({why}); resume") from None
 
 
 async def _unsubscribe(subscription) -> None:

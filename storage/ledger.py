@@ -54,7 +54,7 @@ from dailydoco.protocol.live import (
 
 from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
 from .outbox import APPENDED_SELECT, OutboxRow, OutboxWriter, append_ctes
-from .pool import connection_lost
+from .pool import OUT_OF_RESOURCES_RETRY_AFTER_S, connection_lost, out_of_resources
 from .sharding import vshard_of
 
 T = TypeVar("T")
@@ -268,9 +268,11 @@ class Ledger:
 
     @contextlib.asynccontextmanager
     async def _write_connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pool connection for one write. Should the connection fail, the
-        write is ServiceUnavailable: it wrote nothing (a failed commit is
-        CommitOutcomeUnknown instead, see _commit). Such a connection is
+        """A pool connection for one write. Should the connection fail, or
+        the database be out of room (disk, memory, connection slots), the
+        write is ServiceUnavailable: it wrote nothing (a commit whose
+        connection failed is CommitOutcomeUnknown instead, see _commit). A
+        connection that failed is
         closed, not handed out again: asyncpg can leave one that the server
         terminated in a state where every later use fails
         (MagicStack/asyncpg#1069)."""
@@ -284,6 +286,11 @@ class Ledger:
                             conn.terminate()
                     raise
         except Exception as exc:
+            if out_of_resources(exc):
+                raise ServiceUnavailable(
+                    f"the database is out of room ({type(exc).__name__}); nothing was written, retry with the same id",
+                    retry_after_s=OUT_OF_RESOURCES_RETRY_AFTER_S,
+                ) from exc
             if isinstance(exc, CommitOutcomeUnknown) or not connection_lost(exc):
                 raise
             raise ServiceUnavailable(

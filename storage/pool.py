@@ -58,6 +58,20 @@ def connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, CLIENT_CONNECTION_ERRORS)
 
 
+# SQLSTATE class 53, insufficient resources: the disk full, memory out, every
+# connection slot taken. The statement failed and wrote nothing (a commit
+# record that cannot be written is a PANIC, which loses the connection), and
+# the database may have room again soon: the caller should retry, later.
+OUT_OF_RESOURCES_SQLSTATE_CLASS = "53"
+OUT_OF_RESOURCES_RETRY_AFTER_S = 5  # room is made by an operator or a finishing job, not in a second
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    """Whether `exc` is the database refusing a statement for want of disk,
+    memory or connections: it wrote nothing, and retrying later may succeed."""
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] == OUT_OF_RESOURCES_SQLSTATE_CLASS
+
+
 _abandoned: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
 
 

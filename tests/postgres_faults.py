@@ -1,4 +1,5 @@
-"""A TCP proxy in front of a real Postgres that fails one statement on demand.
+"""Faults of a real Postgres on demand: a TCP proxy in front of it that fails
+one statement, and a disk that is full for some purchases.
 
 It makes the faults no test against the server alone can: a statement's
 request, or its reply, is lost on the way, and the connection is cut at
@@ -133,3 +134,25 @@ class FaultyPostgresProxy:
                 continue
             writer.write(kind + struct.pack("!i", length) + body)
             await writer.drain()
+
+
+def disk_full(on_insert: str | None = None, at_commit: str | None = None) -> tuple[str, str]:
+    """SQL that makes Postgres refuse the rows of `transactions` whose id
+    starts with a prefix given, as it refuses a write when a data file cannot
+    grow (SQLSTATE 53100, disk_full): at the row's insert, or at the commit of
+    its transaction; and the SQL that puts things back."""
+    install = [
+        """CREATE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.transaction_id LIKE TG_ARGV[0] || '%' THEN
+                RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
+            END IF;
+            RETURN NEW;
+        END $$"""]
+    if on_insert is not None:
+        install.append("CREATE TRIGGER test_disk_full_on_insert BEFORE INSERT ON transactions"
+                       f" FOR EACH ROW EXECUTE FUNCTION test_disk_full('{on_insert}')")
+    if at_commit is not None:
+        install.append("CREATE CONSTRAINT TRIGGER test_disk_full_at_commit AFTER INSERT ON transactions"
+                       f" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_disk_full('{at_commit}')")
+    return "; ".join(install), "DROP FUNCTION test_disk_full() CASCADE"

@@ -30,7 +30,9 @@ from dailydoco.cluster.system import serve_app_name
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
+from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S
 
+from ..postgres_faults import disk_full
 from .conftest import unique
 
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
@@ -462,6 +464,30 @@ def test_a_stalled_api_replica_is_replaced_and_the_requests_it_held_are_answered
 
 def _purchase_body(users: list[str], tid: str) -> dict:
     return {"transaction_id": tid, "user_id": users[-1], "amount_micros": 3_000_001}
+
+
+def test_a_database_out_of_room_answers_503_and_writes_nothing(api, engine):
+    """Postgres refuses a purchase's rows for want of disk (SQLSTATE 53100,
+    raised by a trigger, tests/postgres_faults.py): the client gets 503 problem+json with a Retry-After, not a 500,
+    nothing is recorded, and once there is room the same purchase goes
+    through, once."""
+    users = api.chain(2, prefix="outofroom")
+    make_disk_full, make_room = disk_full(on_insert="outofroom-")
+    _query(engine, "execute", make_disk_full)
+    try:
+        refused = api.purchase(users[1], 5_000_000, "outofroom-1")
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.headers["retry-after"] == str(OUT_OF_RESOURCES_RETRY_AFTER_S)
+        # Said by the ledger, which knows the write was refused whole.
+        assert refused.json()["detail"] == ("the database is out of room (DiskFullError); nothing was written,"
+                                            " retry with the same id"), refused.json()
+        assert api.anonymous.get("/readyz").status_code == 200
+    finally:
+        _query(engine, "execute", make_room)
+    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = 'outofroom-1'") == 0
+    assert api.purchase(users[1], 5_000_000, "outofroom-1").status_code == 201
+    _assert_nothing_lost_or_doubled(api, engine, users, ["outofroom-1"], {})
 
 
 def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_servers):

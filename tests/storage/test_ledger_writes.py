@@ -21,10 +21,10 @@ from dailydoco.protocol.live import BalanceChanged, CommissionEarned, decode_eve
 from dailydoco.storage import ledger as ledger_module
 from dailydoco.storage.deltas import PENDING
 from dailydoco.storage.ledger import ONE_STATEMENT_PURCHASES_MAX, Ledger, PreparedPurchase, purchase_hash
-from dailydoco.storage.pool import open_pool
+from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S, open_pool
 from dailydoco.storage.sharding import vshard_of
 from tests.conftest import migrated_database
-from tests.postgres_faults import Fault, FaultyPostgresProxy
+from tests.postgres_faults import Fault, FaultyPostgresProxy, disk_full
 
 SHARDS = 2
 ROOT, MIDDLE, BUYER = "w-root", "w-middle", "w-buyer"  # BUYER's upline: MIDDLE, ROOT
@@ -46,6 +46,11 @@ def sweep_database_url(servers):
 @pytest.fixture(scope="module")
 def lost_answers_database_url(servers):
     return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_lost_answers"))
+
+
+@pytest.fixture(scope="module")
+def out_of_room_database_url(servers):
+    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_out_of_room"))
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +268,43 @@ def test_a_write_the_database_never_answers_gives_up_and_says_whether_it_may_hav
     and the error says, as for a cut connection, whether the write may have
     committed; settled, the ledger says whether it did."""
     asyncio.run(_unanswered_writes(unanswered_writes_database_url))
+
+
+async def _out_of_room(url: str) -> None:
+    pool = await open_pool(url, max_size=2)
+    try:
+        await _insert_users(pool)
+        make_disk_full, make_room = disk_full(on_insert="full-insert-", at_commit="full-commit-")
+        await pool.execute(make_disk_full)
+        ledger = Ledger(pool, hold_period_s=HOLD_S)
+
+        def group(prefix: str, size: int) -> list[PreparedPurchase]:
+            return [_purchase(f"{prefix}{i}") for i in range(size)]
+
+        # One statement, a transaction refused at an insert, a transaction
+        # refused at its COMMIT: each a whole refusal, retryable, not unknown.
+        for purchases in (group("full-insert-small-", 2), group("full-insert-big-", ONE_STATEMENT_PURCHASES_MAX + 1),
+                          group("full-commit-big-", ONE_STATEMENT_PURCHASES_MAX + 1)):
+            case = purchases[0].request.transaction_id
+            with pytest.raises(ServiceUnavailable) as raised:
+                await ledger.write_purchases(purchases + [_purchase(f"room-{case}")], new_delta_set(SHARDS))
+            assert type(raised.value) is ServiceUnavailable, (case, raised.value)
+            assert raised.value.retry_after_s == OUT_OF_RESOURCES_RETRY_AFTER_S, case
+            assert "out of room (DiskFullError)" in raised.value.detail, (case, raised.value.detail)
+            assert await pool.fetchval("SELECT count(*) FROM transactions") == 0, case
+            assert await pool.fetchval("SELECT count(*) FROM commission_ledger") == 0, case
+        # Room again: the first of them goes through.
+        await pool.execute(make_room)
+        _, outcomes = await ledger.write_purchases(group("full-insert-small-", 2), new_delta_set(SHARDS))
+        assert [o.result.status for o in outcomes] == ["created", "created"]
+    finally:
+        await pool.close()
+
+
+def test_a_database_out_of_room_refuses_the_whole_write_and_says_retry_later(out_of_room_database_url):
+    """The disk full (SQLSTATE 53100, as Postgres reports it), at an insert
+    or at the commit: nothing of the write is recorded, and the writer hears
+    ServiceUnavailable with a Retry-After, not an internal error (it was one
+    before session 34) and not an unknown outcome: an error at COMMIT is a
+    rollback."""
+    asyncio.run(_out_of_room(out_of_room_database_url))
