@@ -33,29 +33,19 @@ ROOT, MIDDLE, BUYER = "w-root", "w-middle", "w-buyer"  # BUYER's upline: MIDDLE,
 HOLD_S = 3_600
 
 
-@pytest.fixture(scope="module")
-def ledger_database_url(servers):
-    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_writes"))
+def _own_database(name: str):
+    """A module fixture: a fresh database with every migration applied, for one test."""
+    @pytest.fixture(scope="module")
+    def database_url(servers):
+        return asyncio.run(migrated_database(servers[0], f"dailydoco_ledger_{name}"))
+    return database_url
 
 
-@pytest.fixture(scope="module")
-def sweep_database_url(servers):
-    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_sweeps"))
-
-
-@pytest.fixture(scope="module")
-def lost_answers_database_url(servers):
-    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_lost_answers"))
-
-
-@pytest.fixture(scope="module")
-def out_of_room_database_url(servers):
-    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_out_of_room"))
-
-
-@pytest.fixture(scope="module")
-def unanswered_writes_database_url(servers):
-    return asyncio.run(migrated_database(servers[0], "dailydoco_ledger_unanswered_writes"))
+ledger_database_url = _own_database("writes")
+sweep_database_url = _own_database("sweeps")
+lost_answers_database_url = _own_database("lost_answers")
+unanswered_writes_database_url = _own_database("unanswered_writes")
+out_of_room_database_url = _own_database("out_of_room")
 
 
 async def _insert_users(pool) -> None:
