@@ -272,10 +272,9 @@ class Ledger:
         the database be out of room (disk, memory, connection slots), the
         write is ServiceUnavailable: it wrote nothing (a commit whose
         connection failed is CommitOutcomeUnknown instead, see _commit). A
-        connection that failed is
-        closed, not handed out again: asyncpg can leave one that the server
-        terminated in a state where every later use fails
-        (MagicStack/asyncpg#1069)."""
+        connection that failed is closed, not handed out again: asyncpg can
+        leave one that the server terminated in a state where every later
+        use fails (MagicStack/asyncpg#1069)."""
         try:
             async with self.pool.acquire() as conn:
                 try:
