@@ -15,7 +15,7 @@ import functools
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import count, repeat
-from typing import NamedTuple, TypeVar
+from typing import Annotated, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -809,10 +809,23 @@ class Ledger:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MICROSECOND = dt.timedelta(microseconds=1)
+# A cursor is a position in a user's entries, (created_at, entry_id), sent
+# back by the client: anything in range is a position to page from, but a
+# time Python cannot hold or an id past Postgres's bigint failed the read
+# (500) until session 35. Every created_at came from Python, so this range
+# holds every cursor we issue.
+_CursorPosition = tuple[
+    Annotated[int, msgspec.Meta(
+        ge=(dt.datetime.min.replace(tzinfo=dt.timezone.utc) - _EPOCH) // _MICROSECOND,
+        le=(dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // _MICROSECOND,
+    )],
+    Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)],
+]
 
 
 def _encode_cursor(created_at: dt.datetime, entry_id: int) -> str:
-    micros = (created_at - _EPOCH) // dt.timedelta(microseconds=1)  # exact, unlike float timestamps
+    micros = (created_at - _EPOCH) // _MICROSECOND  # exact, unlike float timestamps
     raw = msgspec.msgpack.encode((micros, entry_id))
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -820,8 +833,8 @@ def _encode_cursor(created_at: dt.datetime, entry_id: int) -> str:
 def _decode_cursor(cursor: str) -> tuple[dt.datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        micros, entry_id = msgspec.msgpack.decode(raw, type=tuple[int, int])
-        return _EPOCH + dt.timedelta(microseconds=micros), entry_id
+        micros, entry_id = msgspec.msgpack.decode(raw, type=_CursorPosition)
+        return _EPOCH + micros * _MICROSECOND, entry_id
     except (ValueError, msgspec.DecodeError) as exc:
         raise InvalidRequest("cursor is not one this server issued") from exc
 

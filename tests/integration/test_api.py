@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import time
 
+import msgspec
 import pytest
 
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
@@ -327,6 +329,27 @@ def test_commission_paging(api):
     assert len(seen) == len(set(seen)) == 7
     assert api.service.get(f"/v1/users/{root}/commissions", params={"status": "paid"}).json()["items"] == []
     assert_problem(api.service.get(f"/v1/users/{root}/commissions", params={"cursor": "garbage!"}), 422, "validation")
+
+
+def _cursor(micros: int, entry_id: int) -> str:
+    """A cursor as the server writes one, for a position of our choosing."""
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode((micros, entry_id))).decode().rstrip("=")
+
+
+def test_numbers_and_cursors_in_the_url_that_cannot_be_read_are_422(api):
+    """Each of these was a 500 until session 35 (the Unicode digits were read as numbers)."""
+    root, buyer = api.chain(2)
+    api.purchase(buyer, 1_000_000)
+    commissions, network = f"/v1/users/{root}/commissions", f"/v1/users/{root}/network"
+    for cursor in (_cursor(10**18, 1), _cursor(-(10**18), 1), _cursor(1, 2**63), _cursor(2**64 - 1, 1)):
+        assert_problem(api.service.get(commissions, params={"cursor": cursor}), 422, "validation")
+    for limit in ("²", "٣", "５", "9" * 5000):  # str.isdigit() takes them all
+        assert_problem(api.service.get(commissions, params={"limit": limit}), 422, "validation")
+    assert_problem(api.service.get(network, params={"depth": "9" * 5000}), 422, "validation")
+    # Any position in range is a place to page from: the end of the year 9999 comes after every entry.
+    latest = api.service.get(commissions, params={"cursor": _cursor(253_402_300_799_999_999, 2**63 - 1)})
+    assert latest.status_code == 200 and [e["amount_micros"] for e in latest.json()["items"]] == [200_000]
+    assert api.service.get(commissions, params={"limit": "1"}).status_code == 200
 
 
 def test_operations_endpoints(api):
