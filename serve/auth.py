@@ -65,7 +65,15 @@ def _b64(data: bytes) -> bytes:
 
 
 def _unb64(data: bytes) -> bytes:
-    return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+    """Unpadded base64url as PASETO writes it, and nothing else: each token
+    has one spelling. Python's decoder skips characters outside the alphabet
+    and takes padding, so until session 35 a token with '=' appended, or a
+    '!' anywhere in it, still verified: endless spellings of one token, each
+    a new entry in the verified tokens (below) and a new Ed25519 check."""
+    decoded = base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+    if _b64(decoded) != data:
+        raise ValueError("not the unpadded base64url spelling of its bytes")
+    return decoded
 
 
 class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -88,7 +96,7 @@ class TokenAuthority:
     revocation notices on NATS; verification itself stays pure and local."""
 
     def __init__(self, secrets_: Secrets):
-        self._private = Ed25519PrivateKey.from_private_bytes(_unb64(secrets_.token_signing_key_b64.encode()))
+        self._private = Ed25519PrivateKey.from_private_bytes(base64.urlsafe_b64decode(secrets_.token_signing_key_b64))
         self._public: Ed25519PublicKey = self._private.public_key()
         self._service_key = secrets_.service_api_key.encode()
         self._admin_key = secrets_.admin_api_key.encode()
@@ -159,9 +167,10 @@ class TokenAuthority:
             if hmac.compare_digest(key, self._service_key):
                 return "service"
             raise Unauthorized("API key is not valid")
-        if authorization is None or not authorization.startswith("Bearer "):
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():  # a scheme's name is case-insensitive (RFC 9110 11.1)
             raise Unauthorized("send an X-API-Key header, or Authorization: Bearer <user token>")
-        return "user:" + self.verify(authorization[len("Bearer "):].strip()).sub
+        return "user:" + self.verify(token.strip()).sub
 
 
 def require_service(principal: str) -> None:
