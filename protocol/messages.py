@@ -7,7 +7,7 @@ path of the offending field, and nothing downstream re-validates.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from msgspec import Meta, Struct
 
@@ -28,12 +28,15 @@ Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}" + PATTERN_END)]
 AmountMicros = Annotated[int, Meta(gt=0, le=AMOUNT_MICROS_MAX)]
 
 BATCH_TRANSACTIONS_MAX = 5_000  # per POST /v1/transactions:batch; the issue asks ≥ 1,000
+COMMISSIONS_PAGE_DEFAULT = 100
 COMMISSIONS_PAGE_MAX = 500
+NETWORK_GRAPH_DEPTH_DEFAULT = 3
 NETWORK_GRAPH_DEPTH_MAX = LEVELS_MAX
 NETWORK_GRAPH_NODES_MAX = 2_000  # keeps one visualisation response bounded
 TOKEN_TTL_S_MAX = 7 * 24 * 3600
 
 CommissionStatus = Literal["pending", "approved", "paid", "refunded", "reversed"]
+COMMISSION_STATUSES: tuple[str, ...] = get_args(CommissionStatus)
 EntryKind = Literal["commission", "refund", "clawback"]
 
 

@@ -12,7 +12,9 @@ import asyncio
 import datetime as dt
 import logging
 import math
+import operator
 import time
+from collections.abc import Mapping
 
 import asyncpg
 import msgspec
@@ -57,8 +59,6 @@ from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
 
 BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
-COMMISSIONS_PAGE_DEFAULT = 100
-NETWORK_GRAPH_DEPTH_DEFAULT = 3
 # GCRA limits (requests per second, burst): per user token across the cluster;
 # per API key in each replica.
 RATE_LIMIT_SERVICE_PER_REPLICA = (5_000, 10_000)
@@ -82,10 +82,10 @@ _REVOCATION_DECODER = msgspec.msgpack.Decoder(TokenRevoked)
 log = logging.getLogger("dailydoco.serve")
 
 
-def _problem(error: p.EngineError, instance: str) -> Response:
-    headers = None
+def _problem(error: p.EngineError, instance: str, headers: Mapping[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
     if error.retry_after_s is not None:
-        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return Response(
         _ENCODER.encode(error.problem(instance=instance)),
         status_code=error.status,
@@ -103,6 +103,34 @@ def _engine_error(exc: BaseException) -> p.EngineError | None:
     """The EngineError raised, here or in an actor."""
     raised = _raised(exc)
     return raised if isinstance(raised, p.EngineError) else None
+
+
+# What the API serves: (method, path, the EngineApi handler, the route's name
+# in metrics). The hottest first: Starlette, and Serve naming the route,
+# each try the patterns in order on every request. serve/openapi.py documents
+# each (a test holds the two to each other).
+API_ROUTES = [
+    ("POST", "/v1/transactions", "transaction", "transaction"),
+    ("GET", "/v1/users/{user_id}/balance", "balance", "balance"),
+    ("POST", "/v1/transactions:batch", "transaction_batch", "transaction_batch"),
+    ("POST", "/v1/users", "register", "register"),
+    ("GET", "/v1/users/{user_id}", "get_user", "get_user"),
+    ("POST", "/v1/users/{user_id}/tokens", "issue_token", "issue_token"),
+    ("POST", "/v1/users/{user_id}/tokens:revoke", "revoke_user_tokens", "revoke_tokens"),
+    ("GET", "/v1/users/{user_id}/network", "network", "network"),
+    ("GET", "/v1/users/{user_id}/commissions", "commissions", "commissions"),
+    ("POST", "/v1/transactions/{transaction_id}/refunds", "refund", "refund"),
+    ("POST", "/v1/payouts", "payout", "payout"),
+    ("POST", "/v1/admin/clock", "advance_clock", "advance_clock"),
+    ("GET", "/v1/admin/house", "house", "house"),
+    ("POST", "/v1/videos", "videos.create", "create_video_job"),
+    ("GET", "/v1/videos/{job_id}", "videos.get", "get_video_job"),
+    ("GET", "/v1/videos/{job_id}/files/{path:path}", "videos.file", "get_video_job_file"),
+    ("GET", "/healthz", "healthz", "healthz"),
+    ("GET", "/readyz", "readyz", "readyz"),
+    ("GET", "/metrics", "metrics", "metrics"),
+    ("GET", "/openapi.json", "openapi", "openapi"),
+]
 
 
 class EngineApi:
@@ -404,7 +432,7 @@ class EngineApi:
     async def network(self, request: Request) -> Response:
         user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
-        depth = _int_param(request, "depth", NETWORK_GRAPH_DEPTH_DEFAULT, 1, p.NETWORK_GRAPH_DEPTH_MAX)
+        depth = _int_param(request, "depth", p.NETWORK_GRAPH_DEPTH_DEFAULT, 1, p.NETWORK_GRAPH_DEPTH_MAX)
         stats = await self._shard_of(user_id).call("get_network_stats", user_id)
         if stats is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
@@ -418,9 +446,9 @@ class EngineApi:
         user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
         status = request.query_params.get("status")
-        if status is not None and status not in ("pending", "approved", "paid", "refunded", "reversed"):
-            raise p.InvalidRequest(f"status {status!r} is not one of pending, approved, paid, refunded, reversed")
-        limit = _int_param(request, "limit", COMMISSIONS_PAGE_DEFAULT, 1, p.COMMISSIONS_PAGE_MAX)
+        if status is not None and status not in p.COMMISSION_STATUSES:
+            raise p.InvalidRequest(f"status {status!r} is not one of {', '.join(p.COMMISSION_STATUSES)}")
+        limit = _int_param(request, "limit", p.COMMISSIONS_PAGE_DEFAULT, 1, p.COMMISSIONS_PAGE_MAX)
         page = await self.ledger.commissions_page(user_id, status, request.query_params.get("cursor"), limit)
         return json_response(page)
 
@@ -537,35 +565,15 @@ class EngineApi:
 
     def asgi(self) -> Starlette:
         self._openapi = openapi_document()
-        r = self.route
         async def no_route(request: Request, exc) -> Response:
             error = p.NotFound(f"no route for {request.url.path}") if exc.status_code == 404 else p.MethodNotAllowed(
                 f"{request.method} is not allowed on {request.url.path}")
-            return _problem(error, request.url.path)
+            return _problem(error, request.url.path, exc.headers)  # a 405 says what is allowed (RFC 9110 15.5.6)
 
-        # The hottest routes first: Starlette, and Serve naming the route,
-        # each try the patterns in order on every request.
+        routes = [self.route(path, operator.attrgetter(handler)(self), [method], name)
+                  for method, path, handler, name in API_ROUTES]
         return Starlette(exception_handlers={404: no_route, 405: no_route}, routes=[
-            r("/v1/transactions", self.transaction, ["POST"], "transaction"),
-            r("/v1/users/{user_id}/balance", self.balance, ["GET"], "balance"),
-            r("/v1/transactions:batch", self.transaction_batch, ["POST"], "transaction_batch"),
-            r("/v1/users", self.register, ["POST"], "register"),
-            r("/v1/users/{user_id}", self.get_user, ["GET"], "get_user"),
-            r("/v1/users/{user_id}/tokens", self.issue_token, ["POST"], "issue_token"),
-            r("/v1/users/{user_id}/tokens:revoke", self.revoke_user_tokens, ["POST"], "revoke_tokens"),
-            r("/v1/users/{user_id}/network", self.network, ["GET"], "network"),
-            r("/v1/users/{user_id}/commissions", self.commissions, ["GET"], "commissions"),
-            r("/v1/transactions/{transaction_id}/refunds", self.refund, ["POST"], "refund"),
-            r("/v1/payouts", self.payout, ["POST"], "payout"),
-            r("/v1/admin/clock", self.advance_clock, ["POST"], "advance_clock"),
-            r("/v1/admin/house", self.house, ["GET"], "house"),
-            r("/v1/videos", self.videos.create, ["POST"], "create_video_job"),
-            r("/v1/videos/{job_id}", self.videos.get, ["GET"], "get_video_job"),
-            r("/v1/videos/{job_id}/files/{path:path}", self.videos.file, ["GET"], "get_video_job_file"),
-            r("/healthz", self.healthz, ["GET"], "healthz"),
-            r("/readyz", self.readyz, ["GET"], "readyz"),
-            r("/metrics", self.metrics, ["GET"], "metrics"),
-            r("/openapi.json", self.openapi, ["GET"], "openapi"),
+            *routes,
             *live_page_routes(),
         ])
 

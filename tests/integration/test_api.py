@@ -279,6 +279,10 @@ def test_transport_errors(api):
     too_many = {"transactions": [{"transaction_id": f"x{i}", "user_id": "u", "amount_micros": 1} for i in range(5_001)]}
     assert_problem(api.service.post("/v1/transactions:batch", json=too_many), 422, "validation")
     assert_problem(api.anonymous.get("/v1/nowhere"), 404, "not-found")
+    wrong_method = api.service.delete("/v1/transactions")
+    assert_problem(wrong_method, 405, "method-not-allowed")
+    assert wrong_method.headers["allow"] == "POST"  # required with a 405 (RFC 9110 15.5.6)
+    assert set(api.service.put("/healthz").headers["allow"].split(", ")) == {"GET", "HEAD"}
     assert_problem(api.anonymous.get("/v1/users/x/balance"), 401, "unauthorized")
     assert_problem(api.anonymous.get("/v1/users/x/balance", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
 
