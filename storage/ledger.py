@@ -789,24 +789,43 @@ class Ledger:
         return CommissionPage(items=items, next_cursor=next_cursor)
 
     async def network_graph(self, root: str, depth: int, nodes_max: int) -> tuple[list[tuple[str, str, int]], bool]:
-        """Referral edges below `root`, breadth first, at most nodes_max."""
-        rows = await self.pool.fetch(
-            """
-            WITH RECURSIVE tree(user_id, referrer_id, level) AS (
-                SELECT user_id, referrer_id, 1 FROM users WHERE referrer_id = $1
-                UNION ALL
-                SELECT u.user_id, u.referrer_id, t.level + 1 FROM users u JOIN tree t ON u.referrer_id = t.user_id
-                WHERE t.level < $2
-            )
-            SELECT user_id, referrer_id, level FROM tree ORDER BY level, user_id LIMIT $3
-            """,
-            root, depth, nodes_max + 1,
-        )
-        return [(r["referrer_id"], r["user_id"], r["level"]) for r in rows[:nodes_max]], len(rows) > nodes_max
+        """Referral edges below `root`, breadth first (by level, then user
+        id), at most nodes_max; and whether there were more.
+
+        Level by level: of each node's children only the first N by user id
+        can be among the level's first N, and the index by (referrer, user)
+        gives them in that order, so a level reads at most N rows per node of
+        the level above, whatever the size of the network below. A recursive
+        query walked the whole network to its depth before its LIMIT: 280 to
+        319 ms at depth 3 and 678 to 744 ms at depth 7 for a user with 220,200
+        below, against 19 to 27 ms this way (a probe, session 35); a small
+        network's read takes up to 2 ms more, a round trip per level. Users
+        are only ever added, so levels read one after another still form a
+        tree that exists."""
+        edges: list[tuple[str, str, int]] = []
+        parents = [root]
+        async with self.pool.acquire() as conn:
+            for level in range(1, depth + 1):
+                wanted = nodes_max - len(edges) + 1  # one more than fits says there were more
+                rows = await conn.fetch(_NEXT_LEVEL, parents, wanted) if parents else []
+                edges += [(r["referrer_id"], r["user_id"], level) for r in rows]
+                if len(edges) > nodes_max:
+                    return edges[:nodes_max], True
+                parents = [r["user_id"] for r in rows]
+        return edges, False
 
     async def house_balances(self) -> dict[str, int]:
         return {r["currency"].strip(): r["balance_micros"] for r in await self.pool.fetch("SELECT * FROM house_account")}
 
+
+# The first $2 children by user id of the nodes in $1 (network_graph).
+_NEXT_LEVEL = """
+    SELECT child.user_id, child.referrer_id FROM unnest($1::text[]) AS parent(user_id)
+    CROSS JOIN LATERAL (
+        SELECT user_id, referrer_id FROM users WHERE referrer_id = parent.user_id ORDER BY user_id LIMIT $2
+    ) AS child
+    ORDER BY child.user_id LIMIT $2
+"""
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _MICROSECOND = dt.timedelta(microseconds=1)
