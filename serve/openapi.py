@@ -28,7 +28,8 @@ OPENAPI_JSON = {"application/json": {"schema": {"type": "object"}}}
 OK = {"200": "OK"}
 # A write keyed by the client's id: its first delivery makes it, and any
 # later one with the same body replays the original result.
-CREATED_OR_REPLAYED = {"201": "Created", "200": "Replayed: the id was used before with the same body; the original result"}
+CREATED_OR_REPLAYED = {"201": "Created",
+                       "200": "Replayed: the id was used before with the same body; the original result"}
 CREATED = {"201": "Created"}
 QUEUED = {"202": "Queued: poll the job at the Location header"}
 READY_OR_NOT = {"200": "Every dependency answers", "503": "A dependency does not answer: `checks` says which"}

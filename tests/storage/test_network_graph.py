@@ -23,19 +23,19 @@ def graph_database_url(servers):
     return asyncio.run(migrated_database(servers[0], "dailydoco_network_graph"))
 
 
-def _walk(children: dict[str, list[str]], root: str, depth: int, nodes_max: int):
-    """The graph as the API promises it, by brute force."""
-    edges, level_nodes = [], [root]
-    for level in range(1, depth + 1):
-        level_nodes = sorted(child for parent in level_nodes for child in children.get(parent, []))
-        edges += [(referrer_of[child], child, level) for child in level_nodes]
-    return edges[:nodes_max], len(edges) > nodes_max
+def _random_tree(rng: random.Random) -> tuple[list[str], dict[str, str]]:
+    """Users in registration order, and each one's referrer. Preferential
+    attachment half the time: a few users refer most, as in a viral network."""
+    users, referrer_of = ["g-root"], {}
+    for i in range(1, USERS):
+        user = f"g-{rng.randrange(10**6):06d}-{i}"
+        pick = min(int(rng.paretovariate(1.2)) - 1, len(users) - 1) if rng.random() < 0.5 else rng.randrange(len(users))
+        referrer_of[user] = users[pick]
+        users.append(user)
+    return users, referrer_of
 
 
-referrer_of: dict[str, str] = {}
-
-
-def _upline(user: str) -> list[str]:
+def _upline(user: str, referrer_of: dict[str, str]) -> list[str]:
     upline = []
     while user in referrer_of and len(upline) < 7:
         user = referrer_of[user]
@@ -43,31 +43,37 @@ def _upline(user: str) -> list[str]:
     return upline
 
 
+def _walk(referrer_of: dict[str, str], root: str, depth: int, nodes_max: int):
+    """The graph as the API promises it, by brute force."""
+    children: dict[str, list[str]] = {}
+    for user, referrer in referrer_of.items():
+        children.setdefault(referrer, []).append(user)
+    edges, level_nodes = [], [root]
+    for level in range(1, depth + 1):
+        level_nodes = sorted(child for parent in level_nodes for child in children.get(parent, []))
+        edges += [(referrer_of[child], child, level) for child in level_nodes]
+    return edges[:nodes_max], len(edges) > nodes_max
+
+
 async def _scenario(url: str) -> None:
     rng = random.Random(SEED)
-    users, children = ["g-root"], {}
-    # Preferential attachment: a few users refer most, as in a viral network.
-    for i in range(1, USERS):
-        user = f"g-{rng.randrange(10**6):06d}-{i}"
-        referrer = users[min(int(rng.paretovariate(1.2)) - 1, len(users) - 1)] if rng.random() < 0.5 else rng.choice(users)
-        referrer_of[user] = referrer
-        children.setdefault(referrer, []).append(user)
-        users.append(user)
+    users, referrer_of = _random_tree(rng)
     pool = await open_pool(url, max_size=2)
     try:
         await pool.executemany(
             "INSERT INTO users (user_id, referral_code, referrer_id, upline, vshard, body_hash, created_at)"
             " VALUES ($1, $2, $3, $4, $5, '\\x00', now())",
-            [(user, f"C{i}", referrer_of.get(user), _upline(user), vshard_of(user)) for i, user in enumerate(users)])
+            [(user, f"C{i}", referrer_of.get(user), _upline(user, referrer_of), vshard_of(user))
+             for i, user in enumerate(users)])
         ledger = Ledger(pool, hold_period_s=3_600)
         roots = ["g-root", *rng.sample(users, 20), "g-nobody"]
         for root in roots:
             for depth in (1, 2, 3, 7):
                 for nodes_max in (1, 5, 37, 2_000):
-                    assert await ledger.network_graph(root, depth, nodes_max) == _walk(children, root, depth, nodes_max), (
-                        root, depth, nodes_max)
+                    expected = _walk(referrer_of, root, depth, nodes_max)
+                    assert await ledger.network_graph(root, depth, nodes_max) == expected, (root, depth, nodes_max)
         # Exactly as many nodes as fit is not truncated; one fewer room is.
-        whole, truncated = _walk(children, "g-root", 7, USERS)
+        whole, truncated = _walk(referrer_of, "g-root", 7, USERS)
         assert not truncated and await ledger.network_graph("g-root", 7, len(whole)) == (whole, False)
         assert await ledger.network_graph("g-root", 7, len(whole) - 1) == (whole[:-1], True)
     finally:
