@@ -2,9 +2,10 @@
 
 It says what the handlers do, status by status: a client generated from it
 expects the 201 of a purchase, not a 200, and sends the query parameters the
-handlers read, within their bounds. `tests/integration/test_openapi.py`
-checks it against the routes the app serves and, with Schemathesis, against
-the answers the engine gives.
+handlers read, within their bounds. `tests/serve/test_openapi.py` checks
+it against the routes the app serves (`API_ROUTES`), and
+`tests/integration/test_openapi_contract.py`, with Schemathesis, against the
+answers the engine gives.
 """
 
 from __future__ import annotations
