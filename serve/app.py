@@ -49,7 +49,7 @@ from dailydoco.storage.pool import (
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
-from .bodies import decimal, json_response, path_id, read_body
+from .bodies import ascii_decimal, json_response, path_id, read_body
 from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, require_service
 from .openapi import openapi_document
 from .live import CLOSE_REASON_BYTES_MAX, LiveGateway
@@ -602,7 +602,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    value = decimal(raw)
+    value = ascii_decimal(raw)
     if value is None or not low <= value <= high:
         raise p.InvalidRequest(f"query parameter {name!r} must be an integer in [{low}, {high}]",
                                errors=[p.ProblemField(path=name, message=f"expected {low}..{high}, got {raw!r}")])

@@ -34,7 +34,7 @@ def path_id(request: Request, name: str) -> str:
 _DECIMAL = re.compile(r"[0-9]{1,18}")
 
 
-def decimal(raw: str | None) -> int | None:
+def ascii_decimal(raw: str | None) -> int | None:
     """`raw` as an int if it is 1 to 18 ASCII digits, else None. Until
     session 35 these were read by `str.isdigit()` and `int()`: the first takes
     '²', which the second refuses, and the second refuses more than 4,300
@@ -62,7 +62,7 @@ async def read_body(request: Request, type_, limit_bytes: int = BODY_BYTES_MAX):
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise p.UnsupportedMediaType(f"send Content-Type: application/json (got {media or 'none'!r})")
-    declared = decimal(request.headers.get("content-length"))
+    declared = ascii_decimal(request.headers.get("content-length"))
     if declared is not None and declared > limit_bytes:
         raise p.PayloadTooLarge(f"body of {declared} bytes exceeds the {limit_bytes}-byte limit")
     body = bytearray()

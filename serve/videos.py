@@ -28,7 +28,7 @@ from dailydoco.protocol.video import (
 from dailydoco.storage import video_jobs
 
 from .auth import require_reader_of, require_service
-from .bodies import decimal, json_response, path_id, read_body
+from .bodies import ascii_decimal, json_response, path_id, read_body
 
 UPLOAD_FOLDER = "uploads"
 OUTPUT_MEDIA_TYPES = {".jpg": "image/jpeg", ".mp4": "video/mp4"}
@@ -78,7 +78,7 @@ class VideoJobs:
         return path
 
     async def _receive_upload(self, request: Request, job_id: str) -> Path:
-        declared = decimal(request.headers.get("content-length"))
+        declared = ascii_decimal(request.headers.get("content-length"))
         if declared is not None and declared > VIDEO_UPLOAD_BYTES_MAX:
             raise p.PayloadTooLarge(f"upload of {declared} bytes exceeds the {VIDEO_UPLOAD_BYTES_MAX}-byte limit")
         folder = self.folder / UPLOAD_FOLDER
