@@ -798,7 +798,7 @@ class Ledger:
         the level above, whatever the size of the network below. A recursive
         query walked the whole network to its depth before its LIMIT: 280 to
         319 ms at depth 3 and 678 to 744 ms at depth 7 for a user with 220,200
-        below, against 19 to 27 ms this way (a probe, session 35); a small
+        below, against 19 to 24 ms this way (a probe, session 35); a small
         network's read takes up to 2 ms more, a round trip per level. Users
         are only ever added, so levels read one after another still form a
         tree that exists."""
