@@ -30,6 +30,8 @@ AmountMicros = Annotated[int, Meta(gt=0, le=AMOUNT_MICROS_MAX)]
 BATCH_TRANSACTIONS_MAX = 5_000  # per POST /v1/transactions:batch; the issue asks ≥ 1,000
 COMMISSIONS_PAGE_DEFAULT = 100
 COMMISSIONS_PAGE_MAX = 500
+PAYOUT_LINES_PAGE_DEFAULT = 1_000  # also the lines a payout's POST answers with
+PAYOUT_LINES_PAGE_MAX = 5_000
 NETWORK_GRAPH_DEPTH_DEFAULT = 3
 NETWORK_GRAPH_DEPTH_MAX = LEVELS_MAX
 NETWORK_GRAPH_NODES_MAX = 2_000  # keeps one visualisation response bounded
@@ -269,11 +271,30 @@ class PayoutLine(_Message):
     amount_micros: int
 
 
-class PayoutResult(_Message):
+class PayoutTotal(_Message):
+    currency: str
+    beneficiaries: int
+    amount_micros: int
+
+
+class PayoutView(_Message):
+    """A payout, with one page of its lines (by beneficiary, then currency)."""
+
     payout_id: str
-    status: Literal["created", "replayed"]
+    currency: str | None  # the one currency it paid; None: every currency
     created_at: dt.datetime
+    # None while beneficiaries remain unpaid: the payout was cut short (its
+    # POST failed), and sending it again finishes it.
+    completed_at: dt.datetime | None
+    totals: list[PayoutTotal]
     lines: list[PayoutLine]
+    next_cursor: str | None  # the next page: GET /v1/payouts/{payout_id}?cursor=
+
+
+class PayoutResult(PayoutView):
+    """What POST /v1/payouts answers: the completed payout."""
+
+    status: Literal["created", "replayed"]
 
 
 class ClockAdvanceRequest(_Message):

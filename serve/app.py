@@ -121,6 +121,7 @@ API_ROUTES = [
     ("GET", "/v1/users/{user_id}/commissions", "commissions", "commissions"),
     ("POST", "/v1/transactions/{transaction_id}/refunds", "refund", "refund"),
     ("POST", "/v1/payouts", "payout", "payout"),
+    ("GET", "/v1/payouts/{payout_id}", "get_payout", "get_payout"),
     ("POST", "/v1/admin/clock", "advance_clock", "advance_clock"),
     ("GET", "/v1/admin/house", "house", "house"),
     ("POST", "/v1/videos", "videos.create", "create_video_job"),
@@ -517,6 +518,15 @@ class EngineApi:
         body = await read_body(request, p.PayoutRequest)
         result: p.PayoutResult = await self.supervisor.call("payout", body)
         return json_response(result, 201 if result.status == "created" else 200)
+
+    async def get_payout(self, request: Request) -> Response:
+        require_admin(await self.principal(request))
+        payout_id = path_id(request, "payout_id")
+        limit = _int_param(request, "limit", p.PAYOUT_LINES_PAGE_DEFAULT, 1, p.PAYOUT_LINES_PAGE_MAX)
+        view = await self.ledger.payout_view(payout_id, request.query_params.get("cursor"), limit)
+        if view is None:
+            raise p.NotFound(f"payout {payout_id!r} does not exist")
+        return json_response(view)
 
     async def advance_clock(self, request: Request) -> Response:
         require_admin(await self.principal(request))

@@ -48,6 +48,11 @@ COMMISSIONS_QUERY = (
     _query("limit", {"type": "integer", "minimum": 1, "maximum": p.COMMISSIONS_PAGE_MAX,
                      "default": p.COMMISSIONS_PAGE_DEFAULT}, "Entries per page"),
 )
+PAYOUT_QUERY = (
+    _query("cursor", {"type": "string", "maxLength": 256}, "The `next_cursor` of the page before"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": p.PAYOUT_LINES_PAGE_MAX,
+                     "default": p.PAYOUT_LINES_PAGE_DEFAULT}, "Lines per page"),
+)
 NETWORK_QUERY = (
     _query("depth", {"type": "integer", "minimum": 1, "maximum": p.NETWORK_GRAPH_DEPTH_MAX,
                      "default": p.NETWORK_GRAPH_DEPTH_DEFAULT}, "Levels of the graph below the user"),
@@ -89,8 +94,10 @@ ROUTES = [
           p.TransactionBatchRequest, p.TransactionBatchResult, OK, "api_key"),
     Route("post", "/v1/transactions/{transaction_id}/refunds", "Refund a purchase, fully or partly",
           p.RefundRequest, p.RefundResult, CREATED_OR_REPLAYED, "api_key"),
-    Route("post", "/v1/payouts", "Pay every positive approved balance (admin)",
+    Route("post", "/v1/payouts", "Pay every positive approved balance; answers with the first page of lines (admin)",
           p.PayoutRequest, p.PayoutResult, CREATED_OR_REPLAYED, "admin"),
+    Route("get", "/v1/payouts/{payout_id}", "A payout and a page of its lines (admin)",
+          None, p.PayoutView, OK, "admin", PAYOUT_QUERY),
     Route("post", "/v1/admin/clock", "Move engine time forward (test deployments only)",
           p.ClockAdvanceRequest, p.ClockView, OK, "admin"),
     Route("get", "/v1/admin/house", "The house account: rounding remainders, per currency",

@@ -27,12 +27,14 @@ from dailydoco.protocol import (
     CommissionLine,
     CommissionPage,
     CommitOutcomeUnknown,
+    Currency,
     IdempotencyConflict,
     InvalidRequest,
     NotFound,
     PayoutLine,
     PayoutRequest,
-    PayoutResult,
+    PayoutTotal,
+    PayoutView,
     RefundExceedsPurchase,
     RefundRequest,
     RefundResult,
@@ -40,6 +42,7 @@ from dailydoco.protocol import (
     ServiceUnavailable,
     TransactionRequest,
     TransactionResult,
+    UserId,
     proportional_reversal,
     split_commission,
 )
@@ -58,8 +61,13 @@ from .pool import OUT_OF_RESOURCES_RETRY_AFTER_S, connection_lost, out_of_resour
 from .sharding import vshard_of
 
 T = TypeVar("T")
+P = TypeVar("P")
 WRITE_ATTEMPTS_MAX = 5
 APPROVAL_SWEEP_ROWS_MAX = 50_000  # per sweep transaction: bounds lock time and memory
+# Approved entries per payout transaction (but a beneficiary's are never
+# split): at most 0.84 s of locks per slice here, in payouts of 1 to 3.5
+# million entries (migration 010 says why not one transaction).
+PAYOUT_SLICE_ENTRIES = 20_000
 # Groups up to this many purchases, all new, are written by one statement;
 # larger ones in a transaction whose entries go by COPY. Measured against
 # Postgres on this machine (the write path alone, client and server CPU per
@@ -706,66 +714,145 @@ class Ledger:
             await outbox.flush(conn, now, deltas)
             return (xid if rows else None), len(rows)
 
-    @_retry_aborted
-    async def payout(self, request: PayoutRequest, deltas: DeltaSet) -> tuple[int | None, PayoutResult]:
-        """Pay every beneficiary whose approved entries net above zero."""
+    async def open_payout(self, request: PayoutRequest) -> bool:
+        """Record a payout's id, or find it recorded with the same body (a
+        different body is IdempotencyConflict); returns whether it is complete."""
         hash_ = body_hash(request.payout_id, request.currency)
-        async with self._write() as (conn, outbox):
-            xid, now = await self.begin_write(conn)
+        async with self._write() as (conn, _):
+            _, now = await self.begin_write(conn)
             inserted = await conn.fetchval(
                 "INSERT INTO payouts (payout_id, currency, body_hash, created_at) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT DO NOTHING RETURNING true",
                 request.payout_id, request.currency, hash_, now,
             )
-            if not inserted:
-                earlier = await conn.fetchrow("SELECT body_hash FROM payouts WHERE payout_id = $1", request.payout_id)
-                if bytes(earlier["body_hash"]) != hash_:
-                    raise IdempotencyConflict(f"payout {request.payout_id!r} was already made with a different body")
-                return None, await self._payout_result(conn, request.payout_id, "replayed")
-            # Lock every approved entry first, then net: rows a concurrent
-            # refund changes are re-read after its commit, never half-seen.
-            approved = await conn.fetch(
-                "SELECT entry_id, created_at, beneficiary_id, currency, amount_micros FROM commission_ledger"
-                " WHERE status = 'approved' AND ($1::text IS NULL OR currency = $1) ORDER BY entry_id FOR UPDATE",
-                request.currency,
-            )
-            net: dict[tuple[str, str], int] = {}
-            for r in approved:
-                key = (r["beneficiary_id"], r["currency"].strip())
-                net[key] = net.get(key, 0) + r["amount_micros"]
-            payable = [(b, c, m) for (b, c), m in net.items() if m > 0]
-            if payable:
-                await conn.executemany(
-                    "INSERT INTO payout_lines (payout_id, beneficiary_id, currency, amount_micros) VALUES ($1, $2, $3, $4)",
-                    [(request.payout_id, b, c, m) for b, c, m in payable],
-                )
-                # Exactly the entries netted above, by key. Chosen again by
-                # status, the move would also take entries approved since
-                # that SELECT's snapshot (a racing refund's reversal, a
-                # sweep's approvals): marked paid, though no line paid them.
-                payable_keys = {(b, c) for b, c, _ in payable}
-                paid = [r for r in approved if (r["beneficiary_id"], r["currency"].strip()) in payable_keys]
-                await self._transition(
-                    conn, deltas, now, "paid", request.payout_id,
-                    "(entry_id, created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))",
-                    [r["entry_id"] for r in paid], [r["created_at"] for r in paid],
-                )
-                for b, c, m in payable:
-                    outbox.add(b, CommissionPaid(payout_id=request.payout_id, currency=c, amount_micros=m))
-                await outbox.flush(conn, now, deltas)
-            return xid, await self._payout_result(conn, request.payout_id, "created")
+            if inserted:
+                return False
+            earlier = await conn.fetchrow(
+                "SELECT body_hash, completed_at FROM payouts WHERE payout_id = $1", request.payout_id)
+            if bytes(earlier["body_hash"]) != hash_:
+                raise IdempotencyConflict(f"payout {request.payout_id!r} was already made with a different body")
+            return earlier["completed_at"] is not None
 
-    async def _payout_result(self, conn, payout_id: str, status: str) -> PayoutResult:
-        head = await conn.fetchrow("SELECT created_at FROM payouts WHERE payout_id = $1", payout_id)
-        lines = await conn.fetch(
-            "SELECT beneficiary_id, currency, amount_micros FROM payout_lines WHERE payout_id = $1"
-            " ORDER BY beneficiary_id, currency",
-            payout_id,
+    @_retry_aborted
+    async def pay_payout_slice(self, payout_id: str, deltas: DeltaSet) -> tuple[int | None, str]:
+        """Pay the payout's next beneficiaries, in (beneficiary, currency)
+        order, up to PAYOUT_SLICE_ENTRIES approved entries (or one
+        beneficiary with more), in one transaction: each whose entries net
+        above zero gets a line, and its entries are marked paid. Returns
+        "more" while beneficiaries remain, "completed" when this slice found
+        none after its own, and "completed_before" when another delivery of
+        the payout had.
+
+        A beneficiary is never split across slices: a line pays its net, and
+        a net needs all of its entries at once. Entries approved for a key the
+        payout has passed are left for the next payout."""
+        async with self._write() as (conn, outbox):
+            xid, now = await self.begin_write(conn)
+            # Slices of one payout, sent twice at once, take turns here.
+            head = await conn.fetchrow(
+                "SELECT currency, paid_through_beneficiary, paid_through_currency, completed_at FROM payouts"
+                " WHERE payout_id = $1 FOR UPDATE",
+                payout_id,
+            )
+            if head["completed_at"] is not None:
+                return None, "completed_before"
+            currency = head["currency"] and head["currency"].strip()
+            after = (head["paid_through_beneficiary"], head["paid_through_currency"])
+            # The next PAYOUT_SLICE_ENTRIES entries' keys, down the index in
+            # key order: a count per key (GROUP BY) was planned as a scan of
+            # every approved entry after the last slice, in every slice.
+            window = await conn.fetch(
+                "SELECT beneficiary_id, currency FROM commission_ledger"
+                " WHERE status = 'approved' AND ($1::text IS NULL OR currency = $1)"
+                " AND (beneficiary_id, currency) > ($2, $3)"
+                " ORDER BY beneficiary_id, currency LIMIT $4",
+                currency, *after, PAYOUT_SLICE_ENTRIES,
+            )
+            keys = list(dict.fromkeys((r["beneficiary_id"], r["currency"]) for r in window))
+            completed = len(window) < PAYOUT_SLICE_ENTRIES
+            # A full window may end inside its last key's entries; paying
+            # that key would take them all, past the bound, so it waits for
+            # the next slice, unless it is the only one.
+            taken = len(keys) if completed or len(keys) == 1 else len(keys) - 1
+            if taken:
+                through = keys[taken - 1]
+                await self._pay_key_range(conn, outbox, deltas, now, payout_id, currency, after, through)
+                await conn.execute(
+                    "UPDATE payouts SET paid_through_beneficiary = $2, paid_through_currency = $3 WHERE payout_id = $1",
+                    payout_id, *through,
+                )
+            if completed:
+                await conn.execute("UPDATE payouts SET completed_at = $2 WHERE payout_id = $1", payout_id, now)
+            await outbox.flush(conn, now, deltas)
+            return xid, "completed" if completed else "more"
+
+    async def _pay_key_range(self, conn, outbox: OutboxWriter, deltas: DeltaSet, now, payout_id: str,
+                             currency: str | None, after: tuple[str, str], through: tuple[str, str]) -> None:
+        """Pay every positive net of the approved entries keyed after
+        `after`, up to and with `through`."""
+        # Lock the entries first, then net: rows a concurrent refund changes
+        # are re-read after its commit, never half-seen.
+        approved = await conn.fetch(
+            "SELECT entry_id, created_at, beneficiary_id, currency, amount_micros FROM commission_ledger"
+            " WHERE status = 'approved' AND ($1::text IS NULL OR currency = $1)"
+            " AND (beneficiary_id, currency) > ($2, $3) AND (beneficiary_id, currency) <= ($4, $5)"
+            " ORDER BY entry_id FOR UPDATE",
+            currency, *after, *through,
         )
-        return PayoutResult(
-            payout_id=payout_id, status=status, created_at=head["created_at"],
+        net: dict[tuple[str, str], int] = {}
+        for r in approved:
+            key = (r["beneficiary_id"], r["currency"].strip())
+            net[key] = net.get(key, 0) + r["amount_micros"]
+        payable = {key: micros for key, micros in net.items() if micros > 0}
+        if not payable:
+            return
+        await conn.copy_records_to_table(
+            "payout_lines", records=[(payout_id, b, c, m) for (b, c), m in payable.items()],
+            columns=("payout_id", "beneficiary_id", "currency", "amount_micros"),
+        )
+        # Exactly the entries netted above, by key. Chosen again by status,
+        # the move would also take entries approved since that SELECT's
+        # snapshot (a racing refund's reversal, a sweep's approvals): marked
+        # paid, though no line paid them.
+        paid = [r for r in approved if (r["beneficiary_id"], r["currency"].strip()) in payable]
+        await self._transition(
+            conn, deltas, now, "paid", payout_id,
+            "(entry_id, created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))",
+            [r["entry_id"] for r in paid], [r["created_at"] for r in paid],
+        )
+        for (b, c), m in payable.items():
+            outbox.add(b, CommissionPaid(payout_id=payout_id, currency=c, amount_micros=m))
+
+    async def payout_view(self, payout_id: str, cursor: str | None, limit: int) -> PayoutView | None:
+        """A payout and one page of its lines; None if there is no such payout."""
+        after = _decode_cursor(cursor, _PayoutLinePosition) if cursor else ("", "")
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            head = await conn.fetchrow(
+                "SELECT currency, created_at, completed_at FROM payouts WHERE payout_id = $1", payout_id)
+            if head is None:
+                return None
+            totals = await conn.fetch(
+                "SELECT currency, count(*) AS beneficiaries, sum(amount_micros)::bigint AS amount_micros"
+                " FROM payout_lines WHERE payout_id = $1 GROUP BY currency ORDER BY currency",
+                payout_id,
+            )
+            lines = await conn.fetch(
+                "SELECT beneficiary_id, currency, amount_micros FROM payout_lines"
+                " WHERE payout_id = $1 AND (beneficiary_id, currency) > ($2, $3)"
+                " ORDER BY beneficiary_id, currency LIMIT $4",
+                payout_id, *after, limit + 1,
+            )
+        last = lines[limit - 1] if len(lines) > limit else None
+        return PayoutView(
+            payout_id=payout_id,
+            currency=head["currency"] and head["currency"].strip(),
+            created_at=head["created_at"],
+            completed_at=head["completed_at"],
+            totals=[PayoutTotal(currency=t["currency"].strip(), beneficiaries=t["beneficiaries"],
+                                amount_micros=t["amount_micros"]) for t in totals],
             lines=[PayoutLine(beneficiary_id=r["beneficiary_id"], currency=r["currency"].strip(),
-                              amount_micros=r["amount_micros"]) for r in lines],
+                              amount_micros=r["amount_micros"]) for r in lines[:limit]],
+            next_cursor=None if last is None else _encode_cursor((last["beneficiary_id"], last["currency"].strip())),
         )
 
     # --- reads ---------------------------------------------------------------
@@ -773,7 +860,11 @@ class Ledger:
     async def commissions_page(
         self, user_id: str, status: str | None, cursor: str | None, limit: int
     ) -> CommissionPage:
-        after = _decode_cursor(cursor) if cursor else None
+        if cursor:
+            micros, entry_id = _decode_cursor(cursor, _EntryPosition)
+            after = (_EPOCH + micros * _MICROSECOND, entry_id)
+        else:
+            after = None
         rows = await self.pool.fetch(
             "SELECT entry_id, transaction_id, refund_id, level, rate_bp, amount_micros, currency, status, kind,"
             " created_at, hold_until FROM commission_ledger"
@@ -785,7 +876,10 @@ class Ledger:
         items = [
             CommissionEntryView(**{**dict(r), "currency": r["currency"].strip()}) for r in rows[:limit]
         ]
-        next_cursor = _encode_cursor(rows[limit - 1]["created_at"], rows[limit - 1]["entry_id"]) if len(rows) > limit else None
+        last = rows[limit - 1] if len(rows) > limit else None
+        # Microseconds exactly, unlike a float timestamp.
+        next_cursor = None if last is None else _encode_cursor(
+            ((last["created_at"] - _EPOCH) // _MICROSECOND, last["entry_id"]))
         return CommissionPage(items=items, next_cursor=next_cursor)
 
     async def network_graph(self, root: str, depth: int, nodes_max: int) -> tuple[list[tuple[str, str, int]], bool]:
@@ -829,31 +923,31 @@ _NEXT_LEVEL = """
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _MICROSECOND = dt.timedelta(microseconds=1)
-# A cursor is a position in a user's entries, (created_at, entry_id), sent
-# back by the client: anything in range is a position to page from, but a
-# time Python cannot hold or an id past Postgres's bigint failed the read
+# A cursor is a position in a list the client pages through, sent back by
+# the client: anything of its position's type is a position to page from.
+# A position in a user's entries is (created_at in microseconds, entry_id):
+# a time Python cannot hold or an id past Postgres's bigint failed the read
 # (500) until session 35. Every created_at came from Python, so this range
 # holds every cursor we issue.
-_CursorPosition = tuple[
+_EntryPosition = tuple[
     Annotated[int, msgspec.Meta(
         ge=(dt.datetime.min.replace(tzinfo=dt.timezone.utc) - _EPOCH) // _MICROSECOND,
         le=(dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // _MICROSECOND,
     )],
     Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)],
 ]
+# A position in a payout's lines: (beneficiary_id, currency), of their
+# patterns (a NUL, say, would fail the read in Postgres).
+_PayoutLinePosition = tuple[UserId, Currency]
 
 
-def _encode_cursor(created_at: dt.datetime, entry_id: int) -> str:
-    micros = (created_at - _EPOCH) // _MICROSECOND  # exact, unlike float timestamps
-    raw = msgspec.msgpack.encode((micros, entry_id))
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _encode_cursor(position: tuple) -> str:
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode(position)).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, int]:
+def _decode_cursor(cursor: str, position_type: type[P]) -> P:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        micros, entry_id = msgspec.msgpack.decode(raw, type=_CursorPosition)
-        return _EPOCH + micros * _MICROSECOND, entry_id
+        return msgspec.msgpack.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), type=position_type)
     except (ValueError, msgspec.DecodeError) as exc:
         raise InvalidRequest("cursor is not one this server issued") from exc
 

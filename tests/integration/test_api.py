@@ -171,10 +171,23 @@ def test_payouts_racing_refunds_pay_what_their_lines_say(api):
         payout, *refunded = together(
             lambda: api.admin.post("/v1/payouts", json={"payout_id": unique("po")}), *refunds)
         assert payout.status_code == 201 and all(r.status_code == 201 for r in refunded), payout.text
-        for line in payout.json()["lines"]:
+        for line in _payout_lines(api, payout.json()["payout_id"]):
             if line["beneficiary_id"] in paid_by_lines:
                 paid_by_lines[line["beneficiary_id"]] += line["amount_micros"]
     assert {u: api.balance(u)["paid_micros"] for u in referrers} == paid_by_lines
+
+
+def _payout_lines(api, payout_id: str, page_lines: int = 7) -> list[dict]:
+    """Every line of a payout, paged through GET /v1/payouts/{payout_id}."""
+    lines, cursor = [], None
+    while True:
+        params = {"limit": page_lines} | ({"cursor": cursor} if cursor else {})
+        r = api.admin.get(f"/v1/payouts/{payout_id}", params=params)
+        assert r.status_code == 200, r.text
+        lines += r.json()["lines"]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return lines
 
 
 def test_lifecycle_hold_payout_and_clawback(api):
@@ -185,10 +198,25 @@ def test_lifecycle_hold_payout_and_clawback(api):
     r = api.admin.post("/v1/admin/clock", json={"seconds": 31 * 24 * 3600})
     assert r.status_code == 200, r.text
     assert api.balance(root)["approved_micros"] == 10_000_000
-    payout = api.admin.post("/v1/payouts", json={"payout_id": unique("po"), "currency": "USD"})
+    payout_id = unique("po")
+    payout = api.admin.post("/v1/payouts", json={"payout_id": payout_id, "currency": "USD"})
     assert payout.status_code == 201, payout.text
-    assert {"beneficiary_id": root, "currency": "USD", "amount_micros": 10_000_000} in payout.json()["lines"]
+    lines = _payout_lines(api, payout_id)
+    assert {"beneficiary_id": root, "currency": "USD", "amount_micros": 10_000_000} in lines
     assert api.balance(root)["paid_micros"] == 10_000_000
+    # The POST answers the first page; GET pages through all, with the same totals.
+    view = payout.json()
+    assert view["completed_at"] is not None and view["currency"] == "USD"
+    assert view["lines"] == lines[:len(view["lines"])]
+    assert view["totals"] == [{"currency": "USD", "beneficiaries": len(lines),
+                               "amount_micros": sum(x["amount_micros"] for x in lines)}]
+    replay = api.admin.post("/v1/payouts", json={"payout_id": payout_id, "currency": "USD"})
+    assert replay.status_code == 200 and replay.json() == {**view, "status": "replayed"}, replay.text
+    assert_problem(api.admin.post("/v1/payouts", json={"payout_id": payout_id}), 409, "idempotency-conflict")
+    assert_problem(api.admin.get(f"/v1/payouts/{unique('po')}"), 404, "not-found")
+    assert_problem(api.admin.get(f"/v1/payouts/{payout_id}", params={"cursor": "not-ours"}), 422, "validation")
+    assert_problem(api.admin.get(f"/v1/payouts/{payout_id}", params={"limit": 0}), 422, "validation")
+    assert_problem(api.service.get(f"/v1/payouts/{payout_id}"), 403, "forbidden")
     # A refund after payout claws back: a negative approved balance, netted next time.
     r = api.service.post(f"/v1/transactions/{tid}/refunds", json={"refund_id": unique("rf"), "amount_micros": 25_000_000})
     assert r.json()["reversals"][0]["kind"] == "clawback"
