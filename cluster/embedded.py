@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -109,15 +109,27 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, process: subprocess.Popen | None, name: str, log: Path) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen | None, name: str, log: Path,
+                   serves: Callable[[socket.socket], bool] | None = None) -> None:
+    """Until the server listens on `port`, and `serves` says it answers."""
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}; see {log}:\n{_tail(log)}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            if serves is None or serves(conn):
+                return
         time.sleep(0.05)
     raise RuntimeError(f"{name} did not listen on 127.0.0.1:{port} within {SERVER_START_TIMEOUT_S}s; see {log}")
+
+
+def _redis_serves(conn: socket.socket) -> bool:
+    """Whether Redis answers commands. It listens while it still loads its
+    append-only file, and answers every command with -LOADING until done: a
+    client let in then failed its first read (BusyLoadingError, seen in CI
+    in session 36)."""
+    conn.sendall(b"PING\r\n")
+    return conn.recv(64).startswith(b"+PONG")
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -293,7 +305,7 @@ class EmbeddedServers:
             # stop the servers in order, instead of the terminal killing all.
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self._processes[name] = process
-        _wait_for_port(port, process, name, log)
+        _wait_for_port(port, process, name, log, _redis_serves if name == "redis" else None)
         self.ports[name] = port
 
     def pid(self, name: str) -> int:
