@@ -6,11 +6,16 @@ the ledger itself). A death is noticed when Ray fails the supervisor's
 standing call on that actor (actors/watch.py), a hang by a ping every few
 seconds. After any restart every shard reloads, because a writer that died
 between its commit and its delivery left a shard behind.
+
+The supervisor itself is restarted by Ray (max_restarts=-1) and starts
+itself, so that it comes back whole after a crash: nothing else would call
+its start() then, and without it nothing would heal, sweep or checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.util
 import logging
 
@@ -19,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.priority import run_as_background
-from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult
+from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult, ServiceUnavailable
 from dailydoco.storage.migrations import ensure_ledger_partitions
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS
@@ -41,6 +46,11 @@ PING_TIMEOUT_S = 5.0
 APPROVAL_INTERVAL_S = 10.0
 CHECKPOINT_INTERVAL_S = 30.0
 ACTOR_START_TIMEOUT_S = 120.0
+START_RETRY_INTERVAL_S = 5.0
+# A request that finds the supervisor restarting waits this long for it,
+# then gets a 503 (retry with the same id): a start that adopts live actors
+# takes about a second; one that must create them all can take minutes.
+REQUEST_START_WAIT_S = 10.0
 
 log = logging.getLogger("dailydoco.supervisor")
 
@@ -61,8 +71,14 @@ class SupervisorActor:
         run_as_background()
         self.restarts: dict[str, int] = {}
         self.handles: dict[str, ray.actor.ActorHandle] = {}
+        self.pool = None
         self._loops: list[asyncio.Task] = []
         self._heal_lock = asyncio.Lock()
+        self._payouts_in_hand: collections.Counter[str] = collections.Counter()
+        self._start_tried = asyncio.Event()
+        self._start_error: Exception | None = None
+        # Ray runs an async actor's __init__ on the actor's event loop.
+        self._starting = asyncio.get_running_loop().create_task(self._start_until_it_holds())
 
     def _specs(self):
         """(name, actor class, constructor arguments) of every actor the engine runs."""
@@ -85,11 +101,27 @@ class SupervisorActor:
             name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True, num_gpus=gpus,
         ).remote(*args)
 
-    async def start(self) -> list[str]:
-        """Create (or adopt) every actor and wait until each has recovered."""
-        self.pool = await open_pool(self.postgres_url, max_size=3)
-        self.ledger = publishing_ledger(self.pool, self.config, self.nats_url, "dailydoco-supervisor")
-        self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
+    async def _start_until_it_holds(self) -> None:
+        while True:
+            try:
+                await self._start()
+                self._start_error = None
+                return
+            except Exception as exc:  # noqa: BLE001 - logged, kept for start(), and tried again
+                self._start_error = exc
+                log.exception("supervisor start failed; trying again in %.0f s", START_RETRY_INTERVAL_S)
+            finally:
+                self._start_tried.set()
+            await asyncio.sleep(START_RETRY_INTERVAL_S)
+
+    async def _start(self) -> None:
+        """Create (or adopt) every actor, wait until each has recovered, then
+        run the loops; each step is kept, so a retry goes on from where a
+        failed try stopped."""
+        if self.pool is None:
+            self.pool = await open_pool(self.postgres_url, max_size=3)
+            self.ledger = publishing_ledger(self.pool, self.config, self.nats_url, "dailydoco-supervisor")
+            self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
         async with self.pool.acquire() as conn:
             await ensure_ledger_partitions(conn)
         for name, cls, args in self._specs():
@@ -97,13 +129,28 @@ class SupervisorActor:
         await asyncio.wait_for(
             asyncio.gather(*(h.ready.remote() for h in self.handles.values())), ACTOR_START_TIMEOUT_S
         )
-        if not self._loops:
-            self._loops = [asyncio.create_task(self._watch(name)) for name in self.handles] + [
-                asyncio.create_task(self._every(HANG_CHECK_INTERVAL_S, self.heal)),
-                asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.approve_due)),
-                asyncio.create_task(self._every(CHECKPOINT_INTERVAL_S, self.checkpoint)),
-            ]
+        self._loops = [asyncio.create_task(self._watch(name)) for name in self.handles] + [
+            asyncio.create_task(self._every(HANG_CHECK_INTERVAL_S, self.heal)),
+            asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.approve_due)),
+            asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.finish_cut_short_payouts)),
+            asyncio.create_task(self._every(CHECKPOINT_INTERVAL_S, self.checkpoint)),
+        ]
+
+    async def start(self) -> list[str]:
+        """Wait for the supervisor's first try at starting (it starts itself),
+        and raise what failed it: `up` then fails at once rather than wait.
+        The supervisor goes on trying meanwhile."""
+        await self._start_tried.wait()
+        if self._start_error is not None:
+            raise self._start_error
         return list(self.handles)
+
+    async def _started(self) -> None:
+        """For requests: wait a little for a supervisor that is (re)starting."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._starting), REQUEST_START_WAIT_S)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable("the supervisor is starting; retry with the same id") from None
 
     async def _every(self, interval_s: float, step) -> None:
         while True:
@@ -165,9 +212,22 @@ class SupervisorActor:
         return await checkpoint_all(self.pool, list(range(VSHARDS)))
 
     async def payout(self, request: PayoutRequest) -> PayoutResult:
-        return await lifecycle.payout(self.ledger, self.router, request)
+        await self._started()
+        self._payouts_in_hand[request.payout_id] += 1
+        try:
+            return await lifecycle.payout(self.ledger, self.router, request)
+        finally:
+            self._payouts_in_hand[request.payout_id] -= 1
+            if not self._payouts_in_hand[request.payout_id]:
+                del self._payouts_in_hand[request.payout_id]
+
+    async def finish_cut_short_payouts(self) -> list[str]:
+        # Those in hand are left to their deliveries: taking slices in turns
+        # with one would only slow it, and turn its "created" into "replayed".
+        return await lifecycle.finish_cut_short_payouts(self.ledger, self.router, self._payouts_in_hand)
 
     async def advance_clock(self, seconds: int) -> ClockView:
+        await self._started()
         if not self.config.clock_adjustable:
             raise ClockLocked("this deployment runs on wall-clock time (set DD_CLOCK_ADJUSTABLE=1 to allow moves)")
         await self.ledger.advance_clock(seconds)

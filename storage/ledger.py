@@ -823,6 +823,12 @@ class Ledger:
         for (b, c), m in payable.items():
             outbox.add(b, CommissionPaid(payout_id=payout_id, currency=c, amount_micros=m))
 
+    async def unfinished_payout_ids(self) -> list[str]:
+        """Payouts opened and not completed, oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT payout_id FROM payouts WHERE completed_at IS NULL ORDER BY created_at, payout_id")
+        return [r["payout_id"] for r in rows]
+
     async def payout_view(self, payout_id: str, cursor: str | None, limit: int) -> PayoutView | None:
         """A payout and one page of its lines; None if there is no such payout."""
         after = _decode_cursor(cursor, _PayoutLinePosition) if cursor else ("", "")

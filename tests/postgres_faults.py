@@ -136,23 +136,24 @@ class FaultyPostgresProxy:
             await writer.drain()
 
 
-def disk_full(on_insert: str | None = None, at_commit: str | None = None) -> tuple[str, str]:
-    """SQL that makes Postgres refuse the rows of `transactions` whose id
-    starts with a prefix given, as it refuses a write when a data file cannot
-    grow (SQLSTATE 53100, disk_full): at the row's insert, or at the commit of
-    its transaction; and the SQL that puts things back."""
+def disk_full(on_insert: str | None = None, at_commit: str | None = None,
+              table: str = "transactions", key: str = "transaction_id") -> tuple[str, str]:
+    """SQL that makes Postgres refuse the rows of `table` whose `key` starts
+    with a prefix given, as it refuses a write when a data file cannot grow
+    (SQLSTATE 53100, disk_full): at the row's insert, or at the commit of its
+    transaction; and the SQL that puts things back."""
     install = [
         """CREATE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.transaction_id LIKE TG_ARGV[0] || '%' THEN
+            IF to_jsonb(NEW) ->> TG_ARGV[1] LIKE TG_ARGV[0] || '%' THEN
                 RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
             END IF;
             RETURN NEW;
         END $$"""]
     if on_insert is not None:
-        install.append("CREATE TRIGGER test_disk_full_on_insert BEFORE INSERT ON transactions"
-                       f" FOR EACH ROW EXECUTE FUNCTION test_disk_full('{on_insert}')")
+        install.append(f"CREATE TRIGGER test_disk_full_on_insert BEFORE INSERT ON {table}"
+                       f" FOR EACH ROW EXECUTE FUNCTION test_disk_full('{on_insert}', '{key}')")
     if at_commit is not None:
-        install.append("CREATE CONSTRAINT TRIGGER test_disk_full_at_commit AFTER INSERT ON transactions"
-                       f" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_disk_full('{at_commit}')")
+        install.append(f"CREATE CONSTRAINT TRIGGER test_disk_full_at_commit AFTER INSERT ON {table}"
+                       f" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_disk_full('{at_commit}', '{key}')")
     return "; ".join(install), "DROP FUNCTION test_disk_full() CASCADE"

@@ -21,9 +21,10 @@ import psutil
 import pytest
 import ray
 import redis
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from dailydoco.actors.refs import chain_actor_name, shard_actor_name
-from dailydoco.actors.supervisor import video_processing_installed
+from dailydoco.actors.supervisor import APPROVAL_INTERVAL_S, video_processing_installed
 from dailydoco.cluster.demo import ApiClient
 from dailydoco.cluster.live_client import ConnectionClosed, WebSocketConnection
 from dailydoco.cluster.system import serve_app_name
@@ -488,6 +489,111 @@ def test_a_database_out_of_room_answers_503_and_writes_nothing(api, engine):
     assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = 'outofroom-1'") == 0
     assert api.purchase(users[1], 5_000_000, "outofroom-1").status_code == 201
     _assert_nothing_lost_or_doubled(api, engine, users, ["outofroom-1"], {})
+
+
+def _payout(api, payout_id: str) -> dict:
+    r = api.admin.get(f"/v1/payouts/{payout_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
+    """Postgres refuses two payouts' lines for want of disk: each POST is
+    503 and its payout stays open (`completed_at` null, no lines). Once
+    there is room for the second, the supervisor's sweep finishes it without
+    its being sent again, though the first, older, still fails in the same
+    sweep; once there is room for the first, that is finished too. Sent
+    again, a payout replays what the sweep paid."""
+    root, buyer = api.chain(2, prefix="cutshort")
+    assert api.purchase(buyer, 50_000_000, unique("cutshort")).status_code == 201
+    assert api.admin.post("/v1/admin/clock", json={"seconds": 31 * 24 * 3600}).status_code == 200
+    older, newer = unique("cutshort-a"), unique("cutshort-b")
+
+    def wait_until_completed(payout_id: str) -> dict:
+        deadline = time.monotonic() + 3 * APPROVAL_INTERVAL_S
+        while (view := _payout(api, payout_id))["completed_at"] is None:
+            assert time.monotonic() < deadline, view
+            time.sleep(0.5)
+        return view
+
+    make_disk_full, make_room = disk_full(on_insert="cutshort-", table="payout_lines", key="payout_id")
+    _query(engine, "execute", make_disk_full)
+    try:
+        for payout_id in (older, newer):
+            refused = api.admin.post("/v1/payouts", json={"payout_id": payout_id})
+            assert refused.status_code == 503, refused.text
+            cut_short = _payout(api, payout_id)
+            assert cut_short["completed_at"] is None and cut_short["lines"] == [], cut_short
+        _query(engine, "execute", make_room)
+        make_disk_full, make_room = disk_full(on_insert=older, table="payout_lines", key="payout_id")
+        _query(engine, "execute", make_disk_full)
+        finished = wait_until_completed(newer)
+        assert _payout(api, older)["completed_at"] is None
+    finally:
+        _query(engine, "execute", make_room)
+    assert {"beneficiary_id": root, "currency": "USD", "amount_micros": 10_000_000} in finished["lines"]
+    assert api.balance(root)["paid_micros"] == 10_000_000
+    # The older pays what came due after the newer: not the root's again.
+    assert root not in {line["beneficiary_id"] for line in wait_until_completed(older)["lines"]}
+    assert api.balance(root)["paid_micros"] == 10_000_000
+    replay = api.admin.post("/v1/payouts", json={"payout_id": newer})
+    assert replay.status_code == 200 and replay.json() == {**finished, "status": "replayed"}, replay.text
+
+
+def _supervisor_pid(engine) -> int | None:
+    """The supervisor's process; None while Ray restarts it."""
+    try:
+        return ray.get(engine.supervisor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    except ActorUnavailableError:  # "the actor is restarting"
+        return None
+
+
+def _answers(engine, name: str) -> bool:
+    try:
+        ray.get(ray.get_actor(name, namespace=engine.config.namespace).ping.remote(), timeout=5)
+        return True
+    except (ValueError, RayActorError, ray.exceptions.GetTimeoutError):  # ValueError: no actor of that name
+        return False
+
+
+def test_a_crashed_supervisor_comes_back_and_goes_on_supervising(api, engine):
+    """The supervisor's process is killed. Ray starts it again, and it starts
+    itself (nothing calls its start() then): it adopts the live actors, heals
+    one killed after, approves what comes due, and takes a payout."""
+    root, buyer = api.chain(2, prefix="supcrash")
+    crashed = _supervisor_pid(engine)
+    os.kill(crashed, signal.SIGKILL)
+    _kill(engine, shard_actor_name(0))  # while the supervisor is down
+    deadline = time.monotonic() + 120
+    while _supervisor_pid(engine) in (crashed, None):
+        assert time.monotonic() < deadline, "Ray did not restart the supervisor"
+        time.sleep(0.5)
+    # Made again by the supervisor's start, which nothing but the supervisor
+    # calls now: before, the restarted supervisor waited for a call that
+    # never came, and nothing healed.
+    while not _answers(engine, shard_actor_name(0)):
+        assert time.monotonic() < deadline, "the restarted supervisor did not start"
+        time.sleep(0.5)
+    # Its start is done once every actor has recovered (start() waits for
+    # that, and raises what failed a try: a shard killed as it recovered).
+    while True:
+        with contextlib.suppress(ray.exceptions.RayTaskError):
+            ray.get(engine.supervisor.start.remote(), timeout=60)
+            break
+        assert time.monotonic() < deadline, "the restarted supervisor did not start"
+        time.sleep(0.5)
+    _kill(engine, shard_actor_name(0))
+    while ray.get(engine.supervisor.restart_counts.remote()).get(shard_actor_name(0), 0) < 1:
+        assert time.monotonic() < deadline, "the restarted supervisor's watch healed nothing"
+        time.sleep(0.5)
+    assert api.purchase(buyer, 50_000_000, unique("supcrash")).status_code == 201
+    assert api.balance(root)["pending_micros"] == 10_000_000
+    # The clock is moved by the supervisor, which approves what came due.
+    assert api.admin.post("/v1/admin/clock", json={"seconds": 31 * 24 * 3600}).status_code == 200
+    assert api.balance(root)["approved_micros"] == 10_000_000
+    payout = api.admin.post("/v1/payouts", json={"payout_id": unique("supcrash-po")})
+    assert payout.status_code == 201, payout.text
+    assert api.balance(root)["paid_micros"] == 10_000_000
 
 
 def test_a_postgres_crash_loses_no_acknowledged_purchase(api, engine, embedded_servers):
