@@ -7,7 +7,7 @@ from collections.abc import Container
 
 import msgspec
 
-from dailydoco.protocol import PAYOUT_LINES_PAGE_DEFAULT, PayoutRequest, PayoutResult
+from dailydoco.protocol import PAYOUT_LINES_PAGE_DEFAULT, PayoutRequest, PayoutResult, ServiceUnavailable
 from dailydoco.storage.ledger import Ledger
 
 from .routing import ShardRouter, deliver, ledger_write
@@ -35,7 +35,18 @@ async def payout(ledger: Ledger, router: ShardRouter, request: PayoutRequest) ->
     finish_cut_short_payouts). Its answer is "created" from the delivery
     that completed it, and "replayed" from every other."""
     await approve_due(ledger, router)
-    completed_before = await ledger.open_payout(request) or not await finish_payout(ledger, router, request.payout_id)
+    completed_before = await ledger.open_payout(request)
+    if not completed_before:
+        try:
+            completed_before = not await finish_payout(ledger, router, request.payout_id)
+        except ServiceUnavailable as exc:
+            # The slice's own detail says it wrote nothing; the payout's
+            # earlier slices did, and stand.
+            raise type(exc)(
+                f"payout {request.payout_id!r} was cut short, and the supervisor finishes it (its"
+                f" completed_at says when); its last slice failed: {exc.detail}",
+                retry_after_s=exc.retry_after_s,
+            ) from exc
     view = await ledger.payout_view(request.payout_id, None, PAYOUT_LINES_PAGE_DEFAULT)
     return PayoutResult(**msgspec.structs.asdict(view), status="replayed" if completed_before else "created")
 

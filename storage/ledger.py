@@ -64,9 +64,10 @@ T = TypeVar("T")
 P = TypeVar("P")
 WRITE_ATTEMPTS_MAX = 5
 APPROVAL_SWEEP_ROWS_MAX = 50_000  # per sweep transaction: bounds lock time and memory
-# Approved entries per payout transaction (but a beneficiary's are never
-# split): at most 0.84 s of locks per slice here, in payouts of 1 to 3.5
-# million entries (migration 010 says why not one transaction).
+# Approved entries per payout transaction: at most 0.84 s of locks per slice
+# here, in payouts of 1 to 3.5 million entries, and 1.62 s for the first part
+# of one beneficiary's 2 million (migration 010 says why not one transaction;
+# 011, why a beneficiary with more is paid in parts).
 PAYOUT_SLICE_ENTRIES = 20_000
 # Groups up to this many purchases, all new, are written by one statement;
 # larger ones in a transaction whose entries go by COPY. Measured against
@@ -736,55 +737,132 @@ class Ledger:
     @_retry_aborted
     async def pay_payout_slice(self, payout_id: str, deltas: DeltaSet) -> tuple[int | None, str]:
         """Pay the payout's next beneficiaries, in (beneficiary, currency)
-        order, up to PAYOUT_SLICE_ENTRIES approved entries (or one
-        beneficiary with more), in one transaction: each whose entries net
-        above zero gets a line, and its entries are marked paid. Returns
-        "more" while beneficiaries remain, "completed" when this slice found
-        none after its own, and "completed_before" when another delivery of
-        the payout had.
-
-        A beneficiary is never split across slices: a line pays its net, and
-        a net needs all of its entries at once. Entries approved for a key the
-        payout has passed are left for the next payout."""
+        order, up to PAYOUT_SLICE_ENTRIES approved entries, in one
+        transaction: each whose entries net above zero gets a line, and its
+        entries are marked paid. A beneficiary with more entries than that is
+        paid in parts, a slice each (_pay_part). Returns "more" while
+        beneficiaries remain, "completed" when this slice found none after
+        its own, and "completed_before" when another delivery of the payout
+        had. Entries approved for a key the payout has passed are left for
+        the next payout."""
         async with self._write() as (conn, outbox):
             xid, now = await self.begin_write(conn)
             # Slices of one payout, sent twice at once, take turns here.
             head = await conn.fetchrow(
-                "SELECT currency, paid_through_beneficiary, paid_through_currency, completed_at FROM payouts"
-                " WHERE payout_id = $1 FOR UPDATE",
+                "SELECT currency, paid_through_beneficiary, paid_through_currency, part_beneficiary, part_currency,"
+                " part_clawbacks, part_after_entry, completed_at FROM payouts WHERE payout_id = $1 FOR UPDATE",
                 payout_id,
             )
             if head["completed_at"] is not None:
                 return None, "completed_before"
+            if head["part_beneficiary"] is not None:
+                key = (head["part_beneficiary"], head["part_currency"].strip())
+                await self._pay_part(conn, outbox, deltas, now, payout_id, key, head["part_clawbacks"],
+                                     head["part_after_entry"])
+                await outbox.flush(conn, now, deltas)
+                return xid, "more"
             currency = head["currency"] and head["currency"].strip()
             after = (head["paid_through_beneficiary"], head["paid_through_currency"])
-            # The next PAYOUT_SLICE_ENTRIES entries' keys, down the index in
-            # key order: a count per key (GROUP BY) was planned as a scan of
-            # every approved entry after the last slice, in every slice.
+            # The next PAYOUT_SLICE_ENTRIES + 1 entries' keys, down the index
+            # in key order: a count per key (GROUP BY) was planned as a scan
+            # of every approved entry after the last slice, in every slice.
             window = await conn.fetch(
                 "SELECT beneficiary_id, currency FROM commission_ledger"
                 " WHERE status = 'approved' AND ($1::text IS NULL OR currency = $1)"
                 " AND (beneficiary_id, currency) > ($2, $3)"
                 " ORDER BY beneficiary_id, currency LIMIT $4",
-                currency, *after, PAYOUT_SLICE_ENTRIES,
+                currency, *after, PAYOUT_SLICE_ENTRIES + 1,
             )
-            keys = list(dict.fromkeys((r["beneficiary_id"], r["currency"]) for r in window))
-            completed = len(window) < PAYOUT_SLICE_ENTRIES
-            # A full window may end inside its last key's entries; paying
-            # that key would take them all, past the bound, so it waits for
-            # the next slice, unless it is the only one.
-            taken = len(keys) if completed or len(keys) == 1 else len(keys) - 1
+            keys = list(dict.fromkeys((r["beneficiary_id"], r["currency"].strip()) for r in window))
+            completed = len(window) <= PAYOUT_SLICE_ENTRIES
+            if not completed and len(keys) == 1:
+                # One key, with more entries than a slice: paid in parts.
+                await self._begin_parts(conn, outbox, deltas, now, payout_id, keys[0])
+                await outbox.flush(conn, now, deltas)
+                return xid, "more"
+            # A full window ends inside its last key's entries, or just
+            # before more of them: that key waits for the next slice.
+            taken = len(keys) if completed else len(keys) - 1
             if taken:
                 through = keys[taken - 1]
                 await self._pay_key_range(conn, outbox, deltas, now, payout_id, currency, after, through)
-                await conn.execute(
-                    "UPDATE payouts SET paid_through_beneficiary = $2, paid_through_currency = $3 WHERE payout_id = $1",
-                    payout_id, *through,
-                )
+                await self._paid_through(conn, payout_id, through)
             if completed:
                 await conn.execute("UPDATE payouts SET completed_at = $2 WHERE payout_id = $1", payout_id, now)
             await outbox.flush(conn, now, deltas)
             return xid, "completed" if completed else "more"
+
+    @staticmethod
+    async def _paid_through(conn, payout_id: str, key: tuple[str, str]) -> None:
+        await conn.execute(
+            "UPDATE payouts SET paid_through_beneficiary = $2, paid_through_currency = $3, part_beneficiary = NULL,"
+            " part_currency = NULL, part_clawbacks = false, part_after_entry = 0 WHERE payout_id = $1",
+            payout_id, *key,
+        )
+
+    async def _begin_parts(self, conn, outbox: OutboxWriter, deltas: DeltaSet, now, payout_id: str,
+                           key: tuple[str, str]) -> None:
+        """Net a key too big for one slice, as a slice would (without locks:
+        the parts keep the line above zero, whatever changes meanwhile); pay
+        its first part if it nets above zero, or pass it by."""
+        net = await conn.fetchval(
+            "SELECT sum(amount_micros) FROM commission_ledger"
+            " WHERE status = 'approved' AND beneficiary_id = $1 AND currency = $2",
+            *key,
+        )
+        if net is None or net <= 0:
+            await self._paid_through(conn, payout_id, key)
+            return
+        await conn.execute(
+            "UPDATE payouts SET part_beneficiary = $2, part_currency = $3 WHERE payout_id = $1", payout_id, *key)
+        await self._pay_part(conn, outbox, deltas, now, payout_id, key, False, 0)
+
+    async def _pay_part(self, conn, outbox: OutboxWriter, deltas: DeltaSet, now, payout_id: str,
+                        key: tuple[str, str], clawbacks: bool, after_entry: int) -> None:
+        """Pay the next part of a key paid in parts: up to
+        PAYOUT_SLICE_ENTRIES of its approved commissions, in entry order,
+        added to its line; once they are paid, its clawbacks, each only while
+        the line stays above zero. A clawback left over (approved while the
+        payout ran, more than the line) stays approved, for the next payout,
+        as one approved just after a payout does. Entries approved behind the
+        part paid last wait for the next payout."""
+        rows = await conn.fetch(
+            "SELECT entry_id, created_at, amount_micros FROM commission_ledger"
+            " WHERE status = 'approved' AND beneficiary_id = $1 AND currency = $2 AND entry_id > $3"
+            " AND (amount_micros < 0) = $4 ORDER BY entry_id LIMIT $5 FOR UPDATE",
+            *key, after_entry, clawbacks, PAYOUT_SLICE_ENTRIES,
+        )
+        line = await conn.fetchval(
+            "SELECT amount_micros FROM payout_lines WHERE payout_id = $1 AND beneficiary_id = $2 AND currency = $3",
+            payout_id, *key,
+        ) or 0
+        taken = []
+        for r in rows:
+            if clawbacks and line + r["amount_micros"] <= 0:
+                break
+            line += r["amount_micros"]
+            taken.append(r)
+        if taken:
+            await self._transition(
+                conn, deltas, now, "paid", payout_id,
+                "(entry_id, created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))",
+                [r["entry_id"] for r in taken], [r["created_at"] for r in taken],
+            )
+        if line > 0:  # zero only while every commission paid so far was of zero micros
+            await conn.execute(
+                "INSERT INTO payout_lines (payout_id, beneficiary_id, currency, amount_micros) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (payout_id, beneficiary_id, currency) DO UPDATE SET amount_micros = EXCLUDED.amount_micros",
+                payout_id, *key, line,
+            )
+        if len(rows) == PAYOUT_SLICE_ENTRIES and len(taken) == len(rows):
+            await conn.execute("UPDATE payouts SET part_clawbacks = $2, part_after_entry = $3 WHERE payout_id = $1",
+                               payout_id, clawbacks, rows[-1]["entry_id"])
+        elif not clawbacks:  # its commissions are paid: its clawbacks next, in this slice
+            await self._pay_part(conn, outbox, deltas, now, payout_id, key, True, 0)
+        else:
+            await self._paid_through(conn, payout_id, key)
+            if line > 0:
+                outbox.add(key[0], CommissionPaid(payout_id=payout_id, currency=key[1], amount_micros=line))
 
     async def _pay_key_range(self, conn, outbox: OutboxWriter, deltas: DeltaSet, now, payout_id: str,
                              currency: str | None, after: tuple[str, str], through: tuple[str, str]) -> None:

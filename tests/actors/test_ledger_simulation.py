@@ -49,8 +49,9 @@ HOLD_PERIOD_S = 30 * 24 * 3600
 RATES_BP = (2000, 1000, 500, 300, 200, 100, 50)  # restated here, not imported: the oracle is independent
 CURRENCIES = ("USD", "EUR")
 # Approved entries per payout transaction, one per seed: with a few, a payout
-# is many slices, which a crash can cut between and a second delivery can
-# interleave with.
+# is many slices, and nearly every beneficiary is paid in parts, which a
+# crash can cut between and a second delivery, refunds and the approval
+# sweep can interleave with.
 PAYOUT_SLICE_ENTRIES = (1, 3, 20_000)
 TABLES = ("users, transactions, refunds, commission_ledger, ledger_transitions, payouts, payout_lines, shard_checkpoints,"
           " event_streams, outbox")
@@ -365,6 +366,11 @@ class Simulation:
             " AND ($1::text IS NULL OR currency = $1) GROUP BY beneficiary_id, currency"
             " HAVING sum(amount_micros) > 0) x", currency)
         assert positive == 0, self.fail("a positive approved balance was left unpaid")
+        # Nothing raced it: each line paid its beneficiary's whole net.
+        left = await self.pool.fetchval(
+            "SELECT count(*) FROM payout_lines p JOIN commission_ledger l USING (beneficiary_id, currency)"
+            " WHERE p.payout_id = $1 AND l.status = 'approved'", request.payout_id)
+        assert left == 0, self.fail("a beneficiary paid kept approved entries: the line was not its net")
 
     async def crash_shard(self) -> None:
         """A shard comes back exactly as it was: every statistic and balance,

@@ -522,6 +522,10 @@ def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
         for payout_id in (older, newer):
             refused = api.admin.post("/v1/payouts", json={"payout_id": payout_id})
             assert refused.status_code == 503, refused.text
+            assert refused.json()["detail"] == (
+                f"payout {payout_id!r} was cut short, and the supervisor finishes it (its completed_at says"
+                " when); its last slice failed: the database is out of room (DiskFullError); nothing was"
+                " written, retry with the same id"), refused.json()
             cut_short = _payout(api, payout_id)
             assert cut_short["completed_at"] is None and cut_short["lines"] == [], cut_short
         _query(engine, "execute", make_room)

@@ -2,9 +2,9 @@
 
 Each slice is one transaction over whole beneficiaries, up to
 PAYOUT_SLICE_ENTRIES approved entries, in (beneficiary, currency) order; a
-beneficiary with more entries than that is a slice of its own. The
-payout remembers the last key paid, so a payout cut short goes on from there,
-and its lines page through by the same key.
+beneficiary with more entries than that is paid in parts, a slice each. The
+payout remembers the last key paid (and the part), so a payout cut short goes
+on from there, and its lines page through by the same key.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 
 from dailydoco.actors.routing import new_delta_set
 from dailydoco.protocol import IdempotencyConflict, InvalidRequest, PayoutRequest
+from dailydoco.protocol.live import CommissionPaid, decode_events
 from dailydoco.storage import ledger as ledger_module
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.pool import open_pool
@@ -70,7 +71,7 @@ async def _scenario(url: str) -> None:
         ledger = Ledger(pool, hold_period_s=3_600)
         await _approved(pool, "a", "USD", 5_000_000)
         await _approved(pool, "b", "USD", 3_000_000, 4_000_000)
-        await _approved(pool, "c", "USD", 1_000_000, 1_000_000, 1_000_000)  # more than a slice: one alone
+        await _approved(pool, "c", "USD", 1_000_000, 1_000_000, 1_000_000)  # more than a slice: in parts
         await _approved(pool, "d", "USD", 2_000_000, -5_000_000)  # nets below zero: no line
         await _approved(pool, "e", "EUR", 6_000_000)
         await _approved(pool, "e", "USD", 7_000_000)
@@ -86,12 +87,12 @@ async def _scenario(url: str) -> None:
 
         assert await ledger.open_payout(PayoutRequest(payout_id="all")) is False
         assert await _pay_in_slices(pool, ledger, "all", approve_more) == [
-            ("more", {("a", "USD")}),  # a and b are 3 entries
-            ("more", {("b", "USD")}),
+            ("more", {("a", "USD")}),  # b may have more entries past a window of 2
+            ("more", {("b", "USD")}),  # and so may c
+            ("more", {("c", "USD")}),  # more entries than a slice: paid in parts
             ("more", {("c", "USD")}),
             ("more", set()),  # d, whose net is below zero
-            ("more", {("e", "USD")}),  # f may have had more entries past the window of 2
-            ("completed", {("f", "USD")}),
+            ("completed", {("e", "USD"), ("f", "USD")}),
         ]
         assert await _status_of(pool, "a") == ["paid", "approved"]  # left for the next payout
         assert await _status_of(pool, "d") == ["approved", "approved"]
@@ -131,3 +132,47 @@ async def _scenario(url: str) -> None:
 def test_a_payout_pays_whole_beneficiaries_slice_by_slice_and_pages_its_lines(database_url, monkeypatch):
     monkeypatch.setattr(ledger_module, "PAYOUT_SLICE_ENTRIES", 2)
     asyncio.run(_scenario(database_url))
+
+
+async def _in_parts(url: str) -> None:
+    pool = await open_pool(url, max_size=2)
+    try:
+        ledger = Ledger(pool, hold_period_s=3_600)
+        await _approved(pool, "g", "GBP", 5_000_000, 5_000_000, 5_000_000, -3_000_000)
+        await _approved(pool, "h", "GBP", 4_000_000, 4_000_000, 4_000_000)
+        await _approved(pool, "k", "GBP", 1_000_000, 1_000_000, 1_000_000, -9_000_000)  # nets below zero
+
+        async def clawback_more_than_paid(slices_done: int) -> None:
+            if slices_done == 3:  # h's first part is paid: its line is 8
+                await _approved(pool, "h", "GBP", -13_000_000)
+
+        assert await ledger.open_payout(PayoutRequest(payout_id="parts", currency="GBP")) is False
+        assert await _pay_in_slices(pool, ledger, "parts", clawback_more_than_paid) == [
+            ("more", {("g", "GBP")}),  # two commissions
+            ("more", {("g", "GBP")}),  # the third, then the clawback: the line stays above zero
+            ("more", {("h", "GBP")}),
+            ("more", {("h", "GBP")}),  # the third; the clawback would take the line to -1
+            ("more", set()),  # k, netted first: below zero
+            ("completed", set()),
+        ]
+        assert await _status_of(pool, "g") == ["paid", "paid", "paid", "reversed"]  # a clawback paid is reversed
+        assert await _status_of(pool, "h") == ["paid", "paid", "paid", "approved"]  # for the next payout
+        assert await _status_of(pool, "k") == ["approved"] * 4
+        view = await ledger.payout_view("parts", None, 10)
+        assert [(x.beneficiary_id, x.amount_micros) for x in view.lines] == [("g", 12_000_000), ("h", 12_000_000)]
+        assert [(t.currency, t.beneficiaries, t.amount_micros) for t in view.totals] == [("GBP", 2, 24_000_000)]
+        # Each line is told once, whole, when its key is done.
+        told = [(row["user_id"], event.amount_micros)
+                for row in await pool.fetch("SELECT user_id, events FROM outbox WHERE user_id IN ('g', 'h')")
+                for event in decode_events(row["events"])
+                if isinstance(event, CommissionPaid) and event.payout_id == "parts"]
+        assert sorted(told) == [("g", 12_000_000), ("h", 12_000_000)], told
+    finally:
+        await pool.close()
+
+
+def test_a_beneficiary_with_more_entries_than_a_slice_is_paid_in_parts(database_url, monkeypatch):
+    """Its commissions in entry order, then its clawbacks while its line
+    stays above zero; netted first, and passed by if that is not above zero."""
+    monkeypatch.setattr(ledger_module, "PAYOUT_SLICE_ENTRIES", 2)
+    asyncio.run(_in_parts(database_url))
