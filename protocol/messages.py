@@ -283,8 +283,9 @@ class PayoutView(_Message):
     payout_id: str
     currency: str | None  # the one currency it paid; None: every currency
     created_at: dt.datetime
-    # None while beneficiaries remain unpaid: the payout was cut short (its
-    # POST failed), and sending it again finishes it.
+    # None while beneficiaries remain unpaid: the payout runs, or was cut
+    # short (its POST failed), and the supervisor finishes it (so does the
+    # same POST sent again).
     completed_at: dt.datetime | None
     totals: list[PayoutTotal]
     lines: list[PayoutLine]
