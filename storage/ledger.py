@@ -843,11 +843,7 @@ class Ledger:
             line += r["amount_micros"]
             taken.append(r)
         if taken:
-            await self._transition(
-                conn, deltas, now, "paid", payout_id,
-                "(entry_id, created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))",
-                [r["entry_id"] for r in taken], [r["created_at"] for r in taken],
-            )
+            await self._mark_paid(conn, deltas, now, payout_id, taken)
         if line > 0:  # zero only while every commission paid so far was of zero micros
             await conn.execute(
                 "INSERT INTO payout_lines (payout_id, beneficiary_id, currency, amount_micros) VALUES ($1, $2, $3, $4)"
@@ -888,18 +884,22 @@ class Ledger:
             "payout_lines", records=[(payout_id, b, c, m) for (b, c), m in payable.items()],
             columns=("payout_id", "beneficiary_id", "currency", "amount_micros"),
         )
-        # Exactly the entries netted above, by key. Chosen again by status,
-        # the move would also take entries approved since that SELECT's
-        # snapshot (a racing refund's reversal, a sweep's approvals): marked
-        # paid, though no line paid them.
+        # The entries netted above (a racing refund's reversal or a sweep's
+        # approvals since that SELECT's snapshot are not among them).
         paid = [r for r in approved if (r["beneficiary_id"], r["currency"].strip()) in payable]
+        await self._mark_paid(conn, deltas, now, payout_id, paid)
+        for (b, c), m in payable.items():
+            outbox.add(b, CommissionPaid(payout_id=payout_id, currency=c, amount_micros=m))
+
+    async def _mark_paid(self, conn, deltas: DeltaSet, now, payout_id: str, entries: list[asyncpg.Record]) -> None:
+        """Mark paid exactly `entries` (locked and netted by the caller), by
+        their keys: chosen again by status, the move would also take entries
+        approved since the caller's SELECT, which no line paid."""
         await self._transition(
             conn, deltas, now, "paid", payout_id,
             "(entry_id, created_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))",
-            [r["entry_id"] for r in paid], [r["created_at"] for r in paid],
+            [r["entry_id"] for r in entries], [r["created_at"] for r in entries],
         )
-        for (b, c), m in payable.items():
-            outbox.add(b, CommissionPaid(payout_id=payout_id, currency=c, amount_micros=m))
 
     async def unfinished_payout_ids(self) -> list[str]:
         """Payouts opened and not completed, oldest first."""
