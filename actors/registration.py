@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from dailydoco.protocol import (
     LEVELS_MAX,
     IdempotencyConflict,
     InvalidRequest,
     RegisterUserRequest,
+    RegistrationResult,
     SelfReferral,
     UnknownReferralCode,
-    UserView,
     new_referral_code,
     normalize_referral_code,
 )
@@ -22,7 +24,7 @@ from .shard_core import user_view
 CODE_ATTEMPTS_MAX = 8  # each collides with probability < 1e-5 at a million users
 
 
-async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUserRequest) -> UserView:
+async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUserRequest) -> RegistrationResult:
     """Create the user, fix its upline, tell its ancestors' shards; idempotent by user id."""
     code = None
     if request.referral_code is not None:
@@ -52,7 +54,7 @@ async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUs
             router, ledger, ledger.insert_user, request.user_id, new_referral_code(), referrer_id, upline, hash_)
         if record is not None:
             await deliver(router, xid, deltas)
-            return user_view(record)
+            return _result(record, "created")
         # Either a concurrent delivery of this registration won (replay it),
         # or the random code collided (draw another).
         existing = await ledger.get_user(request.user_id)
@@ -61,8 +63,12 @@ async def register_user(ledger: Ledger, router: ShardRouter, request: RegisterUs
     raise RuntimeError("could not draw an unused referral code")
 
 
-def _replay(existing: UserRecord, hash_: bytes) -> UserView:
+def _replay(existing: UserRecord, hash_: bytes) -> RegistrationResult:
     """A registration seen before: the original view, or a conflict if the body differs."""
     if existing.body_hash != hash_:
         raise IdempotencyConflict(f"user {existing.user_id!r} is already registered with a different body")
-    return user_view(existing, "replayed")
+    return _result(existing, "replayed")
+
+
+def _result(record: UserRecord, status: str) -> RegistrationResult:
+    return RegistrationResult(**msgspec.structs.asdict(user_view(record)), status=status)

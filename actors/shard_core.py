@@ -148,21 +148,20 @@ class ShardState:
             viral_coefficient=round(sum(size[1:]) / could_refer, 4) if could_refer else 0.0,
         )
 
-    def user_view(self, user_id: str, status: str = "created") -> UserView | None:
+    def user_view(self, user_id: str) -> UserView | None:
         record = self.users.get(user_id)
         if record is None:
             return None
-        return user_view(record, status)
+        return user_view(record)
 
 
-def user_view(record: UserRecord, status: str = "created") -> UserView:
+def user_view(record: UserRecord) -> UserView:
     return UserView(
         user_id=record.user_id,
         referral_code=record.referral_code,
         referrer_id=record.referrer_id,
         upline=list(record.upline),
         created_at=record.created_at,
-        status=status,
     )
 
 

@@ -9,7 +9,7 @@ import redis.asyncio as redis
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
-from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, UserView
+from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, RegistrationResult, UserView
 from dailydoco.storage.balance_views import BalanceViewWriter
 from dailydoco.storage.deltas import ShardDelta
 from dailydoco.storage.pool import open_pool
@@ -127,7 +127,7 @@ class UserShardActor(Watched):
         await self.views.publish(fresh.users)  # the rebuilt state may differ from what memory had
         return len(fresh.users)
 
-    async def register(self, request: RegisterUserRequest) -> UserView:
+    async def register(self, request: RegisterUserRequest) -> RegistrationResult:
         await self._ensure_ready()
         return await register_user(self.ledger, self.router, request)
 

@@ -25,7 +25,6 @@ from typing import Annotated, Callable, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from .messages import ID_PATTERN
 
 # --- limits --------------------------------------------------------------------
 
@@ -61,8 +60,6 @@ FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.FORBIDDEN_ORIGI
 
 
 # --- events --------------------------------------------------------------------
-
-UserId = Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
 
 
 class _Event(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):

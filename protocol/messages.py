@@ -22,9 +22,20 @@ from .money import AMOUNT_MICROS_MAX, LEVELS_MAX
 # reads the same.
 PATTERN_END = r"$(?!\n)"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}" + PATTERN_END
+CURRENCY_PATTERN = r"^[A-Z]{3}" + PATTERN_END
+NO_NUL_PATTERN = r"^[^\x00]*" + PATTERN_END
+NO_CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f]+" + PATTERN_END
+# What each pattern asks for, in words: a client told "Expected `str`
+# matching regex '^[A-Z]{3}$(?!\n)'" learns what we wrote, not what to send.
+PATTERN_MEANINGS = {
+    ID_PATTERN: "an id of 1 to 128 ASCII letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
+    CURRENCY_PATTERN: "a currency code of three capital letters (ISO 4217), such as USD",
+    NO_NUL_PATTERN: "text without a NUL character",
+    NO_CONTROL_CHARACTERS_PATTERN: "a path without control characters",
+}
 UserId = Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
 TransactionId = Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}" + PATTERN_END)]
+Currency = Annotated[str, Meta(pattern=CURRENCY_PATTERN)]
 AmountMicros = Annotated[int, Meta(gt=0, le=AMOUNT_MICROS_MAX)]
 
 BATCH_TRANSACTIONS_MAX = 5_000  # per POST /v1/transactions:batch; the issue asks ≥ 1,000
@@ -60,7 +71,13 @@ class UserView(_Message):
     referrer_id: str | None
     upline: list[str]  # level 1 (direct referrer) first, at most 7
     created_at: dt.datetime
-    status: Literal["created", "replayed"] = "created"
+
+
+class RegistrationResult(UserView):
+    """The user's record, and whether this delivery made it. A read of the
+    record (`UserView`) says no status: until session 38 it said "created"."""
+
+    status: Literal["created", "replayed"]
 
 
 class TokenRequest(_Message):
@@ -158,7 +175,7 @@ class RefundRequest(_Message):
     refund_id: TransactionId
     amount_micros: AmountMicros
     # Kept with the refund and returned with it; Postgres refuses a NUL in text.
-    reason: Annotated[str, Meta(max_length=500, pattern=r"^[^\x00]*" + PATTERN_END)] | None = None
+    reason: Annotated[str, Meta(max_length=500, pattern=NO_NUL_PATTERN)] | None = None
 
 
 class ReversalLine(_Message):

@@ -6,7 +6,7 @@ translated to RFC 9457 problem+json (HTTP) once, at the edge.
 
 from __future__ import annotations
 
-from .messages import Problem, ProblemField
+from .messages import PATTERN_MEANINGS, Problem, ProblemField
 
 PROBLEM_TYPE_BASE = "https://problems.dailydoco.dev/"
 
@@ -55,6 +55,15 @@ class InvalidRequest(EngineError):
     """The body parsed but a field breaks its constraints."""
 
     status, slug, title = 422, "validation", "Request failed validation"
+
+
+def validation_message(error: Exception) -> str:
+    """msgspec's message for a value that broke its constraints, each of our
+    patterns named by what it asks for (msgspec quotes the regex, as repr)."""
+    message = str(error)
+    for pattern, meaning in PATTERN_MEANINGS.items():
+        message = message.replace(f"`str` matching regex {pattern!r}", meaning)
+    return message
 
 
 class Unauthorized(EngineError):

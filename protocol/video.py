@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from .messages import ID_PATTERN, PATTERN_END
+from .messages import NO_CONTROL_CHARACTERS_PATTERN, UserId
 
 CHAPTER_S_MIN = 10.0  # YouTube: each chapter at least 10 s
 CHAPTERS_MIN = 3  # YouTube: at least three, the first at 0:00
@@ -125,10 +125,10 @@ VIDEO_UPLOAD_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-mat
 class VideoJobRequest(_Result):
     """A video already on the server, under the engine's video folder."""
 
-    user_id: Annotated[str, Meta(pattern=ID_PATTERN, max_length=128)]
+    user_id: UserId
     # Relative to the video folder. No control characters: no file of ours
     # has one in its name, and a NUL raised where the path is looked up.
-    path: Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+" + PATTERN_END)]
+    path: Annotated[str, Meta(min_length=1, max_length=1024, pattern=NO_CONTROL_CHARACTERS_PATTERN)]
     variants: bool = False  # also encode the 16:9, 9:16 and 1:1 variants (costs more than the analysis)
 
 

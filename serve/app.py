@@ -388,7 +388,7 @@ class EngineApi:
     async def register(self, request: Request) -> Response:
         require_service(await self.principal(request))
         body = await read_body(request, p.RegisterUserRequest)
-        view: p.UserView = await self._shard_of(body.user_id).call("register", body)
+        view: p.RegistrationResult = await self._shard_of(body.user_id).call("register", body)
         return json_response(view, 201 if view.status == "created" else 200)
 
     async def get_user(self, request: Request) -> Response:

@@ -26,7 +26,8 @@ def path_id(request: Request, name: str) -> str:
     Postgres refuses a NUL in text, so `/v1/users/%00/commissions` was a 500."""
     value = request.path_params[name]
     if _ID.search(value) is None:
-        raise p.NotFound(f"{_PATH_ID_NOUNS[name]} {value!r} does not exist: ids match {p.ID_PATTERN}")
+        raise p.NotFound(f"{_PATH_ID_NOUNS[name]} {value!r} does not exist: every id is"
+                         f" {p.PATTERN_MEANINGS[p.ID_PATTERN]}")
     return value
 
 
@@ -50,7 +51,7 @@ def decode_body(body: bytes, type_):
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        message = str(exc)
+        message = p.validation_message(exc)
         match = _PATH_IN_ERROR.search(message)
         path = match.group(1) if match else "$"
         raise p.InvalidRequest(message, errors=[p.ProblemField(path=path, message=message)]) from exc

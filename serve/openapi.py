@@ -77,7 +77,7 @@ class Route(NamedTuple):
 
 ROUTES = [
     Route("post", "/v1/users", "Register a user, optionally under a referral code",
-          p.RegisterUserRequest, p.UserView, CREATED_OR_REPLAYED, "api_key"),
+          p.RegisterUserRequest, p.RegistrationResult, CREATED_OR_REPLAYED, "api_key"),
     Route("get", "/v1/users/{user_id}", "A user's record", None, p.UserView, OK, "either"),
     Route("post", "/v1/users/{user_id}/tokens", "Issue a user token (PASETO v4.public)",
           p.TokenRequest, p.TokenView, CREATED, "api_key"),

@@ -117,7 +117,7 @@ class VideoJobs:
             try:
                 body = msgspec.convert({**query, "path": "upload"}, VideoJobRequest, strict=False)
             except msgspec.ValidationError as exc:
-                raise p.InvalidRequest(f"query parameters: {exc}") from exc
+                raise p.InvalidRequest(f"query parameters: {p.validation_message(exc)}") from exc
             user_id = body.user_id
             await self._require_user(user_id)
             source = await self._receive_upload(request, job_id)
