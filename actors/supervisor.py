@@ -21,6 +21,7 @@ import logging
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.priority import run_as_background
@@ -34,7 +35,14 @@ from .commission_chain import CommissionChainActor
 from .live_publisher import publishing_ledger
 from .outbox_relay import OutboxRelayActor
 from .recovery import checkpoint_all
-from .refs import RELAY_NAME, VIDEO_PROCESSOR_NAME, RayShardRouter, chain_actor_name, shard_actor_name
+from .refs import (
+    RELAY_NAME,
+    SUPERVISOR_NAME,
+    VIDEO_PROCESSOR_NAME,
+    RayShardRouter,
+    chain_actor_name,
+    shard_actor_name,
+)
 from .user_shard import UserShardActor
 
 # A death is seen at once (each actor's standing `watched` call fails); pings
@@ -99,7 +107,32 @@ class SupervisorActor:
         gpus = 1 if name == VIDEO_PROCESSOR_NAME and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         return cls.options(
             name=name, namespace=self.config.namespace, lifetime="detached", get_if_exists=True, num_gpus=gpus,
+            scheduling_strategy="DEFAULT" if gpus else self._node_in_turn(name),
         ).remote(*args)
+
+    def _lives(self, name: str) -> bool:
+        """Whether an actor holds `name` now (a dead one no longer does)."""
+        try:
+            ray.get_actor(name, namespace=self.config.namespace)
+        except ValueError:
+            return False
+        return True
+
+    def _node_in_turn(self, name: str):
+        """The node for `name`: the engine's actors dealt over the live nodes
+        that offer CPUs, in turn, in the order of `_specs`. Ray places an
+        actor that asks for no resources on a node at random, whatever the
+        strategy but a hard node affinity (ray-project/ray#25360; SPREAD and
+        a soft affinity were random here too, with two nodes): a machine
+        could hold every shard and another none. Hard: should the node die
+        before the actor is placed, its creation fails and the next heal
+        deals it over the nodes left, as it does an actor whose node died
+        under it. Actors stay where they are when nodes join."""
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        if len(nodes) < 2:
+            return "DEFAULT"
+        position = next(i for i, (spec_name, _, _) in enumerate(self._specs()) if spec_name == name)
+        return NodeAffinitySchedulingStrategy(nodes[position % len(nodes)], soft=False)
 
     async def _start_until_it_holds(self) -> None:
         while True:
@@ -124,11 +157,23 @@ class SupervisorActor:
             self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
         async with self.pool.acquire() as conn:
             await ensure_ledger_partitions(conn)
+        adopted = []
         for name, cls, args in self._specs():
+            if self._lives(name):
+                adopted.append(name)
             self.handles[name] = self._create(name, cls, args)
         await asyncio.wait_for(
             asyncio.gather(*(h.ready.remote() for h in self.handles.values())), ACTOR_START_TIMEOUT_S
         )
+        # A shard that outlived the supervisor before this start may have
+        # missed a delivery for good: a writer that died between its commit
+        # and its delivery while no supervisor watched (heal would have
+        # reloaded the survivors), or the last supervisor itself, which
+        # writes approvals and payouts. Before session 38 only heal reloaded,
+        # and a host lost with the supervisor and a chain on it left the
+        # shards on other hosts short of the chain's last commit.
+        shards = {shard_actor_name(i) for i in range(self.config.shard_actors)}
+        await asyncio.gather(*(self.handles[name].reload.remote() for name in adopted if name in shards))
         self._loops = [asyncio.create_task(self._watch(name)) for name in self.handles] + [
             asyncio.create_task(self._every(HANG_CHECK_INTERVAL_S, self.heal)),
             asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.approve_due)),
@@ -236,6 +281,14 @@ class SupervisorActor:
             await ensure_ledger_partitions(conn)
         now, offset_s = await self.ledger.engine_now()
         return ClockView(now=now, offset_s=offset_s)
+
+    async def placement(self) -> dict[str, str]:
+        """The Ray node of each of the engine's actors, by actor name, the
+        supervisor's own included."""
+        await self._started()
+        names = list(self.handles)
+        nodes = await asyncio.gather(*(self.handles[name].node_id.remote() for name in names))
+        return {SUPERVISOR_NAME: ray.get_runtime_context().get_node_id(), **dict(zip(names, nodes, strict=True))}
 
     def restart_counts(self) -> dict[str, int]:
         return dict(self.restarts)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import ray
+
 
 class Watched:
     """Mixed into each actor class the supervisor runs (actors/supervisor.py)."""
@@ -20,3 +22,7 @@ class Watched:
             self._watcher.set()
         self._watcher = watcher = asyncio.Event()
         await watcher.wait()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (see SupervisorActor.placement)."""
+        return ray.get_runtime_context().get_node_id()

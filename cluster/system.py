@@ -84,7 +84,7 @@ SERVE_SETTINGS = {
 }
 
 
-def _ray_env(config: EngineConfig) -> None:
+def ray_env(config: EngineConfig) -> None:
     """Serve and Ray read these at start, in every process Ray starts: set them
     first. A variable already set (by an operator) is left as it is."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -170,7 +170,7 @@ class EngineSystem:
         return self
 
     def _start_ray(self) -> None:
-        _ray_env(self.config)
+        ray_env(self.config)
         import ray
         from ray import serve
 

@@ -13,14 +13,14 @@ from tests.conftest import may_raise_priority
 PROBE = """
 import json, os
 from dailydoco.cluster.config import load_config
-from dailydoco.cluster.system import _ray_env
-_ray_env(load_config(state_dir="/tmp/unused"))
+from dailydoco.cluster.system import ray_env
+ray_env(load_config(state_dir="/tmp/unused"))
 print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(("RAY_", "REPORTER_"))}))
 """
 
 
 def _ray_env_of(**env) -> dict[str, str]:
-    # In a child process: _ray_env writes os.environ, which this session's Ray shares.
+    # In a child process: ray_env writes os.environ, which this session's Ray shares.
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "REPORTER_", "DD_"))}
     out = subprocess.run([sys.executable, "-c", PROBE], env=clean | env, check=True, capture_output=True, text=True,
                          timeout=60).stdout

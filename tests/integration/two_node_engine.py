@@ -1,0 +1,202 @@
+"""The engine on a Ray cluster of two nodes, one of which dies under purchases.
+
+Run by tests/integration/test_two_nodes.py in a process of its own (a
+process joins one Ray cluster, and the test session's engine has its own):
+
+    python -m tests.integration.two_node_engine '<json arguments>'
+
+It prints one line of JSON with what it saw; the test judges it. Both nodes
+run on this machine (ray.cluster_utils.Cluster: a raylet, object store and
+workers each), on loopback, as two hosts would run them; removing the worker
+node kills its raylet and every process on it, as a lost host would. The
+supervisor is moved onto that node first (Ray places it at random), so that
+it is lost with the writers beside it.
+
+The nodes take Serve's default proxy, not the HAProxy ingress: each host runs
+its own HAProxy, whose side ports `ray_env` sets per machine, so two nodes on
+one machine would share them. What this checks is the engine's actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import ray
+from ray.cluster_utils import Cluster
+
+from dailydoco.actors.refs import SUPERVISOR_NAME
+from dailydoco.cluster.config import load_config
+from dailydoco.cluster.system import EngineSystem, ray_env
+from tests.conftest import free_port, migrated_database
+
+SHARD_ACTORS = 3
+CHAIN_ACTORS = 2
+BUYERS = 4
+USERS = 9  # a chain: the last three buy, so every level is paid
+PURCHASING_BEFORE_S = 5.0
+PURCHASING_AFTER_S = 8.0
+HEALED_WITHIN_S = 60.0
+SUPERVISOR_MOVES_MAX = 20  # each lands on the worker with even odds
+SETTLED_WITHIN_S = 15.0
+# Both nodes on loopback: Ray takes a node's address from its route out
+# unless it believes it runs on one machine, as this setting tells it.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _purchase(api: httpx.Client, transaction_id: str, user_id: str, amount_micros: int) -> int:
+    """Send until acknowledged, the same body each time (what a client does
+    through a failure); returns the attempts that were not."""
+    for failed in range(300):
+        try:
+            r = api.post("/v1/transactions", json={"transaction_id": transaction_id, "user_id": user_id,
+                                                   "amount_micros": amount_micros, "currency": "USD"})
+            if r.status_code in (200, 201):
+                return failed
+            if r.status_code != 503:
+                raise AssertionError(f"{transaction_id}: {r.status_code} {r.text}")
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{transaction_id} was never acknowledged")
+
+
+def _supervisor_onto(system: EngineSystem, node_id: str) -> int:
+    """Kill the supervisor until Ray restarts it on `node_id` (Ray places it
+    at random), so that losing that node loses the supervisor with the
+    writers beside it: the case in which shards elsewhere miss a delivery
+    unless the restarted supervisor reloads them. Returns the kills."""
+    for kills in range(SUPERVISOR_MOVES_MAX + 1):
+        placement, deadline = None, time.monotonic() + HEALED_WITHIN_S
+        while placement is None and time.monotonic() < deadline:
+            placement = _placement(system)
+        if placement is not None and placement[SUPERVISOR_NAME] == node_id:
+            return kills
+        ray.kill(system.supervisor, no_restart=False)
+        time.sleep(0.5)
+    raise AssertionError(f"the supervisor never came back on node {node_id}")
+
+
+def _placement(system: EngineSystem) -> dict[str, str] | None:
+    try:
+        return ray.get(system.supervisor.placement.remote(), timeout=10)
+    except ray.exceptions.RayError:
+        return None  # an actor is dead and not yet recreated, or the supervisor is starting
+
+
+async def _ledger(url: str) -> tuple[dict[str, int], dict[str, int]]:
+    conn = await asyncpg.connect(url)
+    try:
+        counts = {r[0]: r[1] for r in await conn.fetch(
+            "SELECT transaction_id, count(*) FROM transactions GROUP BY 1")}
+        sums = {r[0]: int(r[1]) for r in await conn.fetch(
+            "SELECT beneficiary_id, sum(amount_micros) FROM commission_ledger GROUP BY 1")}
+    finally:
+        await conn.close()
+    return counts, sums
+
+
+def main(args: dict) -> dict:
+    url = asyncio.run(migrated_database(args["postgres_server_url"], args["database"]))
+    config = load_config(state_dir=args["state_dir"], postgres_url=url, nats_url=args["nats_url"],
+                         redis_url=args["redis_url"], http_port=free_port(), shard_actors=SHARD_ACTORS,
+                         chain_actors=CHAIN_ACTORS,
+                         namespace=args["namespace"], haproxy=False)
+    # What ray_cluster.yaml sets for `ray start` on every host (Ray's
+    # telemetry off, Serve's settings), here for the nodes this process starts.
+    ray_env(config)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        # A lost node is declared dead within about 3 s, not Ray's 30.
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    worker = cluster.add_node(num_cpus=1)
+    head_id = cluster.head_node.node_id
+    try:
+        ray.init(address=cluster.address, namespace=args["namespace"], include_dashboard=False, log_to_driver=False)
+        cluster.wait_for_nodes()
+        system = EngineSystem(config).start()
+        supervisor_moves = _supervisor_onto(system, worker.node_id)
+        before = _placement(system)
+        keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
+        api = httpx.Client(base_url=system.url, headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
+
+        users, code = [], None
+        for i in range(USERS):
+            body = {"user_id": f"{args['namespace']}-u{i}"} | ({"referral_code": code} if code else {})
+            r = api.post("/v1/users", json=body)
+            assert r.status_code == 201, r.text
+            users.append(r.json()["user_id"])
+            code = r.json()["referral_code"]
+
+        acknowledged: list[str] = []
+        failed_attempts: list[int] = []
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def buyer(k: int) -> None:
+            n = k
+            try:
+                while not stop.is_set():
+                    tid = f"{args['namespace']}-t{n}"
+                    failed_attempts.append(_purchase(api, tid, users[-1 - n % 3], 1_000_000 + n))
+                    acknowledged.append(tid)
+                    n += BUYERS
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=buyer, args=(k,)) for k in range(BUYERS)]
+        for thread in threads:
+            thread.start()
+        time.sleep(PURCHASING_BEFORE_S)
+        acknowledged_before_loss = len(acknowledged)
+        lost_at = time.monotonic()
+        cluster.remove_node(worker)
+        after, healed_after_s = None, None
+        while time.monotonic() - lost_at < HEALED_WITHIN_S:
+            after = _placement(system)
+            if after is not None and set(after.values()) == {head_id}:
+                healed_after_s = time.monotonic() - lost_at
+                break
+            time.sleep(0.2)
+        time.sleep(PURCHASING_AFTER_S)
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+        # Shards trail the ledger by tens of milliseconds: read until they agree.
+        settle_until = time.monotonic() + SETTLED_WITHIN_S
+        while True:
+            counts, sums = asyncio.run(_ledger(url))
+            served = {}
+            for user in users:
+                balances = api.get(f"/v1/users/{user}/balance").json()["balances"]
+                served[user] = balances[0]["pending_micros"] if balances else 0
+            expected = {user: sums.get(user, 0) for user in users}
+            if served == expected or time.monotonic() > settle_until:
+                break
+            time.sleep(0.5)
+        return {
+            "head": head_id, "worker": worker.node_id, "supervisor_moves": supervisor_moves,
+            "placement_before": before, "placement_after": after, "healed_after_s": healed_after_s,
+            "acknowledged_before_loss": acknowledged_before_loss, "acknowledged": acknowledged,
+            "failed_attempts": sum(failed_attempts), "errors": errors,
+            "ledger_counts": {tid: counts.get(tid, 0) for tid in acknowledged},
+            "transactions_in_ledger": len(counts),
+            "served_balances": served, "ledger_balances": expected,
+            "ready": api.get("/readyz").status_code,
+            "restarts": ray.get(system.supervisor.restart_counts.remote()),
+        }
+    finally:
+        # Every actor ends with its cluster; Serve's graceful stop would wait for nothing.
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))), flush=True)
