@@ -76,6 +76,8 @@ def _supervisor_onto(system: EngineSystem, node_id: str) -> int:
         placement, deadline = None, time.monotonic() + HEALED_WITHIN_S
         while placement is None and time.monotonic() < deadline:
             placement = _placement(system)
+            if placement is None:
+                time.sleep(0.2)
         if placement is not None and placement[SUPERVISOR_NAME] == node_id:
             return kills
         ray.kill(system.supervisor, no_restart=False)
