@@ -8,6 +8,8 @@ import time
 
 import httpx
 
+from dailydoco.protocol import PROBLEM_MEDIA_TYPE
+
 from .simulator import ViralNetwork
 
 DEMO_BATCH_TRANSACTIONS = 500
@@ -15,9 +17,9 @@ HTTP_TIMEOUT_S = 30.0
 # Long enough for an embedded server to be started again (`dailydoco up`
 # restarts one that dies; a crashed Postgres replays its WAL first).
 RETRY_FOR_S = 120.0
-RETRY_WAIT_UNSAID_S = 1.0  # after a lost connection, or a 503 without Retry-After
+RETRY_WAIT_UNSAID_S = 1.0  # after a lost connection, or a 5xx without Retry-After
 RETRY_WAIT_MAX_S = 5.0
-RETRY_LOG_BODY_CHARS_MAX = 200  # of a 503's problem+json, in the line that logs its retry
+RETRY_LOG_BODY_CHARS_MAX = 200  # of a retried answer's body, in the line that logs its retry
 DEMO_TOKEN_TTL_S = 24 * 3600  # the printed live-page link works for a day
 
 log = logging.getLogger("dailydoco.client")
@@ -27,11 +29,10 @@ class ApiClient:
     """A thin synchronous client for backends, scripts and the demo.
 
     Every call it makes is safe to send again: each write carries its key
-    (`user_id`, `transaction_id`), which makes it idempotent. So a 503 (the
-    engine's answer while its database or cache is restarting, and the
-    ingress's while no API replica answers: cluster/ingress_errors.py) or a
-    lost connection is retried with the same body, after the `Retry-After`
-    the engine sends, for up to RETRY_FOR_S; any other error is raised.
+    (`user_id`, `transaction_id`), which makes it idempotent. So an answer
+    that leaves the request undone or unknown (`retryable`) or a lost
+    connection is retried with the same body, after the `Retry-After` the
+    engine sends, for up to RETRY_FOR_S; any other error is raised.
     """
 
     def __init__(self, base_url: str, api_key: str):
@@ -47,9 +48,10 @@ class ApiClient:
                     raise
                 wait_s, why = RETRY_WAIT_UNSAID_S, repr(exc)
             else:
-                if response.status_code != 503 or time.monotonic() >= deadline:
+                if not retryable(response) or time.monotonic() >= deadline:
                     return self._ok(response)
-                wait_s, why = _retry_after_s(response), "503 " + response.text[:RETRY_LOG_BODY_CHARS_MAX]
+                wait_s = _retry_after_s(response)
+                why = f"{response.status_code} {response.text[:RETRY_LOG_BODY_CHARS_MAX]}"
             log.warning("%s %s: %s; retrying in %.1f s", method, path, why, wait_s)
             time.sleep(wait_s)
 
@@ -72,6 +74,25 @@ class ApiClient:
 
     def post(self, path: str, body: dict) -> dict:
         return self._send("POST", path, body)
+
+
+def retryable(response: httpx.Response) -> bool:
+    """Whether an answer leaves its request undone, or its outcome unknown,
+    so that the same request sent again finishes it.
+
+    The engine's own: a 503 (its database or cache restarting, a write whose
+    commit went unanswered); the ingress's 503 too (no API replica answered:
+    cluster/ingress_errors.py). And any 5xx that is not the engine's
+    problem+json, but a proxy's in front of it: Serve's default proxy
+    answers a plain-text 500 for a request whose replica died holding it (its
+    node lost, say), whether or not its write had committed; a load
+    balancer's 502 or 504 says as little. The engine's own 500 is a bug,
+    which the same request would meet again: that is raised.
+    """
+    if response.status_code == 503:
+        return True
+    media_type = response.headers.get("content-type", "").partition(";")[0].strip()
+    return response.status_code >= 500 and media_type != PROBLEM_MEDIA_TYPE
 
 
 def _retry_after_s(response: httpx.Response) -> float:

@@ -31,7 +31,7 @@ INGRESS_UNAVAILABLE = p.ServiceUnavailable(
 def unavailable_page() -> bytes:
     body = msgspec.json.encode(INGRESS_UNAVAILABLE.problem())
     head = ("HTTP/1.1 503 Service Unavailable\r\n"
-            "Content-Type: application/problem+json\r\n"
+            f"Content-Type: {p.PROBLEM_MEDIA_TYPE}\r\n"
             f"Retry-After: {INGRESS_RETRY_AFTER_S}\r\n"
             "Cache-Control: no-store\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")

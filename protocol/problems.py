@@ -9,6 +9,9 @@ from __future__ import annotations
 from .messages import PATTERN_MEANINGS, Problem, ProblemField
 
 PROBLEM_TYPE_BASE = "https://problems.dailydoco.dev/"
+# Every error the engine answers has this type (RFC 9457), the ingress's
+# own included: a client tells the engine's answers from a proxy's by it.
+PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 class EngineError(Exception):

@@ -89,7 +89,7 @@ def _problem(error: p.EngineError, instance: str, headers: Mapping[str, str] | N
     return Response(
         _ENCODER.encode(error.problem(instance=instance)),
         status_code=error.status,
-        media_type="application/problem+json",
+        media_type=p.PROBLEM_MEDIA_TYPE,
         headers=headers,
     )
 

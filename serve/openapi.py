@@ -124,7 +124,7 @@ def openapi_document() -> dict:
     types = {t for r in ROUTES for t in (r.request, r.response) if isinstance(t, type)} | {p.Problem}
     (_, components) = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__),
                                                      ref_template="#/components/schemas/{name}")
-    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    problem = {p.PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
     paths: dict = {}
     for route in ROUTES:
         content = route.response if isinstance(route.response, dict) else {

@@ -1,5 +1,6 @@
 """The client of cluster/demo.py against a scripted HTTP server: what it
-retries (a 503, the ingress's among them) and what it raises."""
+retries (a 503, the ingress's among them, and a proxy's 5xx) and what it
+raises."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ENGINE_ERROR_BODY = json.dumps({"type": "about:blank", "title": "Internal Server
 
 
 def _answer(status: int, content_type: str, body: bytes) -> bytes:
-    reason = {200: "OK", 500: "Internal Server Error"}[status]
+    reason = {200: "OK", 500: "Internal Server Error", 502: "Bad Gateway"}[status]
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
             .encode() + body)
 
@@ -52,6 +53,20 @@ def test_the_ingress_503_is_retried_with_the_same_body(scripted_server, monkeypa
     client = demo.ApiClient(url, "key")
     purchase = [{"transaction_id": "t-1", "user_id": "u-1", "amount_micros": 1_000_000}]
     assert client.purchases(purchase) == {"created": 1, "replayed": 0, "failed": 0}
+    assert len(received) == 3 and len(set(received)) == 1
+
+
+def test_a_proxys_own_5xx_is_retried_with_the_same_body(scripted_server, monkeypatch):
+    monkeypatch.setattr(demo, "RETRY_WAIT_UNSAID_S", 0.01)  # they say no Retry-After
+    # Serve's default proxy answers so for a request whose replica died
+    # holding it (seen when a node was lost: the write had committed).
+    url, answers, received = scripted_server
+    answers += [_answer(500, "text/plain; charset=utf-8", b"Internal Server Error"),
+                _answer(502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+                _answer(200, "application/json", b'{"created": 0, "replayed": 1, "failed": 0}')]
+    client = demo.ApiClient(url, "key")
+    purchase = [{"transaction_id": "t-3", "user_id": "u-1", "amount_micros": 1_000_000}]
+    assert client.purchases(purchase) == {"created": 0, "replayed": 1, "failed": 0}
     assert len(received) == 3 and len(set(received)) == 1
 
 
