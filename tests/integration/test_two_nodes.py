@@ -13,6 +13,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from dailydoco.actors.refs import SUPERVISOR_NAME, shard_actor_name
 
 from .two_node_engine import LOOPBACK_ENV, SHARD_ACTORS
@@ -21,11 +23,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCENARIO_TIMEOUT_S = 400
 
 
-def test_the_engine_spans_two_nodes_and_losing_one_loses_nothing(servers, tmp_path):
+@pytest.mark.parametrize("haproxy", [True, False], ids=["haproxy", "serve-proxy"])
+def test_the_engine_spans_two_nodes_and_losing_one_loses_nothing(servers, tmp_path, haproxy):
     postgres_url, nats_url, redis_url = servers
+    ingress = "haproxy" if haproxy else "serve_proxy"
     args = {"postgres_server_url": postgres_url, "nats_url": nats_url, "redis_url": redis_url,
-            "state_dir": str(tmp_path), "namespace": f"dd-two-nodes-{os.getpid()}",
-            "database": f"dailydoco_two_nodes_{os.getpid()}"}
+            "state_dir": str(tmp_path), "namespace": f"dd-two-nodes-{ingress}-{os.getpid()}",
+            "database": f"dailydoco_two_nodes_{ingress}_{os.getpid()}", "haproxy": haproxy}
     run = subprocess.run([sys.executable, "-m", "tests.integration.two_node_engine", json.dumps(args)],
                          cwd=ROOT, env=os.environ | LOOPBACK_ENV, capture_output=True, text=True,
                          timeout=SCENARIO_TIMEOUT_S)
@@ -40,6 +44,13 @@ def test_the_engine_spans_two_nodes_and_losing_one_loses_nothing(servers, tmp_pa
     per_node = collections.Counter(before.values())
     assert set(per_node) == {head, worker} and abs(per_node[head] - per_node[worker]) <= 1, before
     assert {before[shard_actor_name(i)] for i in range(SHARD_ACTORS)} == {head, worker}, before
+    # The API replicas too, one a node; the head's outlived the loss. Each
+    # node ran an HAProxy on the API's port; the head's still does.
+    assert sorted(seen["api_replicas_before"]) == sorted([head, worker])
+    assert seen["api_replicas_after"] == [head]
+    if haproxy:
+        assert seen["ingress_before"] == {head: True, worker: True}
+        assert seen["ingress_after"] == {head: True, worker: False}
 
     # The lost node's actors were made again on the node left.
     assert seen["healed_after_s"] is not None, seen["placement_after"]

@@ -12,16 +12,19 @@ node kills its raylet and every process on it, as a lost host would. The
 supervisor is moved onto that node first (Ray places it at random), so that
 it is lost with the writers beside it.
 
-The nodes take Serve's default proxy, not the HAProxy ingress: each host runs
-its own HAProxy, whose side ports `ray_env` sets per machine, so two nodes on
-one machine would share them. What this checks is the engine's actors.
+Either ingress (`haproxy` in the arguments): Serve runs one on each node
+that holds an API replica, and the engine puts one replica on each node.
+The ingresses of both nodes take the API's port, as on hosts of their own
+behind a load balancer; a lost node loses its ingress with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -29,13 +32,15 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import ray
+from ray._private import state as ray_state
 from ray.cluster_utils import Cluster
 
 from dailydoco.actors.refs import SUPERVISOR_NAME
 from dailydoco.cluster.config import load_config
 from dailydoco.cluster.demo import retryable
-from dailydoco.cluster.system import EngineSystem, ray_env
+from dailydoco.cluster.system import EngineSystem, ray_env, serve_app_name
 from tests.conftest import free_port, migrated_database
 
 SHARD_ACTORS = 3
@@ -91,6 +96,35 @@ def _supervisor_onto(system: EngineSystem, node_id: str) -> int:
     raise AssertionError(f"the supervisor never came back on node {node_id}")
 
 
+def _api_replica_nodes(config) -> list[str]:
+    """The node of each live API replica of the home region. Ray's actor
+    table says where an actor runs: its public state API needs the
+    dashboard, which the engine does not start."""
+    prefix = f"SERVE_REPLICA::{serve_app_name(config, config.region)}#"
+    return sorted(actor["Address"]["NodeID"] for actor in ray_state.actors().values()
+                  if actor["State"] == "ALIVE" and actor["Name"].startswith(prefix))
+
+
+def _ingresses(node_id: str) -> list[psutil.Process]:
+    """The HAProxy processes of a node: Ray puts each node's config in a folder named by its id."""
+    return [process for process in psutil.process_iter(["name", "cmdline"])
+            if process.info["name"] == "haproxy" and any(node_id in arg for arg in process.info["cmdline"] or ())]
+
+
+def _ingress_listening(config, node_ids: list[str]) -> dict[str, bool] | None:
+    """Whether each node's HAProxy listens on the API's port (None: Serve's proxy)."""
+    if not config.haproxy:
+        return None
+    listening = {}
+    for node_id in node_ids:
+        listening[node_id] = False
+        for process in _ingresses(node_id):
+            with contextlib.suppress(psutil.Error):
+                listening[node_id] |= any(c.status == psutil.CONN_LISTEN and c.laddr.port == config.http_port
+                                          for c in process.net_connections("tcp"))
+    return listening
+
+
 def _placement(system: EngineSystem) -> dict[str, str] | None:
     try:
         return ray.get(system.supervisor.placement.remote(), timeout=10)
@@ -115,10 +149,15 @@ def main(args: dict) -> dict:
     config = load_config(state_dir=args["state_dir"], postgres_url=url, nats_url=args["nats_url"],
                          redis_url=args["redis_url"], http_port=free_port(), shard_actors=SHARD_ACTORS,
                          chain_actors=CHAIN_ACTORS,
-                         namespace=args["namespace"], haproxy=False)
+                         namespace=args["namespace"], haproxy=args["haproxy"])
     # What ray_cluster.yaml sets for `ray start` on every host (Ray's
     # telemetry off, Serve's settings), here for the nodes this process starts.
     ray_env(config)
+    # Both nodes' ingresses bind the API's port, each as on its own host: on
+    # one machine only with SO_REUSEPORT, which Serve leaves off (HAProxy's
+    # `-dR`) unless this is set. The kernel then deals the client's
+    # connections over the two, as a load balancer would over hosts.
+    os.environ["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "1"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         # A lost node is declared dead within about 3 s, not Ray's 30.
@@ -131,6 +170,8 @@ def main(args: dict) -> dict:
         system = EngineSystem(config).start()
         supervisor_moves = _supervisor_onto(system, worker.node_id)
         before = _placement(system)
+        api_replicas_before = _api_replica_nodes(config)
+        ingress_before = _ingress_listening(config, [head_id, worker.node_id])
         keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
         api = httpx.Client(base_url=system.url, headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
 
@@ -165,6 +206,8 @@ def main(args: dict) -> dict:
         acknowledged_before_loss = len(acknowledged)
         lost_at = time.monotonic()
         cluster.remove_node(worker)
+        for process in _ingresses(worker.node_id):  # a grandchild, which Ray leaves; the host would not
+            process.kill()
         after, healed_after_s = None, None
         while time.monotonic() - lost_at < HEALED_WITHIN_S:
             after = _placement(system)
@@ -192,6 +235,9 @@ def main(args: dict) -> dict:
         return {
             "head": head_id, "worker": worker.node_id, "supervisor_moves": supervisor_moves,
             "placement_before": before, "placement_after": after, "healed_after_s": healed_after_s,
+            "ingress_before": ingress_before,
+            "ingress_after": _ingress_listening(config, [head_id, worker.node_id]),
+            "api_replicas_before": api_replicas_before, "api_replicas_after": _api_replica_nodes(config),
             "acknowledged_before_loss": acknowledged_before_loss, "acknowledged": acknowledged,
             "unacknowledged": unacknowledged, "errors": errors,
             "ledger_counts": {tid: counts.get(tid, 0) for tid in acknowledged},
