@@ -52,6 +52,7 @@ PURCHASING_AFTER_S = 8.0
 HEALED_WITHIN_S = 60.0
 SUPERVISOR_MOVES_MAX = 20  # each lands on the worker with even odds
 SETTLED_WITHIN_S = 15.0
+INGRESS_LISTENING_WITHIN_S = 30.0
 # Both nodes on loopback: Ray takes a node's address from its route out
 # unless it believes it runs on one machine, as this setting tells it.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -171,7 +172,12 @@ def main(args: dict) -> dict:
         supervisor_moves = _supervisor_onto(system, worker.node_id)
         before = _placement(system)
         api_replicas_before = _api_replica_nodes(config)
-        ingress_before = _ingress_listening(config, [head_id, worker.node_id])
+        # Serve starts a node's ingress once a replica runs there, after the
+        # application is ready: give it a moment.
+        listening_until = time.monotonic() + INGRESS_LISTENING_WITHIN_S
+        while (ingress_before := _ingress_listening(config, [head_id, worker.node_id])) and not all(
+                ingress_before.values()) and time.monotonic() < listening_until:
+            time.sleep(0.2)
         keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
         api = httpx.Client(base_url=system.url, headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
 
