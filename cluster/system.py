@@ -47,13 +47,19 @@ def _haproxy_dir(config: EngineConfig) -> Path:
     return Path(tempfile.gettempdir()) / f"dd-hap-{state_key}"
 
 
-def _reap_haproxy(config: EngineConfig) -> None:
+def haproxy_processes(marker: str) -> list:
+    """The running HAProxy processes with `marker` in their command line:
+    Ray names each node's config in a folder of the node's id, below the
+    deployment's folder (`_haproxy_dir`)."""
     import psutil
 
-    marker = str(_haproxy_dir(config))
-    for process in psutil.process_iter(["name", "cmdline"]):
-        if process.info["name"] == "haproxy" and any(marker in arg for arg in process.info["cmdline"] or ()):
-            process.terminate()
+    return [process for process in psutil.process_iter(["name", "cmdline"])
+            if process.info["name"] == "haproxy" and any(marker in arg for arg in process.info["cmdline"] or ())]
+
+
+def _reap_haproxy(config: EngineConfig) -> None:
+    for process in haproxy_processes(str(_haproxy_dir(config))):
+        process.terminate()
 
 
 # What Ray records for its dashboard and Grafana, none of which the engine

@@ -8,11 +8,10 @@ import subprocess
 import time
 
 import httpx
-import psutil
 
 from dailydoco.cluster.embedded import free_port
 from dailydoco.cluster.ingress_errors import RAY_ERROR_PAGE, install_wrapper, real_haproxy_binary
-from dailydoco.cluster.system import _haproxy_dir
+from dailydoco.cluster.system import _haproxy_dir, haproxy_processes
 
 RAY_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
             b"Internal Server Error")
@@ -71,9 +70,9 @@ def test_the_engines_haproxy_has_read_the_problem_page(engine):
     """The page each running HAProxy of the engine's names in its config is ours."""
     haproxy_dir = str(_haproxy_dir(engine.config))
     configs = set()
-    for process in psutil.process_iter(["name", "cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["name"] == "haproxy" and "-f" in cmdline and haproxy_dir in cmdline[cmdline.index("-f") + 1]:
+    for process in haproxy_processes(haproxy_dir):
+        cmdline = process.info["cmdline"]
+        if "-f" in cmdline and haproxy_dir in cmdline[cmdline.index("-f") + 1]:
             configs.add(cmdline[cmdline.index("-f") + 1])
     assert configs, f"no HAProxy runs with a config under {haproxy_dir}"
     for config in configs:

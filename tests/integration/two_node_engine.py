@@ -40,7 +40,7 @@ from ray.cluster_utils import Cluster
 from dailydoco.actors.refs import SUPERVISOR_NAME
 from dailydoco.cluster.config import load_config
 from dailydoco.cluster.demo import retryable
-from dailydoco.cluster.system import EngineSystem, ray_env, serve_app_name
+from dailydoco.cluster.system import EngineSystem, haproxy_processes, ray_env, serve_app_name
 from tests.conftest import free_port, migrated_database
 
 SHARD_ACTORS = 3
@@ -106,12 +106,6 @@ def _api_replica_nodes(config) -> list[str]:
                   if actor["State"] == "ALIVE" and actor["Name"].startswith(prefix))
 
 
-def _ingresses(node_id: str) -> list[psutil.Process]:
-    """The HAProxy processes of a node: Ray puts each node's config in a folder named by its id."""
-    return [process for process in psutil.process_iter(["name", "cmdline"])
-            if process.info["name"] == "haproxy" and any(node_id in arg for arg in process.info["cmdline"] or ())]
-
-
 def _ingress_listening(config, node_ids: list[str]) -> dict[str, bool] | None:
     """Whether each node's HAProxy listens on the API's port (None: Serve's proxy)."""
     if not config.haproxy:
@@ -119,7 +113,7 @@ def _ingress_listening(config, node_ids: list[str]) -> dict[str, bool] | None:
     listening = {}
     for node_id in node_ids:
         listening[node_id] = False
-        for process in _ingresses(node_id):
+        for process in haproxy_processes(node_id):
             with contextlib.suppress(psutil.Error):
                 listening[node_id] |= any(c.status == psutil.CONN_LISTEN and c.laddr.port == config.http_port
                                           for c in process.net_connections("tcp"))
@@ -212,7 +206,7 @@ def main(args: dict) -> dict:
         acknowledged_before_loss = len(acknowledged)
         lost_at = time.monotonic()
         cluster.remove_node(worker)
-        for process in _ingresses(worker.node_id):  # a grandchild, which Ray leaves; the host would not
+        for process in haproxy_processes(worker.node_id):  # a grandchild, which Ray leaves; the host would not
             process.kill()
         after, healed_after_s = None, None
         while time.monotonic() - lost_at < HEALED_WITHIN_S:
