@@ -1,13 +1,24 @@
-"""The answer HAProxy gives of its own, as problem+json.
+"""How the HAProxy ingress fails: its own answers as problem+json, and the
+requests held by a replica it finds dead cut at once.
 
 Ray 2.60's HAProxy template answers HAProxy's own 502, 503 and 504 (no API
 replica up, or none reached or answering within its timeouts) with one page,
 `500.http` beside its config, which Ray writes as a plain-text "500 Internal
 Server Error" when Serve starts. A client cannot tell that from a bug, and
-is not told to retry. The template reads the page's path from no setting,
-but HAProxy reads the page when it starts, and Ray starts HAProxy (and every
-reload) through `RAY_SERVE_HAPROXY_BINARY_PATH`. So that points at a
-wrapper that writes our page over Ray's, then runs the real HAProxy.
+is not told to retry.
+
+The template health-checks every replica (`/-/healthz`, every 5 s, down
+after two failures), but a replica it marks down keeps the requests it
+already holds: with no server timeout in the template, they wait until Serve
+kills the replica (25 s here, see serve/deployment.py), however long the
+replica has answered nothing. `on-marked-down shutdown-sessions` cuts them
+when HAProxy marks it down (13 s here); the client retries with the same id.
+
+The template reads neither from any setting, but HAProxy reads its config
+and the page when it starts, and Ray starts HAProxy (and every reload)
+through `RAY_SERVE_HAPROXY_BINARY_PATH`. So that points at a wrapper that
+writes our page over Ray's and adds the line to the config's `defaults`
+(every backend's servers inherit it), then runs the real HAProxy.
 """
 
 from __future__ import annotations
@@ -20,12 +31,14 @@ import msgspec
 
 from dailydoco.protocol import problems as p
 
-WRAPPER_NAME = "haproxy-problem-pages"
+WRAPPER_NAME = "haproxy-ingress-errors"
 RAY_ERROR_PAGE = "500.http"  # ray/serve/_private/haproxy.py: beside the config file
 INGRESS_RETRY_AFTER_S = 1
 INGRESS_UNAVAILABLE = p.ServiceUnavailable(
     "no API replica answered in time (overloaded, or restarting); a retry with the same body is safe",
     retry_after_s=INGRESS_RETRY_AFTER_S)
+# For every server of every backend, unless a backend's own line says otherwise.
+CUT_HELD_REQUESTS_WHEN_DOWN = "default-server on-marked-down shutdown-sessions"
 
 
 def unavailable_page() -> bytes:
@@ -42,10 +55,13 @@ def install_wrapper(haproxy_dir: Path, real_haproxy: str) -> Path:
     """Write our page and the wrapper into `haproxy_dir`; return the
     wrapper's path. Ray puts the config (`-f`) and its page in a folder of
     its own below the one it is given, so the wrapper finds the page by the
-    config's path."""
+    config's path. Ray writes the config anew before each start and reload;
+    the wrapper adds its line once, should it see the same file twice."""
     page = haproxy_dir / "unavailable.http"
     page.write_bytes(unavailable_page())
     wrapper = haproxy_dir / WRAPPER_NAME
+    added_line = "    " + CUT_HELD_REQUESTS_WHEN_DOWN
+    add_line_to_defaults = f"s/^defaults$/defaults\\n{added_line}/"  # GNU sed's \n
     # A copy, then a rename: a starting HAProxy never reads half a page.
     wrapper.write_text(f"""#!/bin/sh
 config= previous=
@@ -56,6 +72,8 @@ done
 if [ -n "$config" ]; then
     target="$(dirname "$config")/{RAY_ERROR_PAGE}"
     cp {shlex.quote(str(page))} "$target.new" && mv "$target.new" "$target" || exit 1
+    grep -qxF {shlex.quote(added_line)} "$config" ||
+        sed -i {shlex.quote(add_line_to_defaults)} "$config" || exit 1
 fi
 exec {shlex.quote(real_haproxy)} "$@"
 """)

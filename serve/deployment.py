@@ -14,12 +14,13 @@ from .app import EngineApi, log
 HTTP_ONGOING_REQUESTS_MAX = 2_000
 # Every open live WebSocket holds one of its replica's slots for its whole life.
 LIVE_SOCKETS_PER_REPLICA_MAX = 12_000
-# A replica that stops answering (stopped, hung in native code) holds every
-# request HAProxy gave it until Serve kills it, once three health checks in a
-# row went unanswered for this long each: about 25 s here, against two
-# minutes with Ray's 30 s (and its graceful stop, see cluster/system.py). A
-# replica answers its health check from its own event loop; a loop that
-# cannot within 5 s, three times running, is not serving either.
+# A replica that stops answering (stopped, hung in native code) is killed by
+# Serve once three health checks in a row went unanswered for this long each:
+# about 25 s here, against two minutes with Ray's 30 s (and its graceful stop,
+# see cluster/system.py). Behind Serve's default proxy it holds its requests
+# until then; HAProxy cuts them sooner (cluster/ingress_errors.py). A replica
+# answers its health check from its own event loop; a loop that cannot within
+# 5 s, three times running, is not serving either.
 REPLICA_HEALTH_CHECK_TIMEOUT_S = 5
 REPLICA_HEALTH_CHECK_PERIOD_S = 5
 

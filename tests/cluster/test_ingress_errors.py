@@ -1,16 +1,25 @@
-"""HAProxy's own answers are problem+json 503s: the real HAProxy, started
-through the wrapper the engine gives Ray, over Ray's plain-text page."""
+"""How the HAProxy ingress fails, the real HAProxy started through the
+wrapper the engine gives Ray: its own answers are problem+json 503s, over
+Ray's plain-text page, and a replica it marks down keeps no request."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
 from dailydoco.cluster.embedded import free_port
-from dailydoco.cluster.ingress_errors import RAY_ERROR_PAGE, install_wrapper, real_haproxy_binary
+from dailydoco.cluster.ingress_errors import (
+    CUT_HELD_REQUESTS_WHEN_DOWN,
+    RAY_ERROR_PAGE,
+    install_wrapper,
+    real_haproxy_binary,
+)
 from dailydoco.cluster.system import _haproxy_dir, haproxy_processes
 
 RAY_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
@@ -23,29 +32,28 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_an_ingress_with_no_replica_answers_503_problem_json(tmp_path):
-    ray_dir = tmp_path / "0123abcd"  # Ray writes its files in a folder of its own, below the one it is given
+@contextlib.contextmanager
+def _haproxy(tmp_path: Path, port: int, config_body: str) -> Iterator[None]:
+    """The real HAProxy through the wrapper, on a config laid out as Ray lays
+    it out (in a folder of its own, beside Ray's plain-text page), once it
+    listens on `port`."""
+    ray_dir = tmp_path / "0123abcd"
     ray_dir.mkdir()
     (ray_dir / RAY_ERROR_PAGE).write_bytes(RAY_PAGE)  # as Ray leaves it when Serve starts
-    port, no_replica = free_port(), free_port()
     config = ray_dir / "haproxy.cfg"
-    # The directives Ray's template puts in `defaults`, and a backend whose one
-    # server refuses connections.
+    # The directives Ray's template puts in `defaults`.
     config.write_text(f"""
 defaults
     mode http
     timeout connect 1s
-    timeout client 5s
-    timeout server 5s
+    timeout client 30s
     errorfile 502 {ray_dir / RAY_ERROR_PAGE}
     errorfile 503 {ray_dir / RAY_ERROR_PAGE}
     errorfile 504 {ray_dir / RAY_ERROR_PAGE}
 frontend api
     bind 127.0.0.1:{port}
     default_backend replicas
-backend replicas
-    server replica 127.0.0.1:{no_replica}
-""")
+{config_body}""")
     wrapper = install_wrapper(tmp_path, real_haproxy_binary())
     haproxy = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -55,10 +63,20 @@ backend replicas
             assert haproxy.poll() is None, haproxy.stderr.read().decode()
             assert time.monotonic() < deadline, "HAProxy did not start listening"
             time.sleep(0.05)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/transactions", json={})
+        yield
     finally:
         haproxy.terminate()
         haproxy.wait(timeout=10)
+
+
+def test_an_ingress_with_no_replica_answers_503_problem_json(tmp_path):
+    port, no_replica = free_port(), free_port()
+    with _haproxy(tmp_path, port, f"""
+backend replicas
+    timeout server 5s
+    server replica 127.0.0.1:{no_replica}
+"""):
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/transactions", json={})
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["retry-after"] == "1"
@@ -66,8 +84,45 @@ backend replicas
     assert problem["status"] == 503 and "retry with the same body is safe" in problem["detail"]
 
 
-def test_the_engines_haproxy_has_read_the_problem_page(engine):
-    """The page each running HAProxy of the engine's names in its config is ours."""
+# Health checks as Ray's template writes them, faster: the replica is marked
+# down after two checks of CHECK_INTERVAL_S unanswered.
+CHECK_INTERVAL_S = 1.0
+HELD_REQUEST_TIMEOUT_S = 15.0
+
+
+def test_a_replica_marked_down_keeps_no_request(tmp_path):
+    """A replica that stops answering (here a socket whose process never
+    reads it: the kernel still accepts connections, as for a stopped
+    process) holds the request HAProxy gave it. With no server timeout, as
+    in Ray's template, that request would wait for ever; once the health
+    checks mark the replica down, it is cut, and the client can retry."""
+    port = free_port()
+    with socket.socket() as stopped_replica:
+        stopped_replica.bind(("127.0.0.1", 0))
+        stopped_replica.listen(16)
+        with _haproxy(tmp_path, port, f"""
+backend replicas
+    option httpchk GET /-/healthz
+    http-check expect status 200
+    default-server fastinter 100ms downinter 100ms fall 2 rise 2 inter {int(CHECK_INTERVAL_S * 1000)}ms check
+    server replica 127.0.0.1:{stopped_replica.getsockname()[1]} check
+"""):
+            started = time.monotonic()
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/transactions", json={},
+                                    timeout=HELD_REQUEST_TIMEOUT_S).status_code
+            except httpx.RemoteProtocolError:  # cut before any answer: the client retries it as a 503
+                answer = "cut"
+            held_s = time.monotonic() - started
+    assert answer in (503, "cut"), answer
+    # It reached the replica (not refused at once, the replica already down)
+    # and was cut by the health checks' verdict, not by the client's timeout.
+    assert CHECK_INTERVAL_S / 2 < held_s < HELD_REQUEST_TIMEOUT_S / 2, held_s
+
+
+def test_the_engines_haproxy_runs_with_our_page_and_cuts_what_a_down_replica_holds(engine):
+    """The page each running HAProxy of the engine's names in its config is
+    ours, and its config has the wrapper's line in `defaults`."""
     haproxy_dir = str(_haproxy_dir(engine.config))
     configs = set()
     for process in haproxy_processes(haproxy_dir):
@@ -76,6 +131,9 @@ def test_the_engines_haproxy_has_read_the_problem_page(engine):
             configs.add(cmdline[cmdline.index("-f") + 1])
     assert configs, f"no HAProxy runs with a config under {haproxy_dir}"
     for config in configs:
+        lines = open(config).read().splitlines()
+        assert lines[lines.index("defaults") + 1].strip() == CUT_HELD_REQUESTS_WHEN_DOWN, config
+        assert sum(line.strip() == CUT_HELD_REQUESTS_WHEN_DOWN for line in lines) == 1, config
         pages = {line.split()[2] for line in open(config) if line.split()[:1] == ["errorfile"]}
         assert pages, config
         for page in pages:
