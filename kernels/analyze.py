@@ -69,6 +69,13 @@ _BUILT_GRAPHS: set[tuple] = set()
 _BUILDING_GRAPHS: set[tuple] = set()
 _GRAPHS_LOCK = threading.Lock()
 GRAPH_BUILD_NICENESS = 19
+# A build whose process is killed while it links (a video processor killed
+# mid-job, as test_a_job_survives_its_processor_being_killed does) leaves a
+# truncated shared object in inductor's cache on disk, which inductor takes
+# as built: every later build on the machine failed loading it ("file too
+# short", CI in session 40), and analyses stayed eager for good. A build that
+# fails so removes the file and builds again, up to this many files.
+BROKEN_BUILDS_REMOVED_MAX = 8
 # torch's thread count is the whole process's, and a graph builds beside an
 # analysis: set while any runs, put back when the last ends.
 _TORCH_THREADS_LOCK = threading.Lock()
@@ -189,6 +196,39 @@ def _step_for(key: tuple, backend: str, wait_for_compile: bool, path: str | Path
     return k.batch_step, "eager"
 
 
+def _first_compiled_call(step: Callable, *args, **kwargs):
+    """`step(*args, **kwargs)`, removing broken builds from inductor's cache
+    (BROKEN_BUILDS_REMOVED_MAX) until it runs."""
+    for _ in range(BROKEN_BUILDS_REMOVED_MAX):
+        try:
+            return step(*args, **kwargs)
+        except Exception as exc:
+            broken = _broken_cached_build(exc)
+            if broken is None:
+                raise
+            log.warning("inductor's cache held a broken build, %s (a build killed while linking); removed, "
+                        "building it again", broken)
+            broken.unlink(missing_ok=True)
+    return step(*args, **kwargs)
+
+
+def _broken_cached_build(exc: BaseException) -> Path | None:
+    """The shared object in inductor's cache that `exc` (or what it wraps)
+    failed to load, if that is what failed."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ImportError) and exc.path and exc.path.endswith(".so") \
+                and Path(exc.path).resolve().is_relative_to(Path(cache_dir()).resolve()):
+            return Path(exc.path)
+        # torch's BackendCompilerFailed keeps what the compiler raised as
+        # inner_exception, and is re-raised `from None`.
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def run_kernels(path: str | Path, batch_frames: int = BATCH_FRAMES_DEFAULT, device: torch.device | None = None,
                 progress: Callable[[int, int], None] | None = None, backend: str = "eager",
                 wait_for_compile: bool = True, batches_max: int | None = None):
@@ -237,7 +277,11 @@ def _run_kernels(path, batch_frames, device, progress, backend, wait_for_compile
                     previous_hsv = k.rgb_to_hsv(k.yuv_to_rgb(luma[:1], chroma[:1], **colour))[0]
                     previous_luma = luma[0]
                     previous_dwell = torch.zeros((), dtype=torch.int64, device=device)
-                out = step(luma, chroma, previous_hsv, previous_luma, previous_dwell, **colour)
+                if series.backend == "compile" and batches == 0:  # the call that builds it, or loads it built
+                    out = _first_compiled_call(step, luma, chroma, previous_hsv, previous_luma, previous_dwell,
+                                               **colour)
+                else:
+                    out = step(luma, chroma, previous_hsv, previous_luma, previous_dwell, **colour)
                 if series.backend == "compile" and batches == 0:
                     with _GRAPHS_LOCK:
                         _BUILT_GRAPHS.add(key)

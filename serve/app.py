@@ -37,7 +37,7 @@ from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRevoked
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
-from dailydoco.storage.outbox import stream_epoch
+from dailydoco.storage.outbox import backlog as outbox_backlog, stream_epoch
 from dailydoco.storage.pool import (
     DATABASE_ERRORS,
     OUT_OF_RESOURCES_RETRY_AFTER_S,
@@ -54,7 +54,13 @@ from .auth import Secrets, TokenAuthority, require_admin, require_reader_of, req
 from .openapi import openapi_document
 from .live import CLOSE_REASON_BYTES_MAX, LiveGateway
 from .live_page import live_page_routes
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ReplicaMetrics
+from .metrics import (
+    CONTENT_TYPE as METRICS_CONTENT_TYPE,
+    EngineBacklog,
+    EngineBacklogReader,
+    ReplicaMetrics,
+    backlog_exposition,
+)
 from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
 
@@ -173,6 +179,7 @@ class EngineApi:
         # How often balance reads find a live view in Redis (else the shard answers).
         balance_reads = Counter("dailydoco_balance_reads_total", "Balance reads by where the answer came from",
                                 ["source"], registry=self.registry)
+        self.backlog = EngineBacklogReader(self._read_backlog, DEPENDENCY_CHECK_TIMEOUT_S)
         self.balance_reads_from_view = balance_reads.labels("redis_view")
         self.balance_reads_from_shard = balance_reads.labels("shard")
         if live_gateway:
@@ -568,7 +575,13 @@ class EngineApi:
         return json_response(health, 200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(await self.replica_metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+        replicas, backlog = await asyncio.gather(self.replica_metrics.exposition(), self.backlog.current())
+        return Response(replicas + backlog_exposition(backlog), media_type=METRICS_CONTENT_TYPE)
+
+    async def _read_backlog(self) -> EngineBacklog:
+        (outbox_rows, outbox_oldest_age_s), payouts = await asyncio.gather(
+            outbox_backlog(self.pool), self.ledger.unfinished_payout_ids())
+        return EngineBacklog(outbox_rows, outbox_oldest_age_s, len(payouts))
 
     async def openapi(self, request: Request) -> Response:
         return json_response(self._openapi)

@@ -7,6 +7,10 @@ replica writes its exposition to one Redis hash every
 replica heard from in the last `REPLICA_METRICS_STALE_S`, as last written,
 each labelled with its `replica`: at most an interval old. Sum across
 replicas in the query (`sum without (replica) (...)`).
+
+Beside them, the engine's backlog (`EngineBacklog`), read from Postgres by
+the replica a scrape reaches: one value for the whole engine, with no
+`replica` label, and the same in every region's scrape.
 """
 
 from __future__ import annotations
@@ -16,12 +20,17 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import redis.asyncio as redis
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from dailydoco.actors.batching import start_shared_task
+from dailydoco.storage.outbox import BACKLOG_COUNT_MAX
+from dailydoco.storage.pool import answered_within
 
 REPLICA_METRICS_INTERVAL_S = 1.0
 # A replica not heard from for this long is gone (stopped, replaced): its
@@ -105,3 +114,60 @@ class ReplicaMetrics:
             except (OSError, redis.RedisError):
                 pass  # the next scrape drops them again
         return generate_latest(families)
+
+
+class EngineBacklog(msgspec.Struct, frozen=True):
+    """What the engine owes and has not done yet: what an operator alerts on."""
+
+    outbox_rows: int  # live events committed and not yet published to NATS (counted up to a cap)
+    outbox_oldest_age_s: float
+    payouts_unfinished: int  # cut short; the supervisor finishes them
+
+
+# /metrics is open to anyone: however often it is scraped, a replica reads
+# the backlog from Postgres at most this often, and concurrent scrapes share
+# one read.
+BACKLOG_READ_EVERY_S = 5.0
+
+
+class EngineBacklogReader:
+    def __init__(self, read: Callable[[], Awaitable[EngineBacklog]], timeout_s: float):
+        self._read = read
+        self._timeout_s = timeout_s
+        self._last: asyncio.Task | None = None
+        self._last_started_at = 0.0
+
+    async def current(self) -> EngineBacklog | None:
+        """The backlog read at most BACKLOG_READ_EVERY_S ago; None if that
+        read failed or took over `timeout_s` (Postgres away or stalled: a
+        scrape must answer meanwhile, and say so)."""
+        if self._last is None or time.monotonic() - self._last_started_at >= BACKLOG_READ_EVERY_S:
+            self._last_started_at = time.monotonic()
+            self._last = start_shared_task(self._read_within())
+        return await asyncio.shield(self._last)  # a scraper that hangs up leaves the read to the others
+
+    async def _read_within(self) -> EngineBacklog | None:
+        try:
+            return await answered_within(self._read(), self._timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported in the scrape, as readiness does
+            log.warning("reading the engine's backlog for /metrics failed: %r", exc)
+            return None
+
+
+def backlog_exposition(backlog: EngineBacklog | None) -> bytes:
+    """`backlog` as Prometheus text; None: `dailydoco_engine_backlog_up 0`
+    alone, rather than values that are not known."""
+    registry = CollectorRegistry()
+    Gauge("dailydoco_engine_backlog_up", "1 if Postgres answered the last read of the backlog in time",
+          registry=registry).set(backlog is not None)
+    if backlog is not None:
+        Gauge("dailydoco_outbox_rows",
+              f"Live events committed and not yet published to NATS (counted up to {BACKLOG_COUNT_MAX:,})",
+              registry=registry).set(backlog.outbox_rows)
+        Gauge("dailydoco_outbox_oldest_row_age_seconds",
+              "Age of the oldest unpublished live event, by Postgres's clock (0: none)",
+              registry=registry).set(backlog.outbox_oldest_age_s)
+        Gauge("dailydoco_payouts_unfinished",
+              "Payouts cut short and not yet finished (the supervisor retries them every sweep)",
+              registry=registry).set(backlog.payouts_unfinished)
+    return generate_latest(registry)

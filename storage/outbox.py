@@ -156,6 +156,23 @@ async def pending_batches(pool: asyncpg.Pool, limit: int, waited_s: float = 0.0)
     return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
 
+# A backlog is counted up to this many rows: enough to alert on, and a scrape
+# costs Postgres no more than a scan of these however far NATS has fallen behind.
+BACKLOG_COUNT_MAX = 100_000
+
+
+async def backlog(pool: asyncpg.Pool, count_max: int = BACKLOG_COUNT_MAX) -> tuple[int, float]:
+    """Rows written and not yet published (up to `count_max`), and how
+    long ago (by the database's clock) the first of them was written: 0.0
+    with none. The first by id, found by the primary key: ids are given out
+    at insert, as `written_at` is."""
+    rows, oldest_age_s = await pool.fetchrow(
+        "SELECT (SELECT count(*) FROM (SELECT FROM outbox LIMIT $1) AS counted),"
+        " coalesce(extract(epoch FROM clock_timestamp()"
+        " - (SELECT written_at FROM outbox ORDER BY outbox_id LIMIT 1)), 0)::float8", count_max)
+    return rows, oldest_age_s
+
+
 async def delete_relayed(pool: asyncpg.Pool, outbox_ids: list[int]) -> None:
     await pool.execute("DELETE FROM outbox WHERE outbox_id = ANY($1::bigint[])", outbox_ids)
 

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 
 import httpx
 import pytest
+
+from dailydoco.serve.metrics import BACKLOG_READ_EVERY_S
 
 _ids = itertools.count()
 
@@ -51,6 +55,21 @@ class Api:
         ns = self.engine.config.namespace
         ray.get([ray.get_actor(chain_actor_name(i), namespace=ns).drained.remote()
                  for i in range(self.engine.config.chain_actors)])
+
+    def backlog(self) -> dict[str, float]:
+        """The engine's backlog gauges in one scrape of /metrics (the ones without labels)."""
+        metrics = self.anonymous.get("/metrics")
+        assert metrics.status_code == 200, metrics.text
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.text.splitlines()
+                if line.startswith(("dailydoco_engine_backlog_", "dailydoco_outbox_", "dailydoco_payouts_"))}
+
+    def backlog_once(self, seen: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+        """Scrape until the backlog is `seen`: each replica reads it anew every BACKLOG_READ_EVERY_S."""
+        deadline = time.monotonic() + 2 * BACKLOG_READ_EVERY_S + 5
+        while not seen(backlog := self.backlog()):
+            assert time.monotonic() < deadline, backlog
+            time.sleep(0.2)
+        return backlog
 
     def balance(self, user_id: str, currency: str = "USD") -> dict:
         self.settle()

@@ -351,13 +351,26 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
             answer = repr(exc)
         socket_during_stall.append((answer, time.monotonic() - started))
 
+    scrapes_during_stall: list[tuple[int, float | None, float]] = []  # (status, backlog up, seconds)
+
+    def scrape_metrics() -> None:
+        while time.monotonic() < resume_at - 1:
+            started = time.monotonic()
+            scraped = api.anonymous.get("/metrics")
+            up = [float(line.split(" ")[1]) for line in scraped.text.splitlines()
+                  if line.startswith("dailydoco_engine_backlog_up ")]
+            scrapes_during_stall.append((scraped.status_code, up[0] if up else None, time.monotonic() - started))
+            time.sleep(0.5)
+
     live_socket = threading.Thread(target=open_live_socket)
+    scraper = threading.Thread(target=scrape_metrics)
     with _PurchaseLoad(api, users[1:], "pgstall") as load:
         time.sleep(1)
         _signal_postgres(servers, signal.SIGSTOP)
         try:
             live_socket.start()
             resume_at = time.monotonic() + POSTGRES_STALL_S
+            scraper.start()
             while time.monotonic() < resume_at - READYZ_ANSWER_WAIT_S:
                 started = time.monotonic()
                 ready = api.anonymous.get("/readyz")
@@ -365,6 +378,7 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
                 balance = api.service.get(f"/v1/users/{users[0]}/balance")
                 assert balance.status_code == 200, balance.text
             live_socket.join()
+            scraper.join()
         finally:
             time.sleep(max(0.0, resume_at - time.monotonic()))
             _signal_postgres(servers, signal.SIGCONT)
@@ -374,6 +388,12 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     [(socket, answered_s)] = socket_during_stall
     assert socket == "1011 live events are unavailable (database unreachable); resume", socket
     assert answered_s < POSTGRES_STALL_S - 1, socket_during_stall  # not when the stall ended
+    # /metrics answers meanwhile, saying the backlog is not known (each
+    # replica's read of it from before the stall stands for up to BACKLOG_READ_EVERY_S).
+    assert all(status == 200 and answered_s < READYZ_ANSWER_WAIT_S
+               for status, _, answered_s in scrapes_during_stall), scrapes_during_stall
+    assert 0.0 in {up for _, up, _ in scrapes_during_stall}, scrapes_during_stall
+    assert api.backlog_once(lambda backlog: backlog["dailydoco_engine_backlog_up"] == 1.0)
     assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get("/readyz").status_code == 200
@@ -534,6 +554,8 @@ def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
                 " written, retry with the same id"), refused.json()
             cut_short = _payout(api, payout_id)
             assert cut_short["completed_at"] is None and cut_short["lines"] == [], cut_short
+        # An operator sees them in /metrics.
+        api.backlog_once(lambda backlog: backlog.get("dailydoco_payouts_unfinished", 0) >= 2)
         _query(engine, "execute", make_room)
         make_disk_full, make_room = disk_full(on_insert=older, table="payout_lines", key="payout_id")
         _query(engine, "execute", make_disk_full)

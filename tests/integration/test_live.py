@@ -384,10 +384,11 @@ def test_the_same_event_ten_times_is_one_frame(api, servers):
 
 
 def test_a_stalled_nats_delays_events_and_loses_none(api, embedded_servers):
-    """The home region's NATS stalls for three seconds (SIGSTOP: connections
-    stay open, nothing answers) while a referrer's downline buys. Purchases
-    are answered 201 meanwhile (their events wait in the outbox), and the
-    referrer's socket gets every event, in order, once NATS answers again."""
+    """The home region's NATS stalls for three seconds and more (SIGSTOP:
+    connections stay open, nothing answers) while a referrer's downline
+    buys. Purchases are answered 201 meanwhile (their events wait in the
+    outbox, which /metrics shows), and the referrer's socket gets every
+    event, in order, once NATS answers again."""
     if os.environ.get("DD_NATS_URL"):
         pytest.skip("NATS is external (DD_NATS_URL): this test stops the embedded one")
     nats_pid = embedded_servers[0].nats_pid(api.engine.config.region)
@@ -418,6 +419,10 @@ def test_a_stalled_nats_delays_events_and_loses_none(api, embedded_servers):
                 os.kill(nats_pid, signal.SIGSTOP)
                 try:
                     await buy(3)
+                    # What waits shows in /metrics, for an operator's alert.
+                    backlog = await anyio.to_thread.run_sync(
+                        api.backlog_once, lambda backlog: backlog.get("dailydoco_outbox_rows", 0) >= 1)
+                    assert backlog["dailydoco_outbox_oldest_row_age_seconds"] > 0, backlog
                 finally:
                     os.kill(nats_pid, signal.SIGCONT)
                 await buy(1)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,6 +432,38 @@ def test_compiled_kernels_agree_with_eager_and_an_analysis_need_not_wait_for_the
     np.testing.assert_allclose(compiled.content_scores, eager.content_scores, atol=1e-2)
     assert (compiled.shots, compiled.chapters) == (eager.shots, eager.chapters)
     assert [kf.frame for kf in compiled.keyframes] == [kf.frame for kf in eager.keyframes]
+
+
+def _backend_in_a_new_process(path: Path, inductor_cache: Path) -> subprocess.CompletedProcess:
+    """A compiled analysis in a process of its own (inductor's caches in
+    memory empty), on `inductor_cache`; prints the backend that ran."""
+    return subprocess.run(
+        [sys.executable, "-c", f"from dailydoco.kernels.analyze import analyze;"
+                               f" print(analyze({str(path)!r}, backend='compile').backend)"],
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)},
+        capture_output=True, text=True, timeout=GRAPH_BUILD_WAIT_S)
+
+
+def test_a_build_killed_while_linking_is_built_again(recordings, tmp_path):
+    """A build whose process is killed while it links leaves a truncated
+    shared object in inductor's cache, which inductor takes as built (CI,
+    session 40: every build after failed loading it, and analyses stayed
+    eager). The next build removes it and builds it again."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path, _ = recordings[1]
+    inductor_cache = tmp_path / "inductor"
+    # A copy of the machine's cache, warm once the test above has built the
+    # step (run alone, this test builds it first): the break stays in the copy.
+    shutil.copytree(cache_dir(), inductor_cache)
+    if not list(inductor_cache.rglob("*.main.so")):
+        assert _backend_in_a_new_process(path, inductor_cache).returncode == 0
+    for built in inductor_cache.rglob("*.main.so"):
+        built.write_bytes(b"")  # as a linker killed as it began writing leaves it
+    analysed = _backend_in_a_new_process(path, inductor_cache)
+    assert analysed.returncode == 0, analysed.stderr[-4000:]
+    assert analysed.stdout.split()[-1] == "compile"
+    assert "held a broken build" in analysed.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
