@@ -12,7 +12,8 @@ after two failures), but a replica it marks down keeps the requests it
 already holds: with no server timeout in the template, they wait until Serve
 kills the replica (25 s here, see serve/deployment.py), however long the
 replica has answered nothing. `on-marked-down shutdown-sessions` cuts them
-when HAProxy marks it down (13 s here); the client retries with the same id.
+when HAProxy marks it down (8 to 13 s here); the client retries with the
+same id.
 
 The template reads neither from any setting, but HAProxy reads its config
 and the page when it starts, and Ray starts HAProxy (and every reload)

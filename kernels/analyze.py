@@ -280,11 +280,10 @@ def _run_kernels(path, batch_frames, device, progress, backend, wait_for_compile
                 if series.backend == "compile" and batches == 0:  # the call that builds it, or loads it built
                     out = _first_compiled_call(step, luma, chroma, previous_hsv, previous_luma, previous_dwell,
                                                **colour)
-                else:
-                    out = step(luma, chroma, previous_hsv, previous_luma, previous_dwell, **colour)
-                if series.backend == "compile" and batches == 0:
                     with _GRAPHS_LOCK:
                         _BUILT_GRAPHS.add(key)
+                else:
+                    out = step(luma, chroma, previous_hsv, previous_luma, previous_dwell, **colour)
                 # Padding repeats frame n-1, so the batch's last HSV frame is that one's.
                 previous_hsv, previous_luma, previous_dwell = out.pop("last_hsv"), luma[n - 1], out["dwell"][n - 1]
                 series.add(**{name: value[:n] for name, value in out.items()})

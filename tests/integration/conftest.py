@@ -63,7 +63,7 @@ class Api:
         return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.text.splitlines()
                 if line.startswith(("dailydoco_engine_backlog_", "dailydoco_outbox_", "dailydoco_payouts_"))}
 
-    def backlog_once(self, seen: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+    def backlog_until(self, seen: Callable[[dict[str, float]], bool]) -> dict[str, float]:
         """Scrape until the backlog is `seen`: each replica reads it anew every BACKLOG_READ_EVERY_S."""
         deadline = time.monotonic() + 2 * BACKLOG_READ_EVERY_S + 5
         while not seen(backlog := self.backlog()):

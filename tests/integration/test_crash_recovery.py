@@ -393,7 +393,7 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     assert all(status == 200 and answered_s < READYZ_ANSWER_WAIT_S
                for status, _, answered_s in scrapes_during_stall), scrapes_during_stall
     assert 0.0 in {up for _, up, _ in scrapes_during_stall}, scrapes_during_stall
-    assert api.backlog_once(lambda backlog: backlog["dailydoco_engine_backlog_up"] == 1.0)
+    assert api.backlog_until(lambda backlog: backlog["dailydoco_engine_backlog_up"] == 1.0)
     assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get("/readyz").status_code == 200
@@ -555,7 +555,7 @@ def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
             cut_short = _payout(api, payout_id)
             assert cut_short["completed_at"] is None and cut_short["lines"] == [], cut_short
         # An operator sees them in /metrics.
-        api.backlog_once(lambda backlog: backlog.get("dailydoco_payouts_unfinished", 0) >= 2)
+        api.backlog_until(lambda backlog: backlog.get("dailydoco_payouts_unfinished", 0) >= 2)
         _query(engine, "execute", make_room)
         make_disk_full, make_room = disk_full(on_insert=older, table="payout_lines", key="payout_id")
         _query(engine, "execute", make_disk_full)

@@ -421,7 +421,7 @@ def test_a_stalled_nats_delays_events_and_loses_none(api, embedded_servers):
                     await buy(3)
                     # What waits shows in /metrics, for an operator's alert.
                     backlog = await anyio.to_thread.run_sync(
-                        api.backlog_once, lambda backlog: backlog.get("dailydoco_outbox_rows", 0) >= 1)
+                        api.backlog_until, lambda backlog: backlog.get("dailydoco_outbox_rows", 0) >= 1)
                     assert backlog["dailydoco_outbox_oldest_row_age_seconds"] > 0, backlog
                 finally:
                     os.kill(nats_pid, signal.SIGCONT)
