@@ -57,11 +57,10 @@ class Api:
                  for i in range(self.engine.config.chain_actors)])
 
     def backlog(self) -> dict[str, float]:
-        """The engine's backlog gauges in one scrape of /metrics (the ones without labels)."""
+        """The engine's backlog gauges in one scrape of /metrics."""
         metrics = self.anonymous.get("/metrics")
         assert metrics.status_code == 200, metrics.text
-        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.text.splitlines()
-                if line.startswith(("dailydoco_engine_backlog_", "dailydoco_outbox_", "dailydoco_payouts_"))}
+        return backlog_gauges(metrics.text)
 
     def backlog_until(self, seen: Callable[[dict[str, float]], bool]) -> dict[str, float]:
         """Scrape until the backlog is `seen`: each replica reads it anew every BACKLOG_READ_EVERY_S."""
@@ -79,6 +78,12 @@ class Api:
             if b["currency"] == currency:
                 return b
         return {"pending_micros": 0, "approved_micros": 0, "paid_micros": 0, "earned_micros": 0}
+
+
+def backlog_gauges(metrics: str) -> dict[str, float]:
+    """The engine's backlog gauges in a /metrics exposition (they have no labels)."""
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+            if line.startswith(("dailydoco_engine_backlog_", "dailydoco_outbox_", "dailydoco_payouts_"))}
 
 
 def two_regions(api: Api) -> list[tuple[str, str]]:

@@ -34,7 +34,7 @@ from dailydoco.storage import balance_views
 from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S
 
 from ..postgres_faults import disk_full
-from .conftest import unique
+from .conftest import backlog_gauges, unique
 
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
 LIVE_SOCKET_ANSWER_WAIT_S = 15.0
@@ -357,9 +357,8 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
         while time.monotonic() < resume_at - 1:
             started = time.monotonic()
             scraped = api.anonymous.get("/metrics")
-            up = [float(line.split(" ")[1]) for line in scraped.text.splitlines()
-                  if line.startswith("dailydoco_engine_backlog_up ")]
-            scrapes_during_stall.append((scraped.status_code, up[0] if up else None, time.monotonic() - started))
+            up = backlog_gauges(scraped.text).get("dailydoco_engine_backlog_up")
+            scrapes_during_stall.append((scraped.status_code, up, time.monotonic() - started))
             time.sleep(0.5)
 
     live_socket = threading.Thread(target=open_live_socket)
@@ -393,7 +392,7 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     assert all(status == 200 and answered_s < READYZ_ANSWER_WAIT_S
                for status, _, answered_s in scrapes_during_stall), scrapes_during_stall
     assert 0.0 in {up for _, up, _ in scrapes_during_stall}, scrapes_during_stall
-    assert api.backlog_until(lambda backlog: backlog["dailydoco_engine_backlog_up"] == 1.0)
+    api.backlog_until(lambda backlog: backlog["dailydoco_engine_backlog_up"] == 1.0)  # and reads it again after
     assert {status for status, _ in load.answers} <= {200, 201}, dict(load.answers)
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get("/readyz").status_code == 200
