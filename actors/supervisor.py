@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.priority import run_as_background
 from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult, ServiceUnavailable
-from dailydoco.storage.migrations import ensure_ledger_partitions
+from dailydoco.storage.partitions import ensure_ledger_partitions
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS
 
@@ -53,6 +53,9 @@ HANG_CHECK_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 5.0
 APPROVAL_INTERVAL_S = 10.0
 CHECKPOINT_INTERVAL_S = 30.0
+# The ledger's partitions follow the clock as the approval sweep does; a
+# check that finds nothing missing is two catalog reads.
+PARTITION_CHECK_INTERVAL_S = 10.0
 ACTOR_START_TIMEOUT_S = 120.0
 START_RETRY_INTERVAL_S = 5.0
 # A request that finds the supervisor restarting waits this long for it,
@@ -161,8 +164,7 @@ class SupervisorActor:
             self.pool = await open_pool(self.postgres_url, max_size=3)
             self.ledger = publishing_ledger(self.pool, self.config, self.nats_url, "dailydoco-supervisor")
             self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
-        async with self.pool.acquire() as conn:
-            await ensure_ledger_partitions(conn)
+        await self.keep_ledger_partitions()
         adopted = []
         for name, cls, args in self._specs():
             if self._lives(name):
@@ -185,6 +187,7 @@ class SupervisorActor:
             asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.approve_due)),
             asyncio.create_task(self._every(APPROVAL_INTERVAL_S, self.finish_cut_short_payouts)),
             asyncio.create_task(self._every(CHECKPOINT_INTERVAL_S, self.checkpoint)),
+            asyncio.create_task(self._every(PARTITION_CHECK_INTERVAL_S, self.keep_ledger_partitions)),
         ]
 
     async def start(self) -> list[str]:
@@ -259,6 +262,10 @@ class SupervisorActor:
     async def approve_due(self) -> int:
         return await lifecycle.approve_due(self.ledger, self.router)
 
+    async def keep_ledger_partitions(self, ahead_s: int = 0) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return await ensure_ledger_partitions(conn, ahead_s)
+
     async def checkpoint(self) -> int:
         return await checkpoint_all(self.pool, list(range(VSHARDS)))
 
@@ -281,10 +288,11 @@ class SupervisorActor:
         await self._started()
         if not self.config.clock_adjustable:
             raise ClockLocked("this deployment runs on wall-clock time (set DD_CLOCK_ADJUSTABLE=1 to allow moves)")
+        # Made before the move, so that no purchase after it lands in the
+        # default partition.
+        await self.keep_ledger_partitions(ahead_s=seconds)
         await self.ledger.advance_clock(seconds)
         await self.approve_due()
-        async with self.pool.acquire() as conn:
-            await ensure_ledger_partitions(conn)
         now, offset_s = await self.ledger.engine_now()
         return ClockView(now=now, offset_s=offset_s)
 

@@ -137,7 +137,8 @@ def _replica_logging(config: EngineConfig) -> dict:
 
 
 async def _migrate(postgres_url: str) -> list[str]:
-    from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partitions
+    from dailydoco.storage.migrations import apply_migrations
+    from dailydoco.storage.partitions import ensure_ledger_partitions
 
     conn = await asyncpg.connect(postgres_url)
     try:

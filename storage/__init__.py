@@ -1,1 +1,1 @@
-"""Postgres: migrations, the ledger, checkpoints, and the xid snapshot fence."""
+"""Postgres: migrations, the ledger and its partitions, checkpoints, and the xid snapshot fence."""

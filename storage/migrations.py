@@ -44,33 +44,3 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
 
-
-async def ensure_ledger_partitions(conn: asyncpg.Connection, months_ahead: int = 3) -> None:
-    """Monthly partitions from the engine's current month to months_ahead.
-
-    Rows outside them land in the default partition, so a write never fails
-    for want of a partition; creating these ahead keeps the default empty.
-    """
-    await conn.execute(
-        """
-        DO $$
-        DECLARE
-            start_month date := date_trunc('month', now() + make_interval(secs => (SELECT offset_us FROM engine_clock) / 1e6));
-            m date;
-        BEGIN
-            FOR i IN 0..%d LOOP
-                m := start_month + make_interval(months => i);
-                IF to_regclass(format('commission_ledger_%%s', to_char(m, 'YYYYMM'))) IS NULL THEN
-                    BEGIN
-                        EXECUTE format('CREATE TABLE commission_ledger_%%s PARTITION OF commission_ledger FOR VALUES FROM (%%L) TO (%%L)',
-                                       to_char(m, 'YYYYMM'), m, m + interval '1 month');
-                    EXCEPTION WHEN check_violation THEN
-                        -- The default partition already holds rows of that month.
-                        NULL;
-                    END;
-                END IF;
-            END LOOP;
-        END $$;
-        """
-        % months_ahead
-    )

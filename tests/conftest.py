@@ -15,7 +15,8 @@ import pytest
 
 from dailydoco.cluster.config import DEFAULT_REGIONS, load_config
 from dailydoco.cluster.embedded import EmbeddedServers, free_port
-from dailydoco.storage.migrations import apply_migrations, ensure_ledger_partitions
+from dailydoco.storage.migrations import apply_migrations
+from dailydoco.storage.partitions import ensure_ledger_partitions
 
 # The simulation writes to its own database, so it can truncate freely while
 # the engine's database keeps the integration tests' data.
@@ -75,6 +76,15 @@ async def _recreate_database(server_url: str, name: str) -> str:
 def engine_database_url(servers):
     """The engine's own database: fresh per session, also on external servers."""
     return asyncio.run(_recreate_database(servers[0], f"dailydoco_test_{os.getpid()}"))
+
+
+# The partitions the upkeep must keep for the engine's month $1 seconds from
+# now: it and the $2 after it. Worked out here, apart from the engine's code.
+MONTHS_KEPT_SQL = (
+    "SELECT 'commission_ledger_' || to_char(date_trunc('month', (now() + make_interval(secs => offset_us / 1e6 + $1))"
+    " AT TIME ZONE 'UTC') + make_interval(months => i), 'YYYYMM') FROM engine_clock, generate_series(0, $2) AS i"
+    " ORDER BY i"
+)
 
 
 async def migrated_database(server_url: str, name: str) -> str:

@@ -2,8 +2,10 @@
 
 Random registrations, purchases (with duplicate, conflicting and concurrent
 deliveries), partial and full refunds, payouts, clock moves, checkpoints,
-shard crashes, lost and doubled deliveries — driving the engine's own code
-(registration, CommissionEngine, lifecycle, recovery) against real Postgres.
+shard crashes, lost and doubled deliveries, the ledger's months made (their
+rows moved out of the default partition) — driving the engine's own code
+(registration, CommissionEngine, lifecycle, recovery, partitions) against
+real Postgres.
 After every step the rules are re-derived from first principles and compared
 with both the ledger and every shard's memory. A failing case names its seed
 (`-k "seed_17"` replays it exactly).
@@ -36,6 +38,7 @@ from dailydoco.protocol import (
 )
 from dailydoco.storage import ledger as ledger_module
 from dailydoco.storage.ledger import Ledger
+from dailydoco.storage.partitions import DEFAULT_PARTITION, ensure_ledger_partitions
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS, vshards_of_actor
 
@@ -98,6 +101,9 @@ class Simulation:
         self.seed = seed
         self.url = url
         self.rng = random.Random(seed)
+        # Whether the partition upkeep runs at a step draws from a stream of
+        # its own, so that seeds replay the scenarios they did before it.
+        self.upkeep_rng = random.Random(f"{seed}-partitions")
         self.pool = pool
         self.ledger = Ledger(pool, HOLD_PERIOD_S)
         self.router = FaultyRouter([None] * SHARDS, self.rng, pool)
@@ -316,6 +322,8 @@ class Simulation:
         racing = [lifecycle.payout(self.ledger, self.router, twice), lifecycle.payout(self.ledger, self.router, twice),
                   lifecycle.payout(self.ledger, self.router, other), lifecycle.approve_due(self.ledger, self.router),
                   self.purchase()]
+        if self.upkeep_rng.random() < 0.5:
+            racing.append(self.keep_partitions())
         if refund is not None:
             racing.append(self.chains[self.rng.randint(0, 1)].refund(*refund[:2]))
         results = await asyncio.gather(*racing)
@@ -345,6 +353,17 @@ class Simulation:
     async def move_clock(self) -> None:
         await self.ledger.advance_clock(self.rng.choice([3600, 10 * 86400, 29 * 86400, 31 * 86400]))
         await lifecycle.approve_due(self.ledger, self.router)
+        if self.upkeep_rng.random() < 0.5:
+            await self.keep_partitions()
+            # Nothing ran beside it, so it took every lock it asked for.
+            assert await self.pool.fetchval(f"SELECT count(*) FROM {DEFAULT_PARTITION}") == 0, \
+                self.fail("rows left in the default partition")
+
+    async def keep_partitions(self) -> None:
+        """The supervisor's upkeep, at a random few of the clock's moves: the
+        months written before it ran are in the default partition, and move."""
+        async with self.pool.acquire() as conn:
+            await ensure_ledger_partitions(conn)
 
     async def payout(self) -> None:
         currency = self.rng.choice([None, *CURRENCIES])
@@ -652,6 +671,12 @@ async def _run_seed(url: str, seed: int) -> None:
     pool = await open_pool(url, max_size=6)
     try:
         await pool.execute(f"TRUNCATE {TABLES} CASCADE; UPDATE engine_clock SET offset_us = 0")
+        # The default partition alone: the seed's rows land there until its
+        # upkeep makes their months.
+        for month in await pool.fetch(
+                "SELECT inhrelid::regclass::text AS name FROM pg_inherits"
+                " WHERE inhparent = 'commission_ledger'::regclass AND inhrelid <> $1::regclass", DEFAULT_PARTITION):
+            await pool.execute(f"DROP TABLE {month['name']}")
         simulation = Simulation(seed, url, pool)
         try:
             await simulation.run(STEPS_PER_SEED)

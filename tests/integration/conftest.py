@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable
 
+import asyncpg
 import httpx
 import pytest
 
@@ -15,6 +17,19 @@ _ids = itertools.count()
 def unique(prefix: str) -> str:
     """Ids unique within the session, so tests share one engine safely."""
     return f"{prefix}-{next(_ids)}"
+
+
+def query(engine, method: str, sql: str, *args):
+    """One statement, on a connection of the test's own (the engine's are
+    what the fault tests cut); `method` names asyncpg's: fetch, fetchval, execute."""
+    async def run():
+        conn = await asyncpg.connect(engine.postgres_url)
+        try:
+            return await getattr(conn, method)(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
 
 
 class Api:

@@ -3,7 +3,6 @@ Postgres, or stalling and crashing Redis, loses and duplicates nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -15,7 +14,6 @@ import threading
 import time
 
 import anyio
-import asyncpg
 import httpx
 import psutil
 import pytest
@@ -34,27 +32,15 @@ from dailydoco.storage import balance_views
 from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S
 
 from ..postgres_faults import disk_full
-from .conftest import backlog_gauges, unique
+from .conftest import backlog_gauges, query, unique
 
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
 LIVE_SOCKET_ANSWER_WAIT_S = 15.0
 
 
-def _query(engine, method: str, sql: str, *args):
-    """One statement, on a connection of the test's own (the engine's are what these tests cut)."""
-    async def run():
-        conn = await asyncpg.connect(engine.postgres_url)
-        try:
-            return await getattr(conn, method)(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
 def _ledger_balances(engine) -> dict:
     want: dict = {}
-    for r in _query(engine, "fetch", "SELECT beneficiary_id, currency, status, sum(amount_micros) AS s"
+    for r in query(engine, "fetch", "SELECT beneficiary_id, currency, status, sum(amount_micros) AS s"
                                      " FROM commission_ledger GROUP BY 1, 2, 3"):
         if r["status"] in BUCKETS:
             want.setdefault(r["beneficiary_id"], {}).setdefault(r["currency"].strip(), [0, 0, 0])[BUCKETS[r["status"]]] += r["s"]
@@ -84,7 +70,7 @@ def _assert_nothing_lost_or_doubled(api, engine, users: list[str], sent: list[st
     shard memory and the balances served equal the ledger; returns the
     ledger's. `answers`: what the client was told, for the failure message."""
     api.settle()
-    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
+    assert query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
                   sent) == len(sent)
     ledger = _ledger_balances(engine)
     assert _memory_balances(engine) == ledger, answers
@@ -171,12 +157,12 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
 
 def _cut_database_connections(engine) -> int:
     """Terminate every server process of the engine's database but the one asking."""
-    return _query(engine, "fetchval", "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    return query(engine, "fetchval", "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
 def _video_queue_listeners(engine) -> int:
-    return _query(engine, "fetchval", "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    return query(engine, "fetchval", "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                                       " AND query LIKE 'LISTEN %dd_video_jobs%'")
 
 
@@ -287,7 +273,7 @@ def test_a_stalled_then_crashed_redis_fails_no_purchase_and_leaves_no_stale_bala
     ledger = _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     assert api.anonymous.get(f"/v1/users/{users[0]}/balance", headers=as_user).status_code == 200
     # Every shard holds its lease again: balance reads come from its views.
-    epoch = _query(engine, "fetchval", "SELECT epoch FROM event_epoch")
+    epoch = query(engine, "fetchval", "SELECT epoch FROM event_epoch")
     client = redis.Redis.from_url(engine.redis_url)
     try:
         deadline = time.monotonic() + 10
@@ -499,7 +485,7 @@ def test_a_database_out_of_room_answers_503_and_writes_nothing(api, engine):
     through, once."""
     users = api.chain(2, prefix="outofroom")
     make_disk_full, make_room = disk_full(on_insert="outofroom-")
-    _query(engine, "execute", make_disk_full)
+    query(engine, "execute", make_disk_full)
     try:
         refused = api.purchase(users[1], 5_000_000, "outofroom-1")
         assert refused.status_code == 503, refused.text
@@ -510,8 +496,8 @@ def test_a_database_out_of_room_answers_503_and_writes_nothing(api, engine):
                                             " retry with the same id"), refused.json()
         assert api.anonymous.get("/readyz").status_code == 200
     finally:
-        _query(engine, "execute", make_room)
-    assert _query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = 'outofroom-1'") == 0
+        query(engine, "execute", make_room)
+    assert query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = 'outofroom-1'") == 0
     assert api.purchase(users[1], 5_000_000, "outofroom-1").status_code == 201
     _assert_nothing_lost_or_doubled(api, engine, users, ["outofroom-1"], {})
 
@@ -542,7 +528,7 @@ def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
         return view
 
     make_disk_full, make_room = disk_full(on_insert="cutshort-", table="payout_lines", key="payout_id")
-    _query(engine, "execute", make_disk_full)
+    query(engine, "execute", make_disk_full)
     try:
         for payout_id in (older, newer):
             refused = api.admin.post("/v1/payouts", json={"payout_id": payout_id})
@@ -555,13 +541,13 @@ def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
             assert cut_short["completed_at"] is None and cut_short["lines"] == [], cut_short
         # An operator sees them in /metrics.
         api.backlog_until(lambda backlog: backlog.get("dailydoco_payouts_unfinished", 0) >= 2)
-        _query(engine, "execute", make_room)
+        query(engine, "execute", make_room)
         make_disk_full, make_room = disk_full(on_insert=older, table="payout_lines", key="payout_id")
-        _query(engine, "execute", make_disk_full)
+        query(engine, "execute", make_disk_full)
         finished = wait_until_completed(newer)
         assert _payout(api, older)["completed_at"] is None
     finally:
-        _query(engine, "execute", make_room)
+        query(engine, "execute", make_room)
     assert {"beneficiary_id": root, "currency": "USD", "amount_micros": 10_000_000} in finished["lines"]
     assert api.balance(root)["paid_micros"] == 10_000_000
     # The older pays what came due after the newer: not the root's again.
