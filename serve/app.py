@@ -37,7 +37,8 @@ from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol.live import TOKEN_REVOCATION_SUBJECT, CloseCode, TokenRevoked
 from dailydoco.storage.balance_views import BalanceViewReader
 from dailydoco.storage.ledger import Ledger
-from dailydoco.storage.outbox import backlog as outbox_backlog, stream_epoch
+from dailydoco.storage.outbox import BACKLOG_COUNT_MAX, backlog as outbox_backlog, stream_epoch
+from dailydoco.storage.partitions import partition_backlog
 from dailydoco.storage.pool import (
     DATABASE_ERRORS,
     OUT_OF_RESOURCES_RETRY_AFTER_S,
@@ -579,9 +580,10 @@ class EngineApi:
         return Response(replicas + backlog_exposition(backlog), media_type=METRICS_CONTENT_TYPE)
 
     async def _read_backlog(self) -> EngineBacklog:
-        (outbox_rows, outbox_oldest_age_s), payouts = await asyncio.gather(
-            outbox_backlog(self.pool), self.ledger.unfinished_payout_ids())
-        return EngineBacklog(outbox_rows, outbox_oldest_age_s, len(payouts))
+        (outbox_rows, outbox_oldest_age_s), payouts, (partitions_missing, default_rows) = await asyncio.gather(
+            outbox_backlog(self.pool), self.ledger.unfinished_payout_ids(),
+            partition_backlog(self.pool, BACKLOG_COUNT_MAX))
+        return EngineBacklog(outbox_rows, outbox_oldest_age_s, len(payouts), partitions_missing, default_rows)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(self._openapi)

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dailydoco.actors.batching import start_shared_task
 from dailydoco.storage.outbox import BACKLOG_COUNT_MAX
+from dailydoco.storage.partitions import LEDGER_MONTHS_AHEAD
 from dailydoco.storage.pool import answered_within
 
 REPLICA_METRICS_INTERVAL_S = 1.0
@@ -122,6 +123,8 @@ class EngineBacklog(msgspec.Struct, frozen=True):
     outbox_rows: int  # live events committed and not yet published to NATS (counted up to a cap)
     outbox_oldest_age_s: float
     payouts_unfinished: int  # cut short; the supervisor finishes them
+    ledger_partitions_missing: int  # of the months the supervisor keeps made (storage/partitions.py)
+    ledger_default_partition_rows: int  # no month took them (counted up to the same cap)
 
 
 # /metrics is open to anyone: however often it is scraped, a replica reads
@@ -170,4 +173,11 @@ def backlog_exposition(backlog: EngineBacklog | None) -> bytes:
         Gauge("dailydoco_payouts_unfinished",
               "Payouts cut short and not yet finished (the supervisor retries them every sweep)",
               registry=registry).set(backlog.payouts_unfinished)
+        Gauge("dailydoco_ledger_partitions_missing",
+              f"Months of the ledger without their partition, of the current one and the {LEDGER_MONTHS_AHEAD} after"
+              " it that the supervisor keeps made",
+              registry=registry).set(backlog.ledger_partitions_missing)
+        Gauge("dailydoco_ledger_default_partition_rows",
+              f"Ledger rows in the default partition, which no month took (counted up to {BACKLOG_COUNT_MAX:,})",
+              registry=registry).set(backlog.ledger_default_partition_rows)
     return generate_latest(registry)

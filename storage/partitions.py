@@ -58,16 +58,7 @@ async def ensure_ledger_partitions(conn: asyncpg.Connection, ahead_s: int = 0) -
 
     Where the ledger's lock is not free in time, that month and those after
     it are left for the next call (logged)."""
-    months = set()
-    for start in await conn.fetchrow(
-        "SELECT date_trunc('month', t AT TIME ZONE 'UTC')::date,"
-        " date_trunc('month', (t + make_interval(secs => $1)) AT TIME ZONE 'UTC')::date"
-        " FROM (SELECT now() + make_interval(secs => offset_us / 1e6) AS t FROM engine_clock) AS engine",
-        float(ahead_s),
-    ):
-        months.add(month := start)
-        for _ in range(LEDGER_MONTHS_AHEAD):
-            months.add(month := _next_month(month))
+    months = await _months_kept(conn, ahead_s)
     # Normally empty, so this reads nothing.
     months.update(
         r["month"]
@@ -76,11 +67,7 @@ async def ensure_ledger_partitions(conn: asyncpg.Connection, ahead_s: int = 0) -
             f" FROM {DEFAULT_PARTITION}"
         )
     )
-    missing = await conn.fetchval(
-        "SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM unnest($1::text[]) AS name"
-        " WHERE to_regclass(name) IS NULL",
-        [partition_name(m) for m in months],
-    )
+    missing = await _missing(conn, months)
     made = []
     for month in sorted(m for m in months if partition_name(m) in missing):
         try:
@@ -96,6 +83,41 @@ async def ensure_ledger_partitions(conn: asyncpg.Connection, ahead_s: int = 0) -
                 log.warning("ledger partition %s made, with %d rows moved into it from the default partition",
                             partition_name(month), moved)
     return made
+
+
+async def partition_backlog(pool: asyncpg.Pool, count_max: int) -> tuple[int, int]:
+    """The months the upkeep keeps (the current one and LEDGER_MONTHS_AHEAD
+    after it) that have no partition, and the rows in the default partition
+    (counted up to `count_max`): both 0 while the upkeep keeps up."""
+    async with pool.acquire() as conn:
+        missing = await _missing(conn, await _months_kept(conn))
+        default_rows = await conn.fetchval(
+            f"SELECT count(*) FROM (SELECT FROM {DEFAULT_PARTITION} LIMIT $1) AS counted", count_max)
+    return len(missing), default_rows
+
+
+async def _months_kept(conn: asyncpg.Connection, ahead_s: int = 0) -> set[dt.date]:
+    """The engine's current month and the LEDGER_MONTHS_AHEAD after it, and
+    the same from `ahead_s` seconds later."""
+    months = set()
+    for start in await conn.fetchrow(
+        "SELECT date_trunc('month', t AT TIME ZONE 'UTC')::date,"
+        " date_trunc('month', (t + make_interval(secs => $1)) AT TIME ZONE 'UTC')::date"
+        " FROM (SELECT now() + make_interval(secs => offset_us / 1e6) AS t FROM engine_clock) AS engine",
+        float(ahead_s),
+    ):
+        months.add(month := start)
+        for _ in range(LEDGER_MONTHS_AHEAD):
+            months.add(month := _next_month(month))
+    return months
+
+
+async def _missing(conn: asyncpg.Connection, months: set[dt.date]) -> set[str]:
+    """The names of `months`' partitions that are not made."""
+    return set(await conn.fetchval(
+        "SELECT coalesce(array_agg(name), '{}') FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL",
+        [partition_name(m) for m in months],
+    ))
 
 
 async def _make_partition(conn: asyncpg.Connection, month: dt.date) -> int | None:

@@ -98,7 +98,8 @@ class Api:
 def backlog_gauges(metrics: str) -> dict[str, float]:
     """The engine's backlog gauges in a /metrics exposition (they have no labels)."""
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-            if line.startswith(("dailydoco_engine_backlog_", "dailydoco_outbox_", "dailydoco_payouts_"))}
+            if line.startswith(("dailydoco_engine_backlog_", "dailydoco_outbox_", "dailydoco_payouts_",
+                                "dailydoco_ledger_"))}
 
 
 def two_regions(api: Api) -> list[tuple[str, str]]:

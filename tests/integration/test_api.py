@@ -407,7 +407,8 @@ def test_operations_endpoints(api):
                 if line.startswith("dailydoco_live_connections{")]) == api.engine.config.live_replicas
     # The engine's backlog, read from Postgres (every gauge: it answered in time).
     assert set(api.backlog()) == {"dailydoco_engine_backlog_up", "dailydoco_outbox_rows",
-                                  "dailydoco_outbox_oldest_row_age_seconds", "dailydoco_payouts_unfinished"}
+                                  "dailydoco_outbox_oldest_row_age_seconds", "dailydoco_payouts_unfinished",
+                                  "dailydoco_ledger_partitions_missing", "dailydoco_ledger_default_partition_rows"}
     spec = api.anonymous.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.1") and "/v1/transactions:batch" in spec["paths"]
 

@@ -19,7 +19,7 @@ def test_the_supervisor_makes_the_ledgers_months_as_time_passes(api, engine):
     in Postgres, past every month made so far, by no API call (a clock move
     makes them itself). Within a check the supervisor makes the new month and
     those ahead of it; a purchase lands in its month's partition, and the
-    default partition holds nothing. Until session 41 months were made only
+    default partition holds nothing, as /metrics says. Until session 41 months were made only
     at start and at a clock move, and from the fourth month of an uptime the
     ledger wrote into the default, for good."""
     root, buyer = api.chain(2, prefix="months")
@@ -35,4 +35,6 @@ def test_the_supervisor_makes_the_ledgers_months_as_time_passes(api, engine):
     assert query(engine, "fetchval", "SELECT array_agg(DISTINCT tableoid::regclass::text) FROM commission_ledger"
                  " WHERE transaction_id = $1", tid) == [wanted[0]]
     assert query(engine, "fetchval", f"SELECT count(*) FROM {DEFAULT_PARTITION}") == 0
+    api.backlog_until(lambda backlog: backlog.get("dailydoco_ledger_partitions_missing") == 0
+                      and backlog.get("dailydoco_ledger_default_partition_rows") == 0)
     assert api.balance(root)["pending_micros"] == 1_000_000

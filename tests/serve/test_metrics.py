@@ -71,9 +71,10 @@ def _gauges(exposition: bytes) -> dict[str, float]:
 
 
 def test_the_backlog_is_its_values_or_says_it_is_unknown():
-    assert _gauges(m.backlog_exposition(m.EngineBacklog(3, 1.5, 2))) == {
+    assert _gauges(m.backlog_exposition(m.EngineBacklog(3, 1.5, 2, 1, 7))) == {
         "dailydoco_engine_backlog_up": 1.0, "dailydoco_outbox_rows": 3.0,
-        "dailydoco_outbox_oldest_row_age_seconds": 1.5, "dailydoco_payouts_unfinished": 2.0}
+        "dailydoco_outbox_oldest_row_age_seconds": 1.5, "dailydoco_payouts_unfinished": 2.0,
+        "dailydoco_ledger_partitions_missing": 1.0, "dailydoco_ledger_default_partition_rows": 7.0}
     # Postgres did not answer: no values that are not known, not zeros.
     assert _gauges(m.backlog_exposition(None)) == {"dailydoco_engine_backlog_up": 0.0}
 
@@ -90,19 +91,19 @@ def test_scrapes_share_one_backlog_read_per_interval_and_answer_while_postgres_d
             if len(reads) == 3:
                 raise ConnectionError("Postgres went away")
             await asyncio.sleep(0.01)
-            return m.EngineBacklog(len(reads), 0.0, 0)
+            return m.EngineBacklog(len(reads), 0.0, 0, 0, 0)
 
         reader = m.EngineBacklogReader(read, timeout_s=0.2)
         first = await asyncio.gather(*(reader.current() for _ in range(50)))
-        assert first == [m.EngineBacklog(1, 0.0, 0)] * 50 and len(reads) == 1
-        assert await reader.current() == m.EngineBacklog(1, 0.0, 0) and len(reads) == 1  # within the interval
+        assert first == [m.EngineBacklog(1, 0.0, 0, 0, 0)] * 50 and len(reads) == 1
+        assert await reader.current() == m.EngineBacklog(1, 0.0, 0, 0, 0) and len(reads) == 1  # within the interval
         reader._last_started_at -= m.BACKLOG_READ_EVERY_S  # the interval is up
         started = time.monotonic()
         assert await reader.current() is None and time.monotonic() - started < 1.0  # bounded, not stalled
         reader._last_started_at -= m.BACKLOG_READ_EVERY_S
         assert await reader.current() is None  # a failed read is reported, not raised
         reader._last_started_at -= m.BACKLOG_READ_EVERY_S
-        assert await reader.current() == m.EngineBacklog(4, 0.0, 0)
+        assert await reader.current() == m.EngineBacklog(4, 0.0, 0, 0, 0)
         stalled.set()
 
     asyncio.run(main())

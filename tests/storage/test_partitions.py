@@ -18,6 +18,7 @@ from dailydoco.storage.partitions import (
     LEDGER_MONTHS_AHEAD,
     PARTITION_LOCK_WAIT_MS,
     ensure_ledger_partitions,
+    partition_backlog,
 )
 from dailydoco.storage.pool import open_pool
 from tests.conftest import MONTHS_KEPT_SQL, migrated_database
@@ -153,7 +154,8 @@ def test_purchases_racing_a_month_being_made_are_each_written_once(servers):
 def test_a_month_whose_lock_is_not_free_is_left_for_the_next_check(servers):
     """A transaction holds the ledger for writing: the check gives up on the
     month after its lock wait, rather than queue the ledger behind it, and
-    moves nothing; once the transaction ends, the next check makes it."""
+    moves nothing, and /metrics's gauges say so; once the transaction ends,
+    the next check makes it."""
     async def main():
         pool = await open_pool(await migrated_database(servers[0], "dailydoco_partitions_busy"), max_size=3)
         try:
@@ -172,8 +174,12 @@ def test_a_month_whose_lock_is_not_free_is_left_for_the_next_check(servers):
                 assert PARTITION_LOCK_WAIT_MS / 1000 <= waited_s < 2 * PARTITION_LOCK_WAIT_MS / 1000
                 assert await pool.fetchval("SELECT to_regclass($1)", month) is None
                 assert await _where(pool, "busy-") == {DEFAULT_PARTITION}
+                # Every month kept is missing; the purchase's two entries wait in the default.
+                assert await partition_backlog(pool, count_max=100) == (LEDGER_MONTHS_AHEAD + 1, 2)
+                assert await partition_backlog(pool, count_max=1) == (LEDGER_MONTHS_AHEAD + 1, 1)
                 assert month in await ensure_ledger_partitions(conn)
             assert await _where(pool, "busy-") == {month}
+            assert await partition_backlog(pool, count_max=100) == (0, 0)
         finally:
             await pool.close()
 
