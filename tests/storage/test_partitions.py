@@ -9,6 +9,7 @@ next check rather than hold the ledger's writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from dailydoco.actors.routing import new_delta_set
@@ -30,6 +31,21 @@ DAY_S = 86_400
 async def _months_ahead_of_the_clock(pool, ahead_s: int = 0) -> list[str]:
     """The partitions a check makes for the engine's month `ahead_s` from now."""
     return [r[0] for r in await pool.fetch(MONTHS_KEPT_SQL, float(ahead_s), LEDGER_MONTHS_AHEAD)]
+
+
+@contextlib.asynccontextmanager
+async def _ledger_past_its_months(servers, database: str, connections: int):
+    """A fresh ledger with a buyer and two ancestors, its clock moved past
+    the months made at migration; yields its pool, its Ledger and the
+    current month's partition name (not made yet)."""
+    pool = await open_pool(await migrated_database(servers[0], database), max_size=connections)
+    try:
+        await _insert_users(pool)
+        ledger = Ledger(pool, hold_period_s=3_600)
+        await ledger.advance_clock(200 * DAY_S)
+        yield pool, ledger, (await _months_ahead_of_the_clock(pool))[0]
+    finally:
+        await pool.close()
 
 
 async def _where(pool, transaction_prefix: str) -> set[str]:
@@ -109,15 +125,10 @@ def test_months_are_made_ahead_and_rows_in_the_default_are_moved_into_theirs_who
 def test_purchases_racing_a_month_being_made_are_each_written_once(servers):
     """Purchases of a month not made yet go on while it is made: each waits
     for it, none fails (routed to the default while the month was attached,
-    4 of 2,811 did, before the move held the ledger's writes), and each
+    4 of 2,811 did with only the default partition locked), and each
     purchase has its entries once, all in the month's partition."""
     async def main():
-        pool = await open_pool(await migrated_database(servers[0], "dailydoco_partitions_race"), max_size=6)
-        try:
-            await _insert_users(pool)
-            ledger = Ledger(pool, hold_period_s=3_600)
-            await ledger.advance_clock(200 * DAY_S)
-            month = (await _months_ahead_of_the_clock(pool))[0]
+        async with _ledger_past_its_months(servers, "dailydoco_partitions_race", connections=6) as (pool, ledger, month):
             written, failed, stop = [], [], asyncio.Event()
 
             async def purchases(writer: int) -> None:
@@ -145,8 +156,6 @@ def test_purchases_racing_a_month_being_made_are_each_written_once(servers):
                 "SELECT transaction_id, count(*) AS entries FROM commission_ledger GROUP BY 1")
             assert sorted(r["transaction_id"] for r in per_purchase) == sorted(written)
             assert {r["entries"] for r in per_purchase} == {2}  # the buyer's two ancestors
-        finally:
-            await pool.close()
 
     asyncio.run(main())
 
@@ -157,13 +166,8 @@ def test_a_month_whose_lock_is_not_free_is_left_for_the_next_check(servers):
     moves nothing, and /metrics's gauges say so; once the transaction ends,
     the next check makes it."""
     async def main():
-        pool = await open_pool(await migrated_database(servers[0], "dailydoco_partitions_busy"), max_size=3)
-        try:
-            await _insert_users(pool)
-            ledger = Ledger(pool, hold_period_s=3_600)
-            await ledger.advance_clock(200 * DAY_S)
+        async with _ledger_past_its_months(servers, "dailydoco_partitions_busy", connections=3) as (pool, ledger, month):
             await ledger.write_purchases([_purchase("busy-0")], new_delta_set(2))
-            month = (await _months_ahead_of_the_clock(pool))[0]
             async with pool.acquire() as holder, pool.acquire() as conn:
                 async with holder.transaction():
                     await holder.execute("LOCK TABLE commission_ledger IN ROW EXCLUSIVE MODE")  # as a write does
@@ -180,8 +184,6 @@ def test_a_month_whose_lock_is_not_free_is_left_for_the_next_check(servers):
                 assert month in await ensure_ledger_partitions(conn)
             assert await _where(pool, "busy-") == {month}
             assert await partition_backlog(pool, count_max=100) == (0, 0)
-        finally:
-            await pool.close()
 
     asyncio.run(main())
 
