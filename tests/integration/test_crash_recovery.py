@@ -41,7 +41,7 @@ LIVE_SOCKET_ANSWER_WAIT_S = 15.0
 def _ledger_balances(engine) -> dict:
     want: dict = {}
     for r in query(engine, "fetch", "SELECT beneficiary_id, currency, status, sum(amount_micros) AS s"
-                                     " FROM commission_ledger GROUP BY 1, 2, 3"):
+                                    " FROM commission_ledger GROUP BY 1, 2, 3"):
         if r["status"] in BUCKETS:
             want.setdefault(r["beneficiary_id"], {}).setdefault(r["currency"].strip(), [0, 0, 0])[BUCKETS[r["status"]]] += r["s"]
     return {u: {c: b for c, b in v.items() if any(b)} for u, v in want.items() if any(any(b) for b in v.values())}
@@ -71,7 +71,7 @@ def _assert_nothing_lost_or_doubled(api, engine, users: list[str], sent: list[st
     ledger's. `answers`: what the client was told, for the failure message."""
     api.settle()
     assert query(engine, "fetchval", "SELECT count(*) FROM transactions WHERE transaction_id = ANY($1::text[])",
-                  sent) == len(sent)
+                 sent) == len(sent)
     ledger = _ledger_balances(engine)
     assert _memory_balances(engine) == ledger, answers
     _assert_served_balances_are(api, users, ledger)
@@ -158,12 +158,12 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
 def _cut_database_connections(engine) -> int:
     """Terminate every server process of the engine's database but the one asking."""
     return query(engine, "fetchval", "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                      " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                                     " WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
 def _video_queue_listeners(engine) -> int:
     return query(engine, "fetchval", "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                      " AND query LIKE 'LISTEN %dd_video_jobs%'")
+                                     " AND query LIKE 'LISTEN %dd_video_jobs%'")
 
 
 def test_cut_database_connections_lose_and_double_nothing(api, engine):
