@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+import time
+from collections.abc import Callable, Container
 
 import msgspec
 
@@ -13,6 +14,17 @@ from dailydoco.storage.ledger import Ledger
 from .routing import ShardRouter, deliver, ledger_write
 
 log = logging.getLogger("dailydoco.lifecycle")
+
+# A payout that fails the supervisor's sweep for a reason other than an
+# outage fails on something in the engine or its data, and will likely fail
+# the same way next time: tried every sweep, it wrote its traceback 8,640
+# times a day. After its first such failure it is tried at the next sweep
+# (a deadlock, a shard restarting, go through then); after each one more it
+# waits twice as long, up to this. An outage (ServiceUnavailable: Postgres
+# unreachable or out of room) does not count: the payout goes on the sweep
+# after the outage ends.
+PAYOUT_RETRY_FIRST_S = 10.0
+PAYOUT_RETRY_MAX_S = 320.0
 
 
 async def approve_due(ledger: Ledger, router: ShardRouter) -> int:
@@ -61,22 +73,55 @@ async def finish_payout(ledger: Ledger, router: ShardRouter, payout_id: str) -> 
     return outcome == "completed"
 
 
-async def finish_cut_short_payouts(ledger: Ledger, router: ShardRouter, in_hand: Container[str]) -> list[str]:
+class PayoutRetries:
+    """When the sweep may next try each payout that failed it, by the
+    failures in a row that were not outages (see PAYOUT_RETRY_FIRST_S).
+    Kept in memory: a supervisor that restarts tries every payout at once."""
+
+    def __init__(self, now_s: Callable[[], float] = time.monotonic):
+        self.now_s = now_s
+        self._failed: dict[str, tuple[int, float]] = {}  # payout id -> (failures in a row, next try at)
+
+    def due(self, payout_id: str) -> bool:
+        failures, next_try_at = self._failed.get(payout_id, (0, 0.0))
+        return not failures or self.now_s() >= next_try_at
+
+    def failed(self, payout_id: str) -> tuple[int, float]:
+        """Count a failure; returns the failures in a row and the wait before the next try."""
+        failures = self._failed.get(payout_id, (0, 0.0))[0] + 1
+        wait_s = min(PAYOUT_RETRY_FIRST_S * 2 ** (failures - 1), PAYOUT_RETRY_MAX_S)
+        self._failed[payout_id] = (failures, self.now_s() + wait_s)
+        return failures, wait_s
+
+    def keep_only(self, payout_ids: Container[str]) -> None:
+        """Forget the payouts not in `payout_ids`: completed, by a sweep or a delivery."""
+        self._failed = {k: v for k, v in self._failed.items() if k in payout_ids}
+
+
+async def finish_cut_short_payouts(ledger: Ledger, router: ShardRouter, in_hand: Container[str],
+                                   retries: PayoutRetries) -> list[str]:
     """Finish every payout left incomplete but those `in_hand` (a delivery
-    runs them now); returns the ids this call completed.
+    runs them now) and those `retries` holds back; returns the ids this
+    call completed.
 
     A payout whose POST failed part-way has paid some beneficiaries and not
     the rest; nothing can undo a payout, so the only consistent end is the
     one its sender asked for, whether or not the sender sends it again. A
     delivery that runs alongside takes turns with this on the payout's row.
-    One that fails again is logged and tried next time; the rest go on."""
+    One that fails again is logged and tried later; the rest go on."""
+    unfinished = await ledger.unfinished_payout_ids()
+    retries.keep_only(set(unfinished))
     finished = []
-    for payout_id in await ledger.unfinished_payout_ids():
-        if payout_id in in_hand:
+    for payout_id in unfinished:
+        if payout_id in in_hand or not retries.due(payout_id):
             continue
         try:
             if await finish_payout(ledger, router, payout_id):
                 finished.append(payout_id)
+        except ServiceUnavailable as exc:
+            log.warning("finishing payout %r failed; trying again next sweep: %s", payout_id, exc.detail)
         except Exception:  # noqa: BLE001 - an operating error of one payout; its slices are kept
-            log.exception("finishing payout %r failed; trying again next sweep", payout_id)
+            failures, wait_s = retries.failed(payout_id)
+            log.exception("finishing payout %r failed (%d in a row); trying again in %.0f s",
+                          payout_id, failures, wait_s)
     return finished

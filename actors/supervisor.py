@@ -92,6 +92,7 @@ class SupervisorActor:
         self._loops: list[asyncio.Task] = []
         self._heal_lock = asyncio.Lock()
         self._payouts_in_hand: collections.Counter[str] = collections.Counter()
+        self._payout_retries = lifecycle.PayoutRetries()
         self._start_tried = asyncio.Event()
         self._start_error: Exception | None = None
         # Ray runs an async actor's __init__ on the actor's event loop.
@@ -282,7 +283,8 @@ class SupervisorActor:
     async def finish_cut_short_payouts(self) -> list[str]:
         # Those in hand are left to their deliveries: taking slices in turns
         # with one would only slow it, and turn its "created" into "replayed".
-        return await lifecycle.finish_cut_short_payouts(self.ledger, self.router, self._payouts_in_hand)
+        return await lifecycle.finish_cut_short_payouts(
+            self.ledger, self.router, self._payouts_in_hand, self._payout_retries)
 
     async def advance_clock(self, seconds: int) -> ClockView:
         await self._started()

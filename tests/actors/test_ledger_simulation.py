@@ -468,7 +468,8 @@ class Simulation:
             # cut short, unless a delivery of it is in hand. The approval
             # sweep's commit came before the payout was opened.
             in_hand = self.rng.choice([set(), {request.payout_id}])
-            finished = await lifecycle.finish_cut_short_payouts(self.ledger, self.router, in_hand)
+            finished = await lifecycle.finish_cut_short_payouts(
+                self.ledger, self.router, in_hand, lifecycle.PayoutRetries())
             committed = not at_commit and not in_hand  # completed by the sweep: the retry replays it
             assert finished == ([request.payout_id] if committed else []), self.fail(f"sweep finished {finished}")
         again = await attempt(self.chains[self.rng.randint(0, 1)])
