@@ -19,10 +19,10 @@ log = logging.getLogger("dailydoco.lifecycle")
 # outage fails on something in the engine or its data, and will likely fail
 # the same way next time: tried every sweep, it wrote its traceback 8,640
 # times a day. After its first such failure it is tried at the next sweep
-# (a deadlock, a shard restarting, go through then); after each one more it
-# waits twice as long, up to this. An outage (ServiceUnavailable: Postgres
-# unreachable or out of room) does not count: the payout goes on the sweep
-# after the outage ends.
+# (one lost to a deadlock goes through then); after each one more it waits
+# twice as long, up to this. An outage (ServiceUnavailable: Postgres or a
+# shard unreachable, Postgres out of room) does not count: the payout goes
+# on at the first sweep after the outage ends.
 PAYOUT_RETRY_FIRST_S = 10.0
 PAYOUT_RETRY_MAX_S = 320.0
 
