@@ -21,8 +21,8 @@ log = logging.getLogger("dailydoco.lifecycle")
 # times a day. After its first such failure it is tried at the next sweep
 # (one lost to a deadlock goes through then); after each one more it waits
 # twice as long, up to this. An outage (ServiceUnavailable: Postgres or a
-# shard unreachable, Postgres out of room) does not count: the payout goes
-# on at the first sweep after the outage ends.
+# shard unreachable, Postgres out of room) does not count: a payout failed
+# by outages alone goes on at the first sweep after the outage ends.
 PAYOUT_RETRY_FIRST_S = 10.0
 PAYOUT_RETRY_MAX_S = 320.0
 
