@@ -34,6 +34,10 @@ def test_cluster_yaml_matches_rays_schema():
         wrapper = next(arg.split("=", 1)[1] for arg in started.split()
                        if arg.startswith("RAY_SERVE_HAPROXY_BINARY_PATH="))
         assert wrapper == f"{installed_in}/{WRAPPER_NAME}", commands
+        # Every node authenticates with the one token: a worker left at
+        # Ray's default could not join a head that has it on.
+        assert "RAY_AUTH_MODE=token" in started.split(), commands
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
 def test_the_setup_command_installs_the_haproxy_wrapper(tmp_path):

@@ -1,0 +1,158 @@
+"""The engine on two hosts of a real network, one of them cut off under purchases.
+
+Run by tests/integration/test_network_partition.py inside the head host's
+network namespace, on the Ray cluster that ray_cluster.yaml's start
+commands made there and on the worker host (a driver joins a cluster from
+one of its nodes):
+
+    python -m tests.integration.partitioned_host_engine '<json arguments>'
+
+It prints one line of JSON with what it saw; the test judges it. The cut
+is the switch's (the worker's bridge port disabled): both hosts keep their
+links up and every packet between them is dropped, unanswered, so each
+side learns of it only by its timeouts, as in a real partition. Unlike a
+host that dies, the cut-off one keeps running meanwhile, and comes back
+once the cut ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import ray
+
+from dailydoco.actors.refs import SUPERVISOR_NAME
+from dailydoco.cluster.config import load_config
+from dailydoco.cluster.system import EngineSystem
+
+from .two_node_engine import (
+    BUYERS,
+    CHAIN_ACTORS,
+    SHARD_ACTORS,
+    USERS,
+    _api_replica_nodes,
+    _ledger,
+    _placement,
+    _purchase,
+)
+
+PURCHASING_BEFORE_S = 5.0
+HEALED_WITHIN_S = 60.0  # Ray's defaults took about 65 s; the head's settings in ray_cluster.yaml, 10 to 15
+PURCHASING_AFTER_HEAL_S = 5.0
+PURCHASING_AFTER_RECONNECT_S = 5.0
+SETTLED_WITHIN_S = 15.0
+SPREAD_WITHIN_S = 30.0
+
+
+def _cut(args: dict, state: str) -> None:
+    """Set the worker's bridge port's state: the bridge lives in the test's own namespace."""
+    subprocess.run(["nsenter", f"--net={args['switch_netns']}", "bridge", "link", "set", "dev", args["switch_port"],
+                    "state", state], check=True)
+
+
+def main(args: dict) -> dict:
+    config = load_config(state_dir=args["state_dir"], postgres_url=args["postgres_url"], nats_url=args["nats_url"],
+                         redis_url=args["redis_url"], ray_address=args["ray_address"], http_host="0.0.0.0",
+                         http_port=args["http_port"], shard_actors=SHARD_ACTORS, chain_actors=CHAIN_ACTORS,
+                         namespace=args["namespace"], regions=(args["region"],), region=args["region"])
+    ray.init(address=args["ray_address"], namespace=config.namespace, log_to_driver=False)
+    try:
+        head_id = ray.get_runtime_context().get_node_id()
+        system = EngineSystem(config).start()
+        spread_until = time.monotonic() + SPREAD_WITHIN_S
+        while (before := _placement(system)) is None or len(set(before.values())) < 2:
+            assert time.monotonic() < spread_until, f"the actors never spanned both hosts: {before}"
+            time.sleep(0.5)
+        worker_id = next(node for node in before.values() if node != head_id)
+        api_replicas_before = _api_replica_nodes(config)
+        keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
+        # The head host's address: its ingress, as a client of that host would reach it.
+        api = httpx.Client(base_url=f"http://{args['head_ip']}:{args['http_port']}",
+                           headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
+        worker_api = httpx.Client(base_url=f"http://{args['worker_ip']}:{args['http_port']}", timeout=5)
+        worker_ingress_before = worker_api.get("/readyz").status_code
+
+        users, code = [], None
+        for i in range(USERS):
+            body = {"user_id": f"{args['namespace']}-u{i}"} | ({"referral_code": code} if code else {})
+            r = api.post("/v1/users", json=body)
+            assert r.status_code == 201, r.text
+            users.append(r.json()["user_id"])
+            code = r.json()["referral_code"]
+
+        acknowledged: list[str] = []
+        unacknowledged: collections.Counter = collections.Counter()
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def buyer(k: int) -> None:
+            n = k
+            try:
+                while not stop.is_set():
+                    tid = f"{args['namespace']}-t{n}"
+                    _purchase(api, tid, users[-1 - n % 3], 1_000_000 + n, unacknowledged)
+                    acknowledged.append(tid)
+                    n += BUYERS
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=buyer, args=(k,)) for k in range(BUYERS)]
+        for thread in threads:
+            thread.start()
+        time.sleep(PURCHASING_BEFORE_S)
+        acknowledged_before_cut = len(acknowledged)
+        cut_at = time.monotonic()
+        _cut(args, "0")  # disabled
+        after, healed_after_s = None, None
+        while time.monotonic() - cut_at < HEALED_WITHIN_S:
+            after = _placement(system)
+            if after is not None and set(after.values()) == {head_id}:
+                healed_after_s = time.monotonic() - cut_at
+                break
+            time.sleep(0.2)
+        time.sleep(PURCHASING_AFTER_HEAL_S)
+        acknowledged_while_cut = len(acknowledged) - acknowledged_before_cut
+        # The cut ends: the worker host, declared dead meanwhile, reaches
+        # the head again, with whatever of its processes still run.
+        _cut(args, "3")  # forwarding
+        time.sleep(PURCHASING_AFTER_RECONNECT_S)
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+        settle_until = time.monotonic() + SETTLED_WITHIN_S
+        while True:
+            counts, sums = asyncio.run(_ledger(config.postgres_url))
+            served = {}
+            for user in users:
+                balances = api.get(f"/v1/users/{user}/balance").json()["balances"]
+                served[user] = balances[0]["pending_micros"] if balances else 0
+            expected = {user: sums.get(user, 0) for user in users}
+            if served == expected or time.monotonic() > settle_until:
+                break
+            time.sleep(0.5)
+        return {
+            "head": head_id, "worker": worker_id, "placement_before": before, "placement_after": _placement(system),
+            "healed_after_s": healed_after_s, "api_replicas_before": api_replicas_before,
+            "api_replicas_after": _api_replica_nodes(config), "worker_ingress_before": worker_ingress_before,
+            "alive_nodes_after": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+            "acknowledged_before_cut": acknowledged_before_cut, "acknowledged_while_cut": acknowledged_while_cut,
+            "acknowledged": acknowledged, "unacknowledged": unacknowledged, "errors": errors,
+            "ledger_counts": {tid: counts.get(tid, 0) for tid in acknowledged},
+            "transactions_in_ledger": len(counts), "served_balances": served, "ledger_balances": expected,
+            "ready": api.get("/readyz").status_code, "supervisor_on": (_placement(system) or {}).get(SUPERVISOR_NAME),
+        }
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))), flush=True)
