@@ -91,6 +91,13 @@ def _remove_network() -> None:
         subprocess.run(["ip", "link", "del", port], capture_output=True)
 
 
+def _host_environment() -> dict[str, str]:
+    """This process's environment without Ray's, Serve's and the engine's
+    settings: the test session's engine set some (its HAProxy's ports and
+    files among them), which another host would not have."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SERVE_", "DD_"))}
+
+
 def _in(host: str, argv: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", host, *argv], **kwargs)
 
@@ -166,7 +173,7 @@ def _start_ray(state: pathlib.Path) -> None:
                      "RAY_SERVE_HAPROXY_SOCKET_PATH": haproxy_dir / "admin.sock",
                      "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": haproxy_dir,
                      "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": haproxy_dir / "server-state"}
-        env = os.environ | {k: str(v) for k, v in own_files.items()}
+        env = _host_environment() | {k: str(v) for k, v in own_files.items()}
         started = subprocess.run(["ip", "netns", "exec", host, "sh", "-c", command], env=env, capture_output=True,
                                  text=True, timeout=120)
         assert started.returncode == 0, f"{host}: {command}\n{started.stdout[-3000:]}{started.stderr[-3000:]}"
@@ -187,8 +194,8 @@ def test_a_host_cut_off_from_the_network_loses_nothing_and_its_actors_return_on_
                 "region": "us-east", "switch_netns": f"/proc/{os.getpid()}/ns/net", "switch_port": WORKER_PORT}
         run = subprocess.run(["ip", "netns", "exec", HEAD, sys.executable, "-m",
                               "tests.integration.partitioned_host_engine", json.dumps(args)],
-                             cwd=ROOT, env=os.environ | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                             timeout=SCENARIO_TIMEOUT_S)
+                             cwd=ROOT, env=_host_environment() | {"RAY_AUTH_MODE": "token"},
+                             capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
     finally:
         _remove_network()
         shutil.rmtree(state, ignore_errors=True)
