@@ -36,6 +36,7 @@ from dailydoco.cluster.system import EngineSystem
 from .two_node_engine import (
     BUYERS,
     CHAIN_ACTORS,
+    INGRESS_LISTENING_WITHIN_S,
     SHARD_ACTORS,
     USERS,
     _api_replica_nodes,
@@ -77,8 +78,18 @@ def main(args: dict) -> dict:
         # The head host's address: its ingress, as a client of that host would reach it.
         api = httpx.Client(base_url=f"http://{args['head_ip']}:{args['http_port']}",
                            headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
+        # Serve starts a host's ingress once a replica runs there, after the
+        # application is ready: give it a moment.
         worker_api = httpx.Client(base_url=f"http://{args['worker_ip']}:{args['http_port']}", timeout=5)
-        worker_ingress_before = worker_api.get("/readyz").status_code
+        ingress_until = time.monotonic() + INGRESS_LISTENING_WITHIN_S
+        while True:
+            try:
+                worker_ingress_before = worker_api.get("/readyz").status_code
+            except httpx.TransportError as exc:
+                worker_ingress_before = repr(exc)
+            if worker_ingress_before == 200 or time.monotonic() > ingress_until:
+                break
+            time.sleep(0.2)
 
         users, code = [], None
         for i in range(USERS):
