@@ -17,12 +17,9 @@ once the cut ends.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,22 +31,21 @@ from dailydoco.cluster.config import load_config
 from dailydoco.cluster.system import EngineSystem
 
 from .two_node_engine import (
-    BUYERS,
     CHAIN_ACTORS,
     INGRESS_LISTENING_WITHIN_S,
     SHARD_ACTORS,
-    USERS,
+    _all_back_on,
     _api_replica_nodes,
-    _ledger,
+    _Buyers,
     _placement,
-    _purchase,
+    _register_chain,
+    _settled,
 )
 
 PURCHASING_BEFORE_S = 5.0
 HEALED_WITHIN_S = 60.0  # Ray's defaults took about 65 s; the head's settings in ray_cluster.yaml, 10 to 15
 PURCHASING_AFTER_HEAL_S = 5.0
 PURCHASING_AFTER_RECONNECT_S = 5.0
-SETTLED_WITHIN_S = 15.0
 SPREAD_WITHIN_S = 30.0
 
 
@@ -91,74 +87,31 @@ def main(args: dict) -> dict:
                 break
             time.sleep(0.2)
 
-        users, code = [], None
-        for i in range(USERS):
-            body = {"user_id": f"{args['namespace']}-u{i}"} | ({"referral_code": code} if code else {})
-            r = api.post("/v1/users", json=body)
-            assert r.status_code == 201, r.text
-            users.append(r.json()["user_id"])
-            code = r.json()["referral_code"]
-
-        acknowledged: list[str] = []
-        unacknowledged: collections.Counter = collections.Counter()
-        errors: list[str] = []
-        stop = threading.Event()
-
-        def buyer(k: int) -> None:
-            n = k
-            try:
-                while not stop.is_set():
-                    tid = f"{args['namespace']}-t{n}"
-                    _purchase(api, tid, users[-1 - n % 3], 1_000_000 + n, unacknowledged)
-                    acknowledged.append(tid)
-                    n += BUYERS
-            except Exception as exc:  # noqa: BLE001 - reported to the test
-                errors.append(repr(exc))
-
-        threads = [threading.Thread(target=buyer, args=(k,)) for k in range(BUYERS)]
-        for thread in threads:
-            thread.start()
+        users = _register_chain(api, args["namespace"])
+        buyers = _Buyers(api, args["namespace"], users)
         time.sleep(PURCHASING_BEFORE_S)
-        acknowledged_before_cut = len(acknowledged)
+        acknowledged_before_cut = len(buyers.acknowledged)
         cut_at = time.monotonic()
         _cut(args, "0")  # disabled
-        after, healed_after_s = None, None
-        while time.monotonic() - cut_at < HEALED_WITHIN_S:
-            after = _placement(system)
-            if after is not None and set(after.values()) == {head_id}:
-                healed_after_s = time.monotonic() - cut_at
-                break
-            time.sleep(0.2)
+        _, healed_after_s = _all_back_on(system, head_id, cut_at, HEALED_WITHIN_S)
         time.sleep(PURCHASING_AFTER_HEAL_S)
-        acknowledged_while_cut = len(acknowledged) - acknowledged_before_cut
+        acknowledged_while_cut = len(buyers.acknowledged) - acknowledged_before_cut
         # The cut ends: the worker host, declared dead meanwhile, reaches
         # the head again, with whatever of its processes still run.
         _cut(args, "3")  # forwarding
         time.sleep(PURCHASING_AFTER_RECONNECT_S)
-        stop.set()
-        for thread in threads:
-            thread.join()
-
-        settle_until = time.monotonic() + SETTLED_WITHIN_S
-        while True:
-            counts, sums = asyncio.run(_ledger(config.postgres_url))
-            served = {}
-            for user in users:
-                balances = api.get(f"/v1/users/{user}/balance").json()["balances"]
-                served[user] = balances[0]["pending_micros"] if balances else 0
-            expected = {user: sums.get(user, 0) for user in users}
-            if served == expected or time.monotonic() > settle_until:
-                break
-            time.sleep(0.5)
+        buyers.stop()
+        settled = _settled(api, config.postgres_url, users)
         return {
             "head": head_id, "worker": worker_id, "placement_before": before, "placement_after": _placement(system),
             "healed_after_s": healed_after_s, "api_replicas_before": api_replicas_before,
             "api_replicas_after": _api_replica_nodes(config), "worker_ingress_before": worker_ingress_before,
             "alive_nodes_after": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
             "acknowledged_before_cut": acknowledged_before_cut, "acknowledged_while_cut": acknowledged_while_cut,
-            "acknowledged": acknowledged, "unacknowledged": unacknowledged, "errors": errors,
-            "ledger_counts": {tid: counts.get(tid, 0) for tid in acknowledged},
-            "transactions_in_ledger": len(counts), "served_balances": served, "ledger_balances": expected,
+            "acknowledged": buyers.acknowledged, "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
+            "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
+            "transactions_in_ledger": len(settled["counts"]), "served_balances": settled["served"],
+            "ledger_balances": settled["expected"],
             "ready": api.get("/readyz").status_code, "supervisor_on": (_placement(system) or {}).get(SUPERVISOR_NAME),
         }
     finally:

@@ -97,6 +97,19 @@ def _supervisor_onto(system: EngineSystem, node_id: str) -> int:
     raise AssertionError(f"the supervisor never came back on node {node_id}")
 
 
+def _all_back_on(system: EngineSystem, node_id: str, since: float, within_s: float) -> tuple[dict | None, float | None]:
+    """Wait until every actor runs on `node_id`; return the last placement
+    seen and the seconds from `since` (monotonic) until then, None if not
+    within `within_s`."""
+    placement = None
+    while time.monotonic() - since < within_s:
+        placement = _placement(system)
+        if placement is not None and set(placement.values()) == {node_id}:
+            return placement, time.monotonic() - since
+        time.sleep(0.2)
+    return placement, None
+
+
 def _api_replica_nodes(config) -> list[str]:
     """The node of each live API replica of the home region. Ray's actor
     table says where an actor runs: its public state API needs the
@@ -139,6 +152,66 @@ async def _ledger(url: str) -> tuple[dict[str, int], dict[str, int]]:
     return counts, sums
 
 
+def _register_chain(api: httpx.Client, namespace: str) -> list[str]:
+    """USERS users, each referred by the one before: a chain whose last
+    three buy, so that every level is paid."""
+    users, code = [], None
+    for i in range(USERS):
+        body = {"user_id": f"{namespace}-u{i}"} | ({"referral_code": code} if code else {})
+        r = api.post("/v1/users", json=body)
+        assert r.status_code == 201, r.text
+        users.append(r.json()["user_id"])
+        code = r.json()["referral_code"]
+    return users
+
+
+class _Buyers:
+    """BUYERS threads buying for the chain's last three users, each purchase
+    sent until acknowledged; what they saw is read once they are stopped."""
+
+    def __init__(self, api: httpx.Client, namespace: str, users: list[str]):
+        self.acknowledged: list[str] = []
+        self.unacknowledged: collections.Counter = collections.Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._buy, args=(api, namespace, users, k)) for k in range(BUYERS)]
+        for thread in self._threads:
+            thread.start()
+
+    def _buy(self, api: httpx.Client, namespace: str, users: list[str], k: int) -> None:
+        n = k
+        try:
+            while not self._stop.is_set():
+                tid = f"{namespace}-t{n}"
+                _purchase(api, tid, users[-1 - n % 3], 1_000_000 + n, self.unacknowledged)
+                self.acknowledged.append(tid)
+                n += BUYERS
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            self.errors.append(repr(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def _settled(api: httpx.Client, postgres_url: str, users: list[str]) -> dict:
+    """The ledger's transaction counts, and each user's pending balance as
+    served and as the ledger sums it, once they agree (shards trail the
+    ledger by tens of milliseconds) or SETTLED_WITHIN_S has passed."""
+    settle_until = time.monotonic() + SETTLED_WITHIN_S
+    while True:
+        counts, sums = asyncio.run(_ledger(postgres_url))
+        served = {}
+        for user in users:
+            balances = api.get(f"/v1/users/{user}/balance").json()["balances"]
+            served[user] = balances[0]["pending_micros"] if balances else 0
+        expected = {user: sums.get(user, 0) for user in users}
+        if served == expected or time.monotonic() > settle_until:
+            return {"counts": counts, "served": served, "expected": expected}
+        time.sleep(0.5)
+
+
 def main(args: dict) -> dict:
     url = asyncio.run(migrated_database(args["postgres_server_url"], args["database"]))
     config = load_config(state_dir=args["state_dir"], postgres_url=url, nats_url=args["nats_url"],
@@ -175,74 +248,29 @@ def main(args: dict) -> dict:
         keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
         api = httpx.Client(base_url=system.url, headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
 
-        users, code = [], None
-        for i in range(USERS):
-            body = {"user_id": f"{args['namespace']}-u{i}"} | ({"referral_code": code} if code else {})
-            r = api.post("/v1/users", json=body)
-            assert r.status_code == 201, r.text
-            users.append(r.json()["user_id"])
-            code = r.json()["referral_code"]
-
-        acknowledged: list[str] = []
-        unacknowledged: collections.Counter = collections.Counter()
-        errors: list[str] = []
-        stop = threading.Event()
-
-        def buyer(k: int) -> None:
-            n = k
-            try:
-                while not stop.is_set():
-                    tid = f"{args['namespace']}-t{n}"
-                    _purchase(api, tid, users[-1 - n % 3], 1_000_000 + n, unacknowledged)
-                    acknowledged.append(tid)
-                    n += BUYERS
-            except Exception as exc:  # noqa: BLE001 - reported to the test
-                errors.append(repr(exc))
-
-        threads = [threading.Thread(target=buyer, args=(k,)) for k in range(BUYERS)]
-        for thread in threads:
-            thread.start()
+        users = _register_chain(api, args["namespace"])
+        buyers = _Buyers(api, args["namespace"], users)
         time.sleep(PURCHASING_BEFORE_S)
-        acknowledged_before_loss = len(acknowledged)
+        acknowledged_before_loss = len(buyers.acknowledged)
         lost_at = time.monotonic()
         cluster.remove_node(worker)
         for process in haproxy_processes(worker.node_id):  # a grandchild, which Ray leaves; the host would not
             process.kill()
-        after, healed_after_s = None, None
-        while time.monotonic() - lost_at < HEALED_WITHIN_S:
-            after = _placement(system)
-            if after is not None and set(after.values()) == {head_id}:
-                healed_after_s = time.monotonic() - lost_at
-                break
-            time.sleep(0.2)
+        after, healed_after_s = _all_back_on(system, head_id, lost_at, HEALED_WITHIN_S)
         time.sleep(PURCHASING_AFTER_S)
-        stop.set()
-        for thread in threads:
-            thread.join()
-
-        # Shards trail the ledger by tens of milliseconds: read until they agree.
-        settle_until = time.monotonic() + SETTLED_WITHIN_S
-        while True:
-            counts, sums = asyncio.run(_ledger(url))
-            served = {}
-            for user in users:
-                balances = api.get(f"/v1/users/{user}/balance").json()["balances"]
-                served[user] = balances[0]["pending_micros"] if balances else 0
-            expected = {user: sums.get(user, 0) for user in users}
-            if served == expected or time.monotonic() > settle_until:
-                break
-            time.sleep(0.5)
+        buyers.stop()
+        settled = _settled(api, url, users)
         return {
             "head": head_id, "worker": worker.node_id, "supervisor_moves": supervisor_moves,
             "placement_before": before, "placement_after": after, "healed_after_s": healed_after_s,
             "ingress_before": ingress_before,
             "ingress_after": _ingress_listening(config, [head_id, worker.node_id]),
             "api_replicas_before": api_replicas_before, "api_replicas_after": _api_replica_nodes(config),
-            "acknowledged_before_loss": acknowledged_before_loss, "acknowledged": acknowledged,
-            "unacknowledged": unacknowledged, "errors": errors,
-            "ledger_counts": {tid: counts.get(tid, 0) for tid in acknowledged},
-            "transactions_in_ledger": len(counts),
-            "served_balances": served, "ledger_balances": expected,
+            "acknowledged_before_loss": acknowledged_before_loss, "acknowledged": buyers.acknowledged,
+            "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
+            "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
+            "transactions_in_ledger": len(settled["counts"]),
+            "served_balances": settled["served"], "ledger_balances": settled["expected"],
             "ready": api.get("/readyz").status_code,
             "restarts": ray.get(system.supervisor.restart_counts.remote()),
         }
