@@ -8,8 +8,8 @@ servers would. Ray starts from the yaml's own head and worker start
 commands (`partitioned_host_engine.py` runs the engine and the purchases,
 and cuts the worker off).
 
-Needs root and iproute2 (`ip netns`, `bridge`), as CI has here; skipped
-elsewhere. Every process the scenario starts runs in one of its two
+Needs root, iproute2 (`ip netns`, `bridge`), nsenter and setpriv, as CI
+has here; skipped elsewhere. Every process the scenario starts runs in one of its two
 namespaces, and is killed with them.
 """
 
