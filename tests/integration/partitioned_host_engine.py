@@ -26,7 +26,6 @@ from pathlib import Path
 import httpx
 import ray
 
-from dailydoco.actors.refs import SUPERVISOR_NAME
 from dailydoco.cluster.config import load_config
 from dailydoco.cluster.system import EngineSystem
 
@@ -112,7 +111,7 @@ def main(args: dict) -> dict:
             "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
             "transactions_in_ledger": len(settled["counts"]), "served_balances": settled["served"],
             "ledger_balances": settled["expected"],
-            "ready": api.get("/readyz").status_code, "supervisor_on": (_placement(system) or {}).get(SUPERVISOR_NAME),
+            "ready": api.get("/readyz").status_code,
         }
     finally:
         ray.shutdown()
