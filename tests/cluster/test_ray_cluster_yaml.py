@@ -38,6 +38,11 @@ def test_cluster_yaml_matches_rays_schema():
         # Ray's default could not join a head that has it on.
         assert "RAY_AUTH_MODE=token" in started.split(), commands
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # The head keeps Ray's control store in Redis, so that a replacement
+    # head takes the cluster over (test_head_node_loss.py where it can run).
+    head = " ".join(config["head_start_ray_commands"]).split()
+    assert any(arg.startswith("RAY_REDIS_ADDRESS=") for arg in head)
+    assert "RAY_external_storage_namespace=dailydoco" in head
 
 
 def test_the_setup_command_installs_the_haproxy_wrapper(tmp_path):

@@ -1,0 +1,177 @@
+"""The engine on two hosts of a real network, and its Ray head host lost under purchases.
+
+Run by tests/integration/test_head_node_loss.py inside the worker host's
+network namespace, a driver of the cluster from the host that survives,
+once `dailydoco up` has started the engine on the head as the yaml's
+instructions say:
+
+    python -m tests.integration.lost_head_engine '<json arguments>'
+
+It prints one line of JSON with what it saw; the test judges it. The head
+host is lost as a power cut loses it: its cable is unplugged (the
+switch's port disabled) and every process on it killed, so the worker
+hears nothing, not even its connections closing. Its replacement comes up
+on the same address, from ray_cluster.yaml's head start command, and finds
+Ray's control store where the old head left it: in Redis on the services
+host (the yaml's RAY_REDIS_ADDRESS). `dailydoco up` is lost with the head,
+and nothing starts it again: the engine's actors and Serve applications
+are detached, and outlive the process that made them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import httpx
+import ray
+from dailydoco.actors.refs import SUPERVISOR_NAME, shard_actor_name
+from dailydoco.cluster.config import load_config
+from dailydoco.storage.sharding import actor_of_vshard, vshard_of
+from ray._private import state as ray_state
+
+from .network_hosts import kill_everything_on
+from .two_node_engine import (
+    CHAIN_ACTORS,
+    INGRESS_LISTENING_WITHIN_S,
+    SHARD_ACTORS,
+    _api_replica_nodes,
+    _Buyers,
+    _placement,
+    _register_chain,
+    _settled,
+    _supervisor_onto,
+)
+
+PURCHASING_BEFORE_S = 5.0
+HEAD_LOST_FOR_S = 20.0
+BACK_WITHIN_S = 90.0
+PURCHASING_AFTER_S = 5.0
+SPREAD_WITHIN_S = 30.0
+READ_EVERY_S = 0.05
+READ_TIMEOUT_S = 1.0
+
+
+def _switch_port(args: dict, state: str) -> None:
+    """Set the head's bridge port's state: the bridge lives in the test's own namespace."""
+    subprocess.run(["nsenter", f"--net={args['switch_netns']}", "bridge", "link", "set", "dev", args["head_port"],
+                    "state", state], check=True)
+
+
+def _actors() -> dict[str, dict]:
+    """Every live named actor (the engine's, Serve's): its id, node, process and restarts."""
+    return {a["Name"]: {"id": a["ActorID"], "node": a["Address"]["NodeID"], "pid": a["Pid"],
+                        "restarts": a["NumRestarts"]}
+            for a in ray_state.actors().values() if a["State"] == "ALIVE" and a["Name"]}
+
+
+def _answered(client: httpx.Client, path: str) -> int | str:
+    try:
+        return client.get(path).status_code
+    except httpx.TransportError as exc:
+        return type(exc).__name__
+
+
+def main(args: dict) -> dict:
+    config = load_config(state_dir=args["state_dir"], postgres_url=args["postgres_url"], nats_url=args["nats_url"],
+                         redis_url=args["redis_url"], ray_address=args["ray_address"], http_host="0.0.0.0",
+                         http_port=args["http_port"], shard_actors=SHARD_ACTORS, chain_actors=CHAIN_ACTORS,
+                         namespace=args["namespace"], regions=(args["region"],), region=args["region"])
+    # The worker's own node: a driver attaches to a raylet of its host, which
+    # Ray finds by `ps`, and here the head's raylet is a process of the same machine.
+    ray.init(address=args["ray_address"], namespace=config.namespace, log_to_driver=False,
+             _node_ip_address=args["worker_ip"])
+    try:
+        worker_id = ray.get_runtime_context().get_node_id()
+        # What `_placement` and `_supervisor_onto` ask of an EngineSystem.
+        system = types.SimpleNamespace(supervisor=ray.get_actor(SUPERVISOR_NAME, namespace=config.namespace))
+        spread_until = time.monotonic() + SPREAD_WITHIN_S
+        while (before := _placement(system)) is None or len(set(before.values())) < 2:
+            assert time.monotonic() < spread_until, f"the actors never spanned both hosts: {before}"
+            time.sleep(0.5)
+        head_id = next(node for node in before.values() if node != worker_id)
+        # The supervisor is lost with the head, beside the writers there:
+        # the case in which nothing but Ray's restored control store
+        # brings it back.
+        _supervisor_onto(system, head_id)
+        before = _placement(system)
+        keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
+        # The worker's ingress, as a client of that host reaches it (a load
+        # balancer in front of both hosts would send it there once the head's stops answering).
+        api = httpx.Client(base_url=f"http://{args['worker_ip']}:{args['http_port']}",
+                           headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
+        head_api = httpx.Client(base_url=f"http://{args['head_ip']}:{args['http_port']}", timeout=5)
+        ingress_until = time.monotonic() + INGRESS_LISTENING_WITHIN_S
+        while (worker_ingress_before := _answered(api, "/readyz")) != 200 and time.monotonic() < ingress_until:
+            time.sleep(0.2)
+        api_replicas_before = _api_replica_nodes(config)
+        actors_before = _actors()
+
+        users = _register_chain(api, args["namespace"])
+        shard_node = {user: before[shard_actor_name(actor_of_vshard(vshard_of(user), SHARD_ACTORS))] for user in users}
+        readers = {"shard_kept": next(u for u in users if shard_node[u] == worker_id),
+                   "shard_lost": next(u for u in users if shard_node[u] == head_id)}
+        buyers = _Buyers(api, args["namespace"], users)
+        time.sleep(PURCHASING_BEFORE_S)
+        acknowledged_before_loss = len(buyers.acknowledged)
+        lost_at = time.monotonic()
+        _switch_port(args, "0")  # unplugged first: the worker hears no connection close
+        kill_everything_on(args["head_netns"])
+        # Balance reads through the worker's ingress, in turn of a user whose
+        # shard the worker holds and of one whose shard was lost with the
+        # head: each answer counted by the 5 s after the loss it came in.
+        # A read that waits is cut short: one the ingress sent to the lost
+        # head's replica waits until its health checks mark that replica down.
+        reader = httpx.Client(base_url=api.base_url, headers=api.headers, timeout=READ_TIMEOUT_S)
+        reads_while_lost = {which: collections.defaultdict(collections.Counter) for which in readers}
+        while time.monotonic() - lost_at < HEAD_LOST_FOR_S:
+            for which, user in readers.items():
+                answer = _answered(reader, f"/v1/users/{user}/balance")
+                reads_while_lost[which][int((time.monotonic() - lost_at) // 5) * 5][str(answer)] += 1
+            time.sleep(READ_EVERY_S)
+        acknowledged_while_lost = len(buyers.acknowledged) - acknowledged_before_loss
+
+        # The replacement head: the same address, the yaml's start command.
+        _switch_port(args, "3")
+        replaced_at = time.monotonic()
+        replacement = args["replacement_head_start"]
+        started = subprocess.run(replacement["argv"], env=replacement["env"], capture_output=True, text=True,
+                                 timeout=BACK_WITHIN_S)
+        assert started.returncode == 0, f"the new head did not start: {started.stdout[-2000:]}{started.stderr[-2000:]}"
+        back_after_s = None
+        while time.monotonic() - replaced_at < BACK_WITHIN_S:
+            placement = _placement(system)
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            if (placement is not None and set(placement.values()) <= alive and len(alive) == 2
+                    and len(set(_api_replica_nodes(config))) == 2 and _answered(head_api, "/readyz") == 200):
+                back_after_s = time.monotonic() - replaced_at
+                break
+            time.sleep(0.5)
+        time.sleep(PURCHASING_AFTER_S)
+        buyers.stop()
+        settled = _settled(api, config.postgres_url, users)
+        return {
+            "head": head_id, "worker": worker_id, "placement_before": before, "placement_after": _placement(system),
+            "back_after_s": back_after_s, "api_replicas_before": api_replicas_before,
+            "api_replicas_after": _api_replica_nodes(config), "worker_ingress_before": worker_ingress_before,
+            "nodes_after": {n["NodeID"]: n["Alive"] for n in ray.nodes()},
+            "actors_before": actors_before, "actors_after": _actors(),
+            "reads_while_lost": reads_while_lost,
+            "acknowledged_before_loss": acknowledged_before_loss, "acknowledged_while_lost": acknowledged_while_lost,
+            "acknowledged": buyers.acknowledged, "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
+            "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
+            "transactions_in_ledger": len(settled["counts"]), "served_balances": settled["served"],
+            "ledger_balances": settled["expected"],
+            "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),
+        }
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))), flush=True)
