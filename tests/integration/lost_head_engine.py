@@ -30,12 +30,13 @@ from pathlib import Path
 
 import httpx
 import ray
+from ray._private import state as ray_state
+
 from dailydoco.actors.refs import SUPERVISOR_NAME, shard_actor_name
 from dailydoco.cluster.config import load_config
 from dailydoco.storage.sharding import actor_of_vshard, vshard_of
-from ray._private import state as ray_state
 
-from .network_hosts import kill_everything_on
+from .network_hosts import kill_everything_on, set_switch_port
 from .two_node_engine import (
     CHAIN_ACTORS,
     INGRESS_LISTENING_WITHIN_S,
@@ -55,12 +56,6 @@ PURCHASING_AFTER_S = 5.0
 SPREAD_WITHIN_S = 30.0
 READ_EVERY_S = 0.05
 READ_TIMEOUT_S = 1.0
-
-
-def _switch_port(args: dict, state: str) -> None:
-    """Set the head's bridge port's state: the bridge lives in the test's own namespace."""
-    subprocess.run(["nsenter", f"--net={args['switch_netns']}", "bridge", "link", "set", "dev", args["head_port"],
-                    "state", state], check=True)
 
 
 def _actors() -> dict[str, dict]:
@@ -120,7 +115,8 @@ def main(args: dict) -> dict:
         time.sleep(PURCHASING_BEFORE_S)
         acknowledged_before_loss = len(buyers.acknowledged)
         lost_at = time.monotonic()
-        _switch_port(args, "0")  # unplugged first: the worker hears no connection close
+        # Unplugged first: the worker hears nothing, not even a connection close.
+        set_switch_port(args["switch_netns"], args["head_port"], "0")
         kill_everything_on(args["head_netns"])
         # Balance reads through the worker's ingress, in turn of a user whose
         # shard the worker holds and of one whose shard was lost with the
@@ -137,7 +133,7 @@ def main(args: dict) -> dict:
         acknowledged_while_lost = len(buyers.acknowledged) - acknowledged_before_loss
 
         # The replacement head: the same address, the yaml's start command.
-        _switch_port(args, "3")
+        set_switch_port(args["switch_netns"], args["head_port"], "3")
         replaced_at = time.monotonic()
         replacement = args["replacement_head_start"]
         started = subprocess.run(replacement["argv"], env=replacement["env"], capture_output=True, text=True,

@@ -23,11 +23,14 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
 import yaml
+
 from dailydoco.cluster.embedded import (
     POSTGRES_SETTINGS,
     EmbeddedServers,
@@ -214,9 +217,35 @@ def start_ray(state: pathlib.Path) -> dict:
     return ray_start(state, HEAD, config, replacement=True)
 
 
-def run_scenario(module: str, on: Host, args: dict, timeout_s: float) -> subprocess.CompletedProcess:
-    """`python -m module '<json args>'` on a host, as a driver of the cluster
-    (a driver joins a cluster from one of its nodes)."""
-    return subprocess.run(["ip", "netns", "exec", on.netns, sys.executable, "-m", module, json.dumps(args)],
-                          cwd=ROOT, env=host_environment() | {"RAY_AUTH_MODE": "token"},
-                          capture_output=True, text=True, timeout=timeout_s)
+def set_switch_port(switch_netns: str, port: str, state: str) -> None:
+    """A host's port on the switch: "0" disabled (every packet dropped), "3"
+    forwarding. `switch_netns` is the test's own namespace, the bridge's."""
+    subprocess.run(["nsenter", f"--net={switch_netns}", "bridge", "link", "set", "dev", port, "state", state],
+                   check=True)
+
+
+def run_scenario_on_hosts(module: str, on: Host, timeout_s: float,
+                          scenario_args: Callable[[pathlib.Path, dict], dict]) -> dict:
+    """Make the hosts, the servers and Ray on the head and the worker, then
+    run `python -m module '<json args>'` on `on`, as a driver of the cluster
+    (a driver joins a cluster from one of its nodes); returns the JSON of
+    its last line. `scenario_args(state, replacement_head_start)` gives the
+    arguments, beside ENGINE_URLS, and may start more on the hosts first;
+    the switch's namespace is `switch_netns` in them."""
+    # Short: Ray's socket paths, below its session folder, must fit in 107 bytes.
+    state = pathlib.Path(tempfile.mkdtemp(prefix="ddnet", dir="/tmp"))
+    remove_network()
+    make_network()
+    try:
+        start_servers(state)
+        replacement_head_start = start_ray(state)
+        args = ENGINE_URLS | {"switch_netns": f"/proc/{os.getpid()}/ns/net"} | scenario_args(
+            state, replacement_head_start)
+        run = subprocess.run(["ip", "netns", "exec", on.netns, sys.executable, "-m", module, json.dumps(args)],
+                             cwd=ROOT, env=host_environment() | {"RAY_AUTH_MODE": "token"},
+                             capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        remove_network()
+        shutil.rmtree(state, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-6000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

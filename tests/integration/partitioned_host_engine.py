@@ -18,7 +18,6 @@ once the cut ends.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import ray
 from dailydoco.cluster.config import load_config
 from dailydoco.cluster.system import EngineSystem
 
+from .network_hosts import set_switch_port
 from .two_node_engine import (
     CHAIN_ACTORS,
     INGRESS_LISTENING_WITHIN_S,
@@ -46,12 +46,6 @@ HEALED_WITHIN_S = 60.0  # Ray's defaults took about 70 s; the head's settings in
 PURCHASING_AFTER_HEAL_S = 5.0
 PURCHASING_AFTER_RECONNECT_S = 5.0
 SPREAD_WITHIN_S = 30.0
-
-
-def _cut(args: dict, state: str) -> None:
-    """Set the worker's bridge port's state: the bridge lives in the test's own namespace."""
-    subprocess.run(["nsenter", f"--net={args['switch_netns']}", "bridge", "link", "set", "dev", args["switch_port"],
-                    "state", state], check=True)
 
 
 def main(args: dict) -> dict:
@@ -91,13 +85,13 @@ def main(args: dict) -> dict:
         time.sleep(PURCHASING_BEFORE_S)
         acknowledged_before_cut = len(buyers.acknowledged)
         cut_at = time.monotonic()
-        _cut(args, "0")  # disabled
+        set_switch_port(args["switch_netns"], args["switch_port"], "0")  # disabled
         _, healed_after_s = _all_back_on(system, head_id, cut_at, HEALED_WITHIN_S)
         time.sleep(PURCHASING_AFTER_HEAL_S)
         acknowledged_while_cut = len(buyers.acknowledged) - acknowledged_before_cut
         # The cut ends: the worker host, declared dead meanwhile, reaches
         # the head again, with whatever of its processes still run.
-        _cut(args, "3")  # forwarding
+        set_switch_port(args["switch_netns"], args["switch_port"], "3")  # forwarding
         time.sleep(PURCHASING_AFTER_RECONNECT_S)
         buyers.stop()
         settled = _settled(api, config.postgres_url, users)

@@ -9,13 +9,9 @@ the worker, loses the head and starts its replacement.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 from dailydoco.actors.refs import SUPERVISOR_NAME
@@ -29,11 +25,7 @@ from .network_hosts import (
     TAG,
     WORKER,
     host_environment,
-    make_network,
-    remove_network,
-    run_scenario,
-    start_ray,
-    start_servers,
+    run_scenario_on_hosts,
 )
 from .two_node_engine import CHAIN_ACTORS, SHARD_ACTORS
 
@@ -64,26 +56,15 @@ def _dailydoco_up_on_the_head(state: pathlib.Path, namespace: str) -> subprocess
 
 
 def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purchase_live_on():
-    # Short: Ray's socket paths, below its session folder, must fit in 107 bytes.
-    state = pathlib.Path(tempfile.mkdtemp(prefix="ddhead", dir="/tmp"))
-    remove_network()
-    make_network()
-    try:
-        start_servers(state)
-        replacement_head_start = start_ray(state)
-        namespace = f"{TAG}-head-loss"
+    namespace = f"{TAG}-head-loss"
+
+    def scenario_args(state: pathlib.Path, replacement_head_start: dict) -> dict:
         _dailydoco_up_on_the_head(state, namespace)
-        args = ENGINE_URLS | {"head_ip": HEAD.ip, "worker_ip": WORKER.ip, "http_port": HTTP_PORT,
-                              "state_dir": str(state / "engine"), "namespace": namespace,
-                              "region": REGION, "switch_netns": f"/proc/{os.getpid()}/ns/net",
-                              "head_port": HEAD.port, "head_netns": HEAD.netns,
-                              "replacement_head_start": replacement_head_start}
-        run = run_scenario("tests.integration.lost_head_engine", WORKER, args, SCENARIO_TIMEOUT_S)
-    finally:
-        remove_network()
-        shutil.rmtree(state, ignore_errors=True)
-    assert run.returncode == 0, run.stderr[-6000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+        return {"head_ip": HEAD.ip, "worker_ip": WORKER.ip, "http_port": HTTP_PORT,
+                "state_dir": str(state / "engine"), "namespace": namespace, "region": REGION,
+                "head_port": HEAD.port, "head_netns": HEAD.netns, "replacement_head_start": replacement_head_start}
+
+    seen = run_scenario_on_hosts("tests.integration.lost_head_engine", WORKER, SCENARIO_TIMEOUT_S, scenario_args)
     head, worker = seen["head"], seen["worker"]
     print({k: seen[k] for k in ("back_after_s", "reads_while_lost", "acknowledged_before_loss",
                                 "acknowledged_while_lost", "unacknowledged", "transactions_in_ledger")})

@@ -9,27 +9,10 @@ purchases from the head, and cuts the worker off.
 from __future__ import annotations
 
 import collections
-import json
-import os
-import pathlib
-import shutil
-import tempfile
 
 from dailydoco.actors.refs import SUPERVISOR_NAME, shard_actor_name
 
-from .network_hosts import (
-    ENGINE_URLS,
-    HEAD,
-    HTTP_PORT,
-    NEEDS_ROOT_AND_IPROUTE,
-    TAG,
-    WORKER,
-    make_network,
-    remove_network,
-    run_scenario,
-    start_ray,
-    start_servers,
-)
+from .network_hosts import HEAD, HTTP_PORT, NEEDS_ROOT_AND_IPROUTE, TAG, WORKER, run_scenario_on_hosts
 from .partitioned_host_engine import HEALED_WITHIN_S
 
 SCENARIO_TIMEOUT_S = 300
@@ -38,23 +21,11 @@ pytestmark = NEEDS_ROOT_AND_IPROUTE
 
 
 def test_a_host_cut_off_from_the_network_loses_nothing_and_its_actors_return_on_the_other():
-    # Short: Ray's socket paths, below its session folder, must fit in 107 bytes.
-    state = pathlib.Path(tempfile.mkdtemp(prefix="ddnet", dir="/tmp"))
-    remove_network()
-    make_network()
-    try:
-        start_servers(state)
-        start_ray(state)
-        args = ENGINE_URLS | {"head_ip": HEAD.ip, "worker_ip": WORKER.ip, "http_port": HTTP_PORT,
-                              "state_dir": str(state / "engine"), "namespace": f"{TAG}-partition",
-                              "region": "us-east", "switch_netns": f"/proc/{os.getpid()}/ns/net",
-                              "switch_port": WORKER.port}
-        run = run_scenario("tests.integration.partitioned_host_engine", HEAD, args, SCENARIO_TIMEOUT_S)
-    finally:
-        remove_network()
-        shutil.rmtree(state, ignore_errors=True)
-    assert run.returncode == 0, run.stderr[-6000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = run_scenario_on_hosts(
+        "tests.integration.partitioned_host_engine", HEAD, SCENARIO_TIMEOUT_S,
+        lambda state, _: {"head_ip": HEAD.ip, "worker_ip": WORKER.ip, "http_port": HTTP_PORT,
+                          "state_dir": str(state / "engine"), "namespace": f"{TAG}-partition", "region": "us-east",
+                          "switch_port": WORKER.port})
     head, worker = seen["head"], seen["worker"]
     print({k: seen[k] for k in ("healed_after_s", "acknowledged_before_cut", "acknowledged_while_cut",
                                 "unacknowledged", "transactions_in_ledger")})
