@@ -50,10 +50,24 @@ class ActorRef:
         self.name = name
         self.namespace = namespace
         self._handle = None
+        self._lookup: asyncio.Future | None = None
 
-    def handle(self):
+    async def handle(self, within_s: float):
+        """The actor's handle, its name looked up off the event loop, one
+        lookup at a time; TimeoutError if not found within `within_s`. A
+        lookup asks Ray's control store, on the head: with the head lost,
+        `ray.get_actor` waits for it, and on the loop it stalled every
+        request of the process, not only those for this actor (an API
+        replica blocked so failed its health checks, and its ingress
+        answered 503 to every read; session 44, test_head_node_loss.py)."""
         if self._handle is None:
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+            if self._lookup is None or self._lookup.done():
+                self._lookup = asyncio.ensure_future(
+                    asyncio.to_thread(ray.get_actor, self.name, namespace=self.namespace))
+                # Its failure is its waiters' to raise; with none left, read here, not logged as lost.
+                self._lookup.add_done_callback(lambda lookup: lookup.cancelled() or lookup.exception())
+            # Shielded: a caller that gives up leaves the lookup to the others.
+            self._handle = await asyncio.wait_for(asyncio.shield(self._lookup), max(0.0, within_s))
         return self._handle
 
     async def call(self, method: str, *args, deadline_s: float = ACTOR_RETRY_DEADLINE_S):
@@ -61,9 +75,11 @@ class ActorRef:
         attempt = 0
         while True:
             try:
-                return await getattr(self.handle(), method).remote(*args)
-            except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError) as exc:
-                # ValueError: get_actor found no actor of that name (yet).
+                handle = await self.handle(deadline - time.monotonic())
+                return await getattr(handle, method).remote(*args)
+            except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError, TimeoutError) as exc:
+                # ValueError: get_actor found no actor of that name (yet);
+                # TimeoutError: the lookup did not answer before the deadline.
                 self._handle = None
                 if time.monotonic() >= deadline:
                     raise ServiceUnavailable(f"{self.name} is unavailable; retry with the same id") from exc

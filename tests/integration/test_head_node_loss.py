@@ -33,6 +33,7 @@ SCENARIO_TIMEOUT_S = 360
 ENGINE_STARTED_WITHIN_S = 180
 REGION = "us-east"
 SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
+READS_SERVED_FROM_S = 30
 
 pytestmark = NEEDS_ROOT_AND_IPROUTE
 
@@ -96,10 +97,15 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
         assert after[name]["id"] == before[name]["id"] and after[name]["restarts"] > before[name]["restarts"]
 
     # While the head was gone the worker's ingress answered what needs nothing
-    # of the head: once its health checks had marked the lost replica down,
-    # every read of a user whose shard the worker holds, in the loss's last 5 s.
-    last_seconds = seen["reads_while_lost"]["shard_kept"][str(int(HEAD_LOST_FOR_S) - 5)]
-    assert set(last_seconds) == {"200"}, seen["reads_while_lost"]
+    # of the head: every read of a user whose shard the worker holds, from
+    # READS_SERVED_FROM_S after the loss (its health checks mark the lost
+    # replica down within about 15 s) to the replacement. Before session
+    # 44's fix in actors/refs.py, every read was answered 503 from 12 to 15
+    # s on: the worker's replica's event loop waited on Ray's lost control
+    # store, and its health checks failed.
+    kept_reads = seen["reads_while_lost"]["shard_kept"]
+    served = [kept_reads[str(s)] for s in range(READS_SERVED_FROM_S, int(HEAD_LOST_FOR_S), 5)]
+    assert all(set(answers) == {"200"} for answers in served), kept_reads
 
     # Purchases went on once the replacement was up, none lost or written
     # twice; the shards serve the ledger.
