@@ -174,9 +174,10 @@ def _on_this_machine(command: str, haproxy_dir: pathlib.Path) -> str:
 
 
 def ray_start(state: pathlib.Path, host: Host, config: dict, replacement: bool = False) -> dict:
-    """The yaml's setup and `ray start` for `host` as they run here:
-    {"argv", "env"} for subprocess.run. A replacement host is a new machine
-    at the old one's address: files of its own, none of the old one's."""
+    """Run the yaml's setup command for `host`, and return its `ray start`
+    as it runs here: {"argv", "env"} for subprocess.run. A replacement host
+    is a new machine at the old one's address: files of its own, none of
+    the old one's."""
     # Short names: HAProxy's socket paths, below a folder Ray names by a
     # 40-character hash, must fit in 97 bytes.
     files = state / (host.netns[-1] + ("2" if replacement else ""))
