@@ -25,6 +25,7 @@ from dailydoco.cluster.system import _haproxy_dir, haproxy_processes
 RAY_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
             b"Internal Server Error")
 HAPROXY_START_WAIT_S = 10.0
+CONFIG_COMPLETED_WITHIN_S = 5.0
 
 
 def _listening(port: int) -> bool:
@@ -120,6 +121,20 @@ backend replicas
     assert CHECK_INTERVAL_S / 2 < held_s < HELD_REQUEST_TIMEOUT_S / 2, held_s
 
 
+def _config_as_started(config: str) -> list[str]:
+    """The config's lines once the wrapper has added its line. Ray writes the
+    file anew before each reload of HAProxy, and the wrapper adds the line
+    as it starts the new one: a read between the two (a reload of the
+    session's engine, seen once in CI's second pass) finds the file without
+    it, or half written. One the wrapper never completes fails the test."""
+    until = time.monotonic() + CONFIG_COMPLETED_WITHIN_S
+    while True:
+        lines = open(config).read().splitlines()
+        if any(line.strip() == CUT_HELD_REQUESTS_WHEN_DOWN for line in lines) or time.monotonic() > until:
+            return lines
+        time.sleep(0.1)
+
+
 def test_the_engines_haproxy_runs_with_our_page_and_cuts_what_a_down_replica_holds(engine):
     """The page each running HAProxy of the engine's names in its config is
     ours, and its config has the wrapper's line in `defaults`."""
@@ -131,7 +146,7 @@ def test_the_engines_haproxy_runs_with_our_page_and_cuts_what_a_down_replica_hol
             configs.add(cmdline[cmdline.index("-f") + 1])
     assert configs, f"no HAProxy runs with a config under {haproxy_dir}"
     for config in configs:
-        lines = open(config).read().splitlines()
+        lines = _config_as_started(config)
         assert lines[lines.index("defaults") + 1].strip() == CUT_HELD_REQUESTS_WHEN_DOWN, config
         assert sum(line.strip() == CUT_HELD_REQUESTS_WHEN_DOWN for line in lines) == 1, config
         pages = {line.split()[2] for line in open(config) if line.split()[:1] == ["errorfile"]}
