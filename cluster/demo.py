@@ -87,12 +87,16 @@ def retryable(response: httpx.Response) -> bool:
     answers a plain-text 500 for a request whose replica died holding it (its
     node lost, say), whether or not its write had committed; a load
     balancer's 502 or 504 says as little. The engine's own 500 is a bug,
-    which the same request would meet again: that is raised.
+    which the same request would meet again: that is raised. And a 404
+    that is not the engine's problem+json: Serve's proxy answers a plain-text
+    404 while it knows no routes, as after its controller was restarted (a
+    Ray head replaced, test_head_node_loss.py); the request reached no
+    replica.
     """
     if response.status_code == 503:
         return True
     media_type = response.headers.get("content-type", "").partition(";")[0].strip()
-    return response.status_code >= 500 and media_type != PROBLEM_MEDIA_TYPE
+    return (response.status_code >= 500 or response.status_code == 404) and media_type != PROBLEM_MEDIA_TYPE
 
 
 def _retry_after_s(response: httpx.Response) -> float:

@@ -18,7 +18,7 @@ ENGINE_ERROR_BODY = json.dumps({"type": "about:blank", "title": "Internal Server
 
 
 def _answer(status: int, content_type: str, body: bytes) -> bytes:
-    reason = {200: "OK", 500: "Internal Server Error", 502: "Bad Gateway"}[status]
+    reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway"}[status]
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
             .encode() + body)
 
@@ -68,6 +68,23 @@ def test_a_proxys_own_5xx_is_retried_with_the_same_body(scripted_server, monkeyp
     purchase = [{"transaction_id": "t-3", "user_id": "u-1", "amount_micros": 1_000_000}]
     assert client.purchases(purchase) == {"created": 0, "replayed": 1, "failed": 0}
     assert len(received) == 3 and len(set(received)) == 1
+
+
+def test_serves_own_404_is_retried_and_the_engines_is_not(scripted_server, monkeypatch):
+    monkeypatch.setattr(demo, "RETRY_WAIT_UNSAID_S", 0.01)
+    # Serve's proxy answers so while it knows no routes (its controller
+    # restarted, a Ray head replaced): the request reached no replica.
+    url, answers, received = scripted_server
+    answers += [_answer(404, "text/plain; charset=utf-8", b"Path '/v1/transactions:batch' not found."),
+                _answer(200, "application/json", b'{"created": 1, "replayed": 0, "failed": 0}'),
+                _answer(404, "application/problem+json", b'{"status": 404, "detail": "no such user"}')]
+    client = demo.ApiClient(url, "key")
+    purchase = [{"transaction_id": "t-4", "user_id": "u-1", "amount_micros": 1_000_000}]
+    assert client.purchases(purchase) == {"created": 1, "replayed": 0, "failed": 0}
+    assert len(received) == 2 and len(set(received)) == 1
+    with pytest.raises(RuntimeError, match="404"):
+        client.purchases(purchase)
+    assert len(received) == 3
 
 
 def test_the_engines_own_500_is_raised_not_retried(scripted_server):
