@@ -26,26 +26,28 @@ import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
 import httpx
 import ray
 from ray._private import state as ray_state
 
 from dailydoco.actors.refs import SUPERVISOR_NAME, shard_actor_name
-from dailydoco.cluster.config import load_config
 from dailydoco.storage.sharding import actor_of_vshard, vshard_of
 
 from .network_hosts import kill_everything_on, set_switch_port
 from .two_node_engine import (
-    CHAIN_ACTORS,
-    INGRESS_LISTENING_WITHIN_S,
     SHARD_ACTORS,
+    _answered,
     _api_replica_nodes,
     _Buyers,
+    _hosts_config,
     _placement,
+    _purchases_outcome,
+    _ready_within,
     _register_chain,
+    _service_client,
     _settled,
+    _spread_over_both_hosts,
     _supervisor_onto,
 )
 
@@ -55,7 +57,6 @@ PURCHASING_BEFORE_S = 5.0
 HEAD_LOST_FOR_S = 75.0
 BACK_WITHIN_S = 90.0
 PURCHASING_AFTER_S = 5.0
-SPREAD_WITHIN_S = 30.0
 READ_EVERY_S = 0.05
 READ_TIMEOUT_S = 1.0
 READER_CANDIDATES = 100  # each lands on a given one of 3 shards with odds 1 in 3
@@ -79,18 +80,8 @@ def _reader_with_shard_on(node_id: str, placement: dict, api: httpx.Client, name
     return None
 
 
-def _answered(client: httpx.Client, path: str) -> int | str:
-    try:
-        return client.get(path).status_code
-    except httpx.TransportError as exc:
-        return type(exc).__name__
-
-
 def main(args: dict) -> dict:
-    config = load_config(state_dir=args["state_dir"], postgres_url=args["postgres_url"], nats_url=args["nats_url"],
-                         redis_url=args["redis_url"], ray_address=args["ray_address"], http_host="0.0.0.0",
-                         http_port=args["http_port"], shard_actors=SHARD_ACTORS, chain_actors=CHAIN_ACTORS,
-                         namespace=args["namespace"], regions=(args["region"],), region=args["region"])
+    config = _hosts_config(args)
     # The worker's own node: a driver attaches to a raylet of its host, which
     # Ray finds by `ps`, and here the head's raylet is a process of the same machine.
     ray.init(address=args["ray_address"], namespace=config.namespace, log_to_driver=False,
@@ -99,25 +90,18 @@ def main(args: dict) -> dict:
         worker_id = ray.get_runtime_context().get_node_id()
         # What `_placement` and `_supervisor_onto` ask of an EngineSystem.
         system = types.SimpleNamespace(supervisor=ray.get_actor(SUPERVISOR_NAME, namespace=config.namespace))
-        spread_until = time.monotonic() + SPREAD_WITHIN_S
-        while (before := _placement(system)) is None or len(set(before.values())) < 2:
-            assert time.monotonic() < spread_until, f"the actors never spanned both hosts: {before}"
-            time.sleep(0.5)
+        before = _spread_over_both_hosts(system)
         head_id = next(node for node in before.values() if node != worker_id)
         # The supervisor is lost with the head, beside the writers there:
         # the case in which nothing but Ray's restored control store
         # brings it back.
         _supervisor_onto(system, head_id)
         before = _placement(system)
-        keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
-        # The worker's ingress, as a client of that host reaches it (a load
-        # balancer in front of both hosts would send it there once the head's stops answering).
-        api = httpx.Client(base_url=f"http://{args['worker_ip']}:{args['http_port']}",
-                           headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
-        head_api = httpx.Client(base_url=f"http://{args['head_ip']}:{args['http_port']}", timeout=5)
-        ingress_until = time.monotonic() + INGRESS_LISTENING_WITHIN_S
-        while (worker_ingress_before := _answered(api, "/readyz")) != 200 and time.monotonic() < ingress_until:
-            time.sleep(0.2)
+        # The worker's ingress (a load balancer in front of both hosts would
+        # send a client there once the head's stops answering).
+        api = _service_client(config, args["worker_ip"])
+        head_api = _service_client(config, args["head_ip"], timeout_s=5)
+        worker_ingress_before = _ready_within(api)
         api_replicas_before = _api_replica_nodes(config)
         actors_before = _actors()
 
@@ -167,7 +151,6 @@ def main(args: dict) -> dict:
             time.sleep(0.5)
         time.sleep(PURCHASING_AFTER_S)
         buyers.stop()
-        settled = _settled(api, config.postgres_url, users)
         return {
             "head": head_id, "worker": worker_id, "placement_before": before, "placement_after": _placement(system),
             "back_after_s": back_after_s, "api_replicas_before": api_replicas_before,
@@ -176,10 +159,7 @@ def main(args: dict) -> dict:
             "actors_before": actors_before, "actors_after": _actors(),
             "reads_while_lost": reads_while_lost,
             "acknowledged_before_loss": acknowledged_before_loss, "acknowledged_while_lost": acknowledged_while_lost,
-            "acknowledged": buyers.acknowledged, "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
-            "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
-            "transactions_in_ledger": len(settled["counts"]), "served_balances": settled["served"],
-            "ledger_balances": settled["expected"],
+            **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
             "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),
         }
     finally:

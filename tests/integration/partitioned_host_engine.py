@@ -20,65 +20,43 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-import httpx
 import ray
 
-from dailydoco.cluster.config import load_config
 from dailydoco.cluster.system import EngineSystem
 
 from .network_hosts import set_switch_port
 from .two_node_engine import (
-    CHAIN_ACTORS,
-    INGRESS_LISTENING_WITHIN_S,
-    SHARD_ACTORS,
     _all_back_on,
     _api_replica_nodes,
     _Buyers,
+    _hosts_config,
     _placement,
+    _purchases_outcome,
+    _ready_within,
     _register_chain,
+    _service_client,
     _settled,
+    _spread_over_both_hosts,
 )
 
 PURCHASING_BEFORE_S = 5.0
 HEALED_WITHIN_S = 60.0  # Ray's defaults took about 70 s; the head's settings in ray_cluster.yaml, 12 to 15
 PURCHASING_AFTER_HEAL_S = 5.0
 PURCHASING_AFTER_RECONNECT_S = 5.0
-SPREAD_WITHIN_S = 30.0
 
 
 def main(args: dict) -> dict:
-    config = load_config(state_dir=args["state_dir"], postgres_url=args["postgres_url"], nats_url=args["nats_url"],
-                         redis_url=args["redis_url"], ray_address=args["ray_address"], http_host="0.0.0.0",
-                         http_port=args["http_port"], shard_actors=SHARD_ACTORS, chain_actors=CHAIN_ACTORS,
-                         namespace=args["namespace"], regions=(args["region"],), region=args["region"])
+    config = _hosts_config(args)
     ray.init(address=args["ray_address"], namespace=config.namespace, log_to_driver=False)
     try:
         head_id = ray.get_runtime_context().get_node_id()
         system = EngineSystem(config).start()
-        spread_until = time.monotonic() + SPREAD_WITHIN_S
-        while (before := _placement(system)) is None or len(set(before.values())) < 2:
-            assert time.monotonic() < spread_until, f"the actors never spanned both hosts: {before}"
-            time.sleep(0.5)
+        before = _spread_over_both_hosts(system)
         worker_id = next(node for node in before.values() if node != head_id)
         api_replicas_before = _api_replica_nodes(config)
-        keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
-        # The head host's address: its ingress, as a client of that host would reach it.
-        api = httpx.Client(base_url=f"http://{args['head_ip']}:{args['http_port']}",
-                           headers={"X-API-Key": keys["service_api_key"]}, timeout=30)
-        # Serve starts a host's ingress once a replica runs there, after the
-        # application is ready: give it a moment.
-        worker_api = httpx.Client(base_url=f"http://{args['worker_ip']}:{args['http_port']}", timeout=5)
-        ingress_until = time.monotonic() + INGRESS_LISTENING_WITHIN_S
-        while True:
-            try:
-                worker_ingress_before = worker_api.get("/readyz").status_code
-            except httpx.TransportError as exc:
-                worker_ingress_before = repr(exc)
-            if worker_ingress_before == 200 or time.monotonic() > ingress_until:
-                break
-            time.sleep(0.2)
+        api = _service_client(config, args["head_ip"])
+        worker_ingress_before = _ready_within(_service_client(config, args["worker_ip"], timeout_s=5))
 
         users = _register_chain(api, args["namespace"])
         buyers = _Buyers(api, args["namespace"], users)
@@ -94,17 +72,13 @@ def main(args: dict) -> dict:
         set_switch_port(args["switch_netns"], args["switch_port"], "3")  # forwarding
         time.sleep(PURCHASING_AFTER_RECONNECT_S)
         buyers.stop()
-        settled = _settled(api, config.postgres_url, users)
         return {
             "head": head_id, "worker": worker_id, "placement_before": before, "placement_after": _placement(system),
             "healed_after_s": healed_after_s, "api_replicas_before": api_replicas_before,
             "api_replicas_after": _api_replica_nodes(config), "worker_ingress_before": worker_ingress_before,
             "alive_nodes_after": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
             "acknowledged_before_cut": acknowledged_before_cut, "acknowledged_while_cut": acknowledged_while_cut,
-            "acknowledged": buyers.acknowledged, "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
-            "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
-            "transactions_in_ledger": len(settled["counts"]), "served_balances": settled["served"],
-            "ledger_balances": settled["expected"],
+            **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
             "ready": api.get("/readyz").status_code,
         }
     finally:

@@ -53,6 +53,7 @@ HEALED_WITHIN_S = 60.0
 SUPERVISOR_MOVES_MAX = 20  # each lands on the worker with even odds
 SETTLED_WITHIN_S = 15.0
 INGRESS_LISTENING_WITHIN_S = 30.0
+SPREAD_WITHIN_S = 30.0
 # Both nodes on loopback: Ray takes a node's address from its route out
 # unless it believes it runs on one machine, as this setting tells it.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -195,6 +196,50 @@ class _Buyers:
             thread.join()
 
 
+def _hosts_config(args: dict):
+    """The engine's config for a scenario on network_hosts' hosts: the
+    servers on the services host, the API on every address of its host."""
+    return load_config(state_dir=args["state_dir"], postgres_url=args["postgres_url"], nats_url=args["nats_url"],
+                       redis_url=args["redis_url"], ray_address=args["ray_address"], http_host="0.0.0.0",
+                       http_port=args["http_port"], shard_actors=SHARD_ACTORS, chain_actors=CHAIN_ACTORS,
+                       namespace=args["namespace"], regions=(args["region"],), region=args["region"])
+
+
+def _spread_over_both_hosts(system) -> dict[str, str]:
+    """The actors' placement once it spans both hosts (Ray places the
+    supervisor, which deals the shards and chains in turn from there)."""
+    spread_until = time.monotonic() + SPREAD_WITHIN_S
+    while (placement := _placement(system)) is None or len(set(placement.values())) < 2:
+        assert time.monotonic() < spread_until, f"the actors never spanned both hosts: {placement}"
+        time.sleep(0.5)
+    return placement
+
+
+def _service_client(config, host_ip: str, timeout_s: float = 30) -> httpx.Client:
+    """The API of the ingress on `host_ip`, as a backend of that host reaches it, with the service key."""
+    keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
+    return httpx.Client(base_url=f"http://{host_ip}:{config.http_port}",
+                        headers={"X-API-Key": keys["service_api_key"]}, timeout=timeout_s)
+
+
+def _answered(client: httpx.Client, path: str) -> int | str:
+    """A GET's status, or the name of the transport error that stopped it."""
+    try:
+        return client.get(path).status_code
+    except httpx.TransportError as exc:
+        return type(exc).__name__
+
+
+def _ready_within(client: httpx.Client) -> int | str:
+    """`/readyz`'s answer once it is 200, or its last after
+    INGRESS_LISTENING_WITHIN_S: Serve starts a host's ingress once a
+    replica runs there, after the application is ready."""
+    ready_until = time.monotonic() + INGRESS_LISTENING_WITHIN_S
+    while (answer := _answered(client, "/readyz")) != 200 and time.monotonic() < ready_until:
+        time.sleep(0.2)
+    return answer
+
+
 def _settled(api: httpx.Client, postgres_url: str, users: list[str]) -> dict:
     """The ledger's transaction counts, and each user's pending balance as
     served and as the ledger sums it, once they agree (shards trail the
@@ -210,6 +255,17 @@ def _settled(api: httpx.Client, postgres_url: str, users: list[str]) -> dict:
         if served == expected or time.monotonic() > settle_until:
             return {"counts": counts, "served": served, "expected": expected}
         time.sleep(0.5)
+
+
+def _purchases_outcome(buyers: _Buyers, settled: dict) -> dict:
+    """What every scenario reports of its purchases, for the test to judge:
+    acknowledged and not, and how the ledger and the shards stand."""
+    return {
+        "acknowledged": buyers.acknowledged, "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
+        "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
+        "transactions_in_ledger": len(settled["counts"]),
+        "served_balances": settled["served"], "ledger_balances": settled["expected"],
+    }
 
 
 def main(args: dict) -> dict:
@@ -266,11 +322,7 @@ def main(args: dict) -> dict:
             "ingress_before": ingress_before,
             "ingress_after": _ingress_listening(config, [head_id, worker.node_id]),
             "api_replicas_before": api_replicas_before, "api_replicas_after": _api_replica_nodes(config),
-            "acknowledged_before_loss": acknowledged_before_loss, "acknowledged": buyers.acknowledged,
-            "unacknowledged": buyers.unacknowledged, "errors": buyers.errors,
-            "ledger_counts": {tid: settled["counts"].get(tid, 0) for tid in buyers.acknowledged},
-            "transactions_in_ledger": len(settled["counts"]),
-            "served_balances": settled["served"], "ledger_balances": settled["expected"],
+            "acknowledged_before_loss": acknowledged_before_loss, **_purchases_outcome(buyers, settled),
             "ready": api.get("/readyz").status_code,
             "restarts": ray.get(system.supervisor.restart_counts.remote()),
         }
