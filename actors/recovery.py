@@ -44,9 +44,11 @@ def rebuild(rows: ShardRows, vshards: list[int]) -> dict[int, ShardState]:
     return states
 
 
-async def recover_shard(pool: asyncpg.Pool, vshards: list[int]) -> ShardState:
-    """The state of a shard actor owning `vshards`, fenced at the read snapshot."""
-    rows = await read_since_checkpoints(pool, vshards, with_users=True)
+async def recover_shard(pool: asyncpg.Pool, vshards: list[int], balance_of: str | None = None) -> ShardState:
+    """The state of a shard actor owning `vshards`, fenced at the read
+    snapshot; with `balance_of`, only that user's balance is whole (see
+    read_since_checkpoints)."""
+    rows = await read_since_checkpoints(pool, vshards, with_users=True, balance_of=balance_of)
     merged = ShardState(vshards, rows.snapshot, rows.stream_epoch)
     for state in rebuild(rows, vshards).values():
         merged.users.update(state.users)
@@ -64,3 +66,12 @@ async def checkpoint_all(pool: asyncpg.Pool, vshards: list[int]) -> int:
     }
     await write_checkpoints(pool, rows.snapshot, encoded)
     return sum(len(s.stats) for s in states.values())
+
+
+async def user_state_from_ledger(pool: asyncpg.Pool, user_id: str, network: bool) -> ShardState:
+    """The state the user's shard would rebuild after a restart (their
+    vshard's checkpoint plus the ledger after it, at one snapshot), for a
+    read their shard does not answer: with `network`, the whole vshard's
+    (network statistics count every member's joins and purchases), else
+    only what the user's record and balance are made of."""
+    return await recover_shard(pool, [vshard_of(user_id)], balance_of=None if network else user_id)

@@ -64,6 +64,7 @@ from .metrics import (
 )
 from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
+from .shard_reads import ShardReads
 
 BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
 # GCRA limits (requests per second, burst): per user token across the cluster;
@@ -79,8 +80,6 @@ CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: bulk calls overlap, so one commits w
 # Single purchases gather behind the call in flight rather than overlap it:
 # on this 2-core machine that halved POST latency at 500/s (p50 33 -> 11-15 ms).
 CHAIN_CALL_OVERLAP_ITEMS_MIN = CHAIN_CALL_TRANSACTIONS_MAX // 4
-BALANCE_READS_PER_CALL_MAX = 1_000
-SHARD_READ_CALLS_IN_FLIGHT_MAX = 2
 
 _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
@@ -161,7 +160,7 @@ class EngineApi:
         self.shards = [ActorRef(shard_actor_name(i), ns) for i in range(config.shard_actors)]
         self.chains = [ActorRef(chain_actor_name(i), ns) for i in range(config.chain_actors)]
         self.chain_batchers = [self._chain_batcher(chain) for chain in self.chains]
-        self.balance_batchers = [self._balance_batcher(shard) for shard in self.shards]
+        self.shard_reads = [ShardReads(shard, lambda: self.pool) for shard in self.shards]
         self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
         self.live = LiveGateway(self.auth, config.live_origins, lambda: self.nats, lambda: self.pool)
         self.videos = VideoJobs(self, config.video_dir)
@@ -177,12 +176,12 @@ class EngineApi:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.purchases_total = Counter(
             "dailydoco_purchases_total", "Purchases by outcome", ["outcome"], registry=self.registry)
-        # How often balance reads find a live view in Redis (else the shard answers).
+        # How often balance reads find a live view in Redis (else the shard
+        # answers, or the ledger where the shard does not in time).
         balance_reads = Counter("dailydoco_balance_reads_total", "Balance reads by where the answer came from",
                                 ["source"], registry=self.registry)
         self.backlog = EngineBacklogReader(self._read_backlog, DEPENDENCY_CHECK_TIMEOUT_S)
-        self.balance_reads_from_view = balance_reads.labels("redis_view")
-        self.balance_reads_from_shard = balance_reads.labels("shard")
+        self.balance_reads = {source: balance_reads.labels(source) for source in ("redis_view", "shard", "ledger")}
         if live_gateway:
             Gauge("dailydoco_live_connections", "Live sockets open on this replica",
                   registry=self.registry).set_function(lambda: len(self.live.connections))
@@ -291,7 +290,7 @@ class EngineApi:
         """Sign a user out everywhere: a service, or the user themself."""
         user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
-        if await self._shard_of(user_id).call("get_user", user_id) is None:
+        if await self._shard_reads_of(user_id).user(user_id) is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         before = await revoke_tokens(self.pool, user_id, dt.datetime.now(dt.timezone.utc))
         self._apply_revocation(user_id, before)
@@ -317,15 +316,8 @@ class EngineApi:
     def _shard_of(self, user_id: str) -> ActorRef:
         return self.shards[self._shard_index(user_id)]
 
-    @staticmethod
-    def _balance_batcher(shard: ActorRef) -> MicroBatcher:
-        """Concurrent balance reads of one shard share a Ray call: on this
-        hardware a Ray call costs the replica more CPU than the rest of a read."""
-
-        async def read(user_ids: list[str]) -> list:
-            return await shard.call("get_balances", user_ids)
-
-        return MicroBatcher(read, BALANCE_READS_PER_CALL_MAX, SHARD_READ_CALLS_IN_FLIGHT_MAX)
+    def _shard_reads_of(self, user_id: str) -> ShardReads:
+        return self.shard_reads[self._shard_index(user_id)]
 
     # --- plumbing ------------------------------------------------------------
 
@@ -402,7 +394,7 @@ class EngineApi:
     async def get_user(self, request: Request) -> Response:
         user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
-        view = await self._shard_of(user_id).call("get_user", user_id)
+        view = await self._shard_reads_of(user_id).user(user_id)
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         return json_response(view)
@@ -411,14 +403,15 @@ class EngineApi:
         require_service(await self.principal(request))
         user_id = path_id(request, "user_id")
         body = await read_body(request, p.TokenRequest)
-        if await self._shard_of(user_id).call("get_user", user_id) is None:
+        if await self._shard_reads_of(user_id).user(user_id) is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         token, expires_at = self.auth.issue(user_id, body.ttl_s)
         return json_response(p.TokenView(token=token, expires_at=expires_at), 201)
 
     async def balance(self, request: Request) -> Response:
         """From the shard's view in Redis while its lease lives (one round trip,
-        no Ray call; storage/balance_views.py), else from the shard itself."""
+        no Ray call; storage/balance_views.py), else from the shard itself,
+        else from the ledger where the shard does not answer (serve/shard_reads.py)."""
         user_id = path_id(request, "user_id")
         principal = self._authenticate(request)
         require_reader_of(principal, user_id)
@@ -430,10 +423,10 @@ class EngineApi:
         else:
             body = await self.balance_views.read(user_id, shard_index)
         if body is not None:
-            self.balance_reads_from_view.inc()
+            self.balance_reads["redis_view"].inc()
             return Response(body, media_type="application/json")
-        self.balance_reads_from_shard.inc()
-        [view] = await self.balance_batchers[shard_index].submit([user_id])
+        view, source = await self.shard_reads[shard_index].balance(user_id)
+        self.balance_reads[source].inc()
         if view is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         return json_response(view)
@@ -442,7 +435,7 @@ class EngineApi:
         user_id = path_id(request, "user_id")
         require_reader_of(await self.principal(request), user_id)
         depth = _int_param(request, "depth", p.NETWORK_GRAPH_DEPTH_DEFAULT, 1, p.NETWORK_GRAPH_DEPTH_MAX)
-        stats = await self._shard_of(user_id).call("get_network_stats", user_id)
+        stats = await self._shard_reads_of(user_id).network_stats(user_id)
         if stats is None:
             raise p.NotFound(f"user {user_id!r} does not exist")
         edges, truncated = await self.ledger.network_graph(user_id, depth, p.NETWORK_GRAPH_NODES_MAX)

@@ -64,7 +64,7 @@ class VideoJobs:
             raise p.ServiceUnavailable("video processing is not installed here (pip install -e '.[video]')")
 
     async def _require_user(self, user_id: str) -> None:
-        if await self.api._shard_of(user_id).call("get_user", user_id) is None:
+        if await self.api._shard_reads_of(user_id).user(user_id) is None:
             raise p.UnknownUser(f"user {user_id!r} does not exist")
 
     def _inside_folder(self, relative: str) -> Path:

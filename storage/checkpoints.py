@@ -69,9 +69,17 @@ _TRANSITIONS_SQL = (
     "SELECT t.beneficiary_id, t.currency, t.from_status, t.to_status, sum(t.amount_micros) FROM ledger_transitions t"
     f" WHERE {_after('t')} AND t.vshard = ANY($3::smallint[]) GROUP BY 1, 2, 3, 4"
 )
+# The same, of one beneficiary: what one user's balance is made of.
+_ENTRIES_OF_ONE_SQL = _ENTRIES_SQL.replace(" GROUP BY", " AND l.beneficiary_id = $4 GROUP BY")
+_TRANSITIONS_OF_ONE_SQL = _TRANSITIONS_SQL.replace(" GROUP BY", " AND t.beneficiary_id = $4 GROUP BY")
 
 
-async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_users: bool) -> ShardRows:
+async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_users: bool,
+                                 balance_of: str | None = None) -> ShardRows:
+    """`balance_of`: only what that one user's balance is made of (their
+    record and live-event offset, their entries and transitions), no
+    network statistics: what a read answers from when it cannot ask the
+    user's shard (recovery.balance_from_ledger). `vshards` is then theirs."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         snapshot = Snapshot.parse(await conn.fetchval("SELECT pg_current_snapshot()::text"))
         checkpoints = {v: Checkpoint(v, Snapshot.empty(), None) for v in vshards}
@@ -81,14 +89,12 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
             checkpoints[r["vshard"]] = Checkpoint(r["vshard"], Snapshot.parse(r["snapshot"]), bytes(r["state"]))
         users, stream_offsets = [], {}
         if with_users:
-            users = await conn.fetch(
-                "SELECT user_id, referral_code, referrer_id, upline, created_at, body_hash FROM users"
-                " WHERE vshard = ANY($1::smallint[])",
-                vshards,
-            )
+            where, arg = (("user_id = $1", balance_of) if balance_of is not None
+                          else ("vshard = ANY($1::smallint[])", vshards))
+            users = await conn.fetch("SELECT user_id, referral_code, referrer_id, upline, created_at, body_hash"
+                                     f" FROM users WHERE {where}", arg)
             # Same snapshot as the ledger rows: these offsets cover exactly their events.
-            stream_offsets = dict(await conn.fetch(
-                "SELECT user_id, last_seq FROM event_streams WHERE vshard = ANY($1::smallint[])", vshards))
+            stream_offsets = dict(await conn.fetch(f"SELECT user_id, last_seq FROM event_streams WHERE {where}", arg))
         stream_epoch = await conn.fetchval("SELECT epoch FROM event_epoch")
         # Vshards checkpointed together share a snapshot: one set of reads each
         # (one in steady state, since the supervisor checkpoints all at once).
@@ -98,13 +104,19 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
         joins, revenue, entries, transitions = [], [], [], []
         for since, group in by_snapshot.items():
             bound, owned = (since.xmin, since.text()), set(group)
-            joins += [(a, level, n) for a, level, n in await conn.fetch(_JOINS_SQL, *bound) if vshard_of(a) in owned]
-            revenue += [(a, level, currency.strip(), int(micros)) for a, level, currency, micros
-                        in await conn.fetch(_REVENUE_SQL, *bound) if vshard_of(a) in owned]
+            if balance_of is None:
+                joins += [(a, level, n) for a, level, n in await conn.fetch(_JOINS_SQL, *bound)
+                          if vshard_of(a) in owned]
+                revenue += [(a, level, currency.strip(), int(micros)) for a, level, currency, micros
+                            in await conn.fetch(_REVENUE_SQL, *bound) if vshard_of(a) in owned]
+                entries_sql, transitions_sql, args = _ENTRIES_SQL, _TRANSITIONS_SQL, (*bound, group)
+            else:
+                entries_sql, transitions_sql = _ENTRIES_OF_ONE_SQL, _TRANSITIONS_OF_ONE_SQL
+                args = (*bound, group, balance_of)
             entries += [(b, currency.strip(), status, int(micros)) for b, currency, status, micros
-                        in await conn.fetch(_ENTRIES_SQL, *bound, group)]
+                        in await conn.fetch(entries_sql, *args)]
             transitions += [(b, currency.strip(), from_, to, int(micros)) for b, currency, from_, to, micros
-                            in await conn.fetch(_TRANSITIONS_SQL, *bound, group)]
+                            in await conn.fetch(transitions_sql, *args)]
     return ShardRows(snapshot, checkpoints, users, joins, revenue, entries, transitions, stream_epoch, stream_offsets)
 
 

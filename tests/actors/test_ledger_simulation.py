@@ -23,7 +23,7 @@ import pytest
 
 from dailydoco.actors import lifecycle
 from dailydoco.actors.commission_core import CommissionEngine
-from dailydoco.actors.recovery import checkpoint_all, recover_shard
+from dailydoco.actors.recovery import checkpoint_all, recover_shard, user_state_from_ledger
 from dailydoco.protocol.live import BalanceChanged, CommissionEarned, ReferralJoined, decode_events
 from dailydoco.actors.registration import register_user
 from dailydoco.protocol import (
@@ -40,13 +40,14 @@ from dailydoco.storage import ledger as ledger_module
 from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.partitions import DEFAULT_PARTITION, ensure_ledger_partitions
 from dailydoco.storage.pool import open_pool
-from dailydoco.storage.sharding import VSHARDS, vshards_of_actor
+from dailydoco.storage.sharding import VSHARDS, actor_of_vshard, vshard_of, vshards_of_actor
 
 from ..postgres_faults import Fault, FaultyPostgresProxy
 
 SEEDS = int(os.environ.get("DD_SIMULATION_SEEDS", "200"))
 SEED_FIRST = int(os.environ.get("DD_SIMULATION_SEED_FIRST", "0"))  # a soak run can go past CI's seeds
 STEPS_PER_SEED = int(os.environ.get("DD_SIMULATION_STEPS", "30"))
+LEDGER_READS_PER_STEP = 3
 SHARDS = 3
 HOLD_PERIOD_S = 30 * 24 * 3600
 RATES_BP = (2000, 1000, 500, 300, 200, 100, 50)  # restated here, not imported: the oracle is independent
@@ -104,6 +105,7 @@ class Simulation:
         # Whether the partition upkeep runs at a step draws from a stream of
         # its own, so that seeds replay the scenarios they did before it.
         self.upkeep_rng = random.Random(f"{seed}-partitions")
+        self.ledger_reads_rng = random.Random(f"{seed}-ledger-reads")  # likewise
         self.pool = pool
         self.ledger = Ledger(pool, HOLD_PERIOD_S)
         self.router = FaultyRouter([None] * SHARDS, self.rng, pool)
@@ -571,6 +573,7 @@ class Simulation:
                         have[(user, currency)] = list(buckets)
         want = {k: v for k, v in want.items() if any(v)}
         assert have == want, f(f"memory balances differ from the ledger: {_diff(have, want)}")
+        await self.verify_reads_from_ledger(sorted(users))
 
         # Paid equals what payouts paid.
         paid_lines: dict[tuple[str, str], int] = {}
@@ -601,6 +604,23 @@ class Simulation:
         owned = sorted(u for s in self.router.states for u in s.users)
         assert owned == sorted(users), f("shards do not own exactly the registered users")
         await self.verify_live_streams(want, entries, size)
+
+    async def verify_reads_from_ledger(self, users: list[str]) -> None:
+        """What a read answers from the ledger when the shard does not
+        (recovery.user_state_from_ledger) is what the shard answers: the
+        balance, stream offset included, the record and the network
+        statistics, for a few users a step (all would double the seeds'
+        time; the statistics of one), and nothing for a user never registered."""
+        for k, user in enumerate(self.ledger_reads_rng.sample(users, min(LEDGER_READS_PER_STEP, len(users)))):
+            shard = self.router.states[actor_of_vshard(vshard_of(user), SHARDS)]
+            own = await user_state_from_ledger(self.pool, user, network=False)
+            assert (own.balance_view(user), own.user_view(user)) == (shard.balance_view(user), shard.user_view(user)), \
+                self.fail(f"the ledger's balance or record of {user} differs from its shard's")
+            if k == 0:  # the whole vshard is read: once a step
+                whole = await user_state_from_ledger(self.pool, user, network=True)
+                assert whole.network_stats(user) == shard.network_stats(user), \
+                    self.fail(f"the ledger's network statistics of {user} differ from its shard's")
+        assert "never-registered" not in (await user_state_from_ledger(self.pool, "never-registered", False)).users
 
     async def verify_live_streams(self, balances, entries, size) -> None:
         """Each user's outbox events: offsets 1..last with no gap or overlap,

@@ -95,6 +95,12 @@ class Api:
         return {"pending_micros": 0, "approved_micros": 0, "paid_micros": 0, "earned_micros": 0}
 
 
+def balance_reads_from(api: Api, source: str) -> float:
+    """The replicas' count of balance reads answered from `source` (redis_view, shard or ledger), summed."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
+               if line.startswith("dailydoco_balance_reads_total{") and f'source="{source}"' in line)
+
+
 def backlog_gauges(metrics: str) -> dict[str, float]:
     """The engine's backlog gauges in a /metrics exposition (they have no labels)."""
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()

@@ -11,7 +11,7 @@ import pytest
 
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 
-from .conftest import unique
+from .conftest import balance_reads_from, unique
 
 RATES_BP = (2000, 1000, 500, 300, 200, 100, 50)
 PROBLEM_BASE = "https://problems.dailydoco.dev/"
@@ -455,14 +455,14 @@ def test_balance_reads_come_from_the_shards_views_in_redis(api):
         as_user = api.anonymous.get(f"/v1/users/{referrer}/balance", headers={"Authorization": f"Bearer {token}"})
         assert as_user.status_code == 200 and b'"pending_micros":2000001' in as_user.content
         client.delete(key)  # Redis lost it: the shard answers
-        before = _balance_reads_from_shard(api)
+        before = balance_reads_from(api, "shard")
         from_shard = api.service.get(f"/v1/users/{referrer}/balance")
         assert from_shard.status_code == 200 and from_shard.content == stored
         as_user = api.anonymous.get(f"/v1/users/{referrer}/balance", headers={"Authorization": f"Bearer {token}"})
         assert as_user.status_code == 200 and as_user.content == stored
         # /metrics shows the replicas' counts as they were up to an interval ago.
         deadline = time.monotonic() + 5 * REPLICA_METRICS_INTERVAL_S
-        while (counted := _balance_reads_from_shard(api)) < before + 2 and time.monotonic() < deadline:
+        while (counted := balance_reads_from(api, "shard")) < before + 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert counted == before + 2
     finally:
@@ -473,12 +473,6 @@ def _replicas_in(metrics: str) -> set[str]:
     # A series every replica has from its start, whatever it has served.
     return {line.split('replica="')[1].split('"')[0] for line in metrics.splitlines()
             if line.startswith("dailydoco_balance_reads_total{")}
-
-
-def _balance_reads_from_shard(api) -> float:
-    """Summed over the replicas."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
-               if line.startswith('dailydoco_balance_reads_total{') and 'source="shard"' in line)
 
 
 async def _fetchval(url, query, asyncpg):

@@ -30,9 +30,10 @@ from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
 from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S
+from dailydoco.storage.sharding import actor_of_vshard, vshard_of
 
 from ..postgres_faults import disk_full
-from .conftest import backlog_gauges, query, unique
+from .conftest import backlog_gauges, balance_reads_from, query, unique
 
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
 LIVE_SOCKET_ANSWER_WAIT_S = 15.0
@@ -153,6 +154,73 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     restarts = ray.get(engine.supervisor.restart_counts.remote())
     assert restarts.get(shard_actor_name(0), 0) >= 1 and restarts.get(chain_actor_name(0), 0) >= 1
+
+
+LEASE_LAPSED_WITHIN_S = 10 * balance_views.LEASE_TTL_MS / 1000
+
+
+def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
+    """A shard stops (SIGSTOP: a frozen process, as one on a host cut off
+    or lost is to its callers). Its balance views' lease lapses, and reads
+    of its users then find the shard silent: they are answered from the
+    ledger, exact, a purchase acknowledged meanwhile included, instead of
+    waiting until the shard answers again (up to a minute, then 503); so
+    are its users' records and network statistics. The
+    supervisor is stopped first, so that its hang check does not replace
+    the shard midway on a slow host: the reads are of a silent shard."""
+    ns, shard_count = engine.config.namespace, engine.config.shard_actors
+    users = api.chain(8, prefix="shardstop")
+    assert api.purchase(users[-1], 10_000_000).status_code == 201
+    stopped = actor_of_vshard(vshard_of(users[-2]), shard_count)  # the buyer's referrer: paid level 1
+    readers = [u for u in users if actor_of_vshard(vshard_of(u), shard_count) == stopped]
+    stranger = next(u for u in (unique("shardstop-nobody") for _ in range(100))
+                    if actor_of_vshard(vshard_of(u), shard_count) == stopped)
+    token = api.service.post(f"/v1/users/{users[-2]}/tokens", json={"ttl_s": 600}).json()["token"]
+    api.settle()
+    shard = ray.get_actor(shard_actor_name(stopped), namespace=ns)
+    pid = ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    epoch = query(engine, "fetchval", "SELECT epoch FROM event_epoch")
+    client = redis.Redis.from_url(engine.redis_url)
+    supervisor_pid = _supervisor_pid(engine)
+    assert supervisor_pid is not None, "the supervisor is restarting"
+    from_ledger_before = balance_reads_from(api, "ledger")
+    os.kill(supervisor_pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lapse_until = time.monotonic() + LEASE_LAPSED_WITHIN_S
+        while client.exists(balance_views.lease_key(epoch, stopped)):
+            assert time.monotonic() < lapse_until, "the stopped shard's lease did not lapse"
+            time.sleep(0.05)
+        # A purchase goes on meanwhile: its commit is its acknowledgement,
+        # and its delivery to the stopped shard waits.
+        assert api.purchase(users[-1], 5_000_000).status_code == 201
+        ledger = _ledger_balances(engine)
+        assert ledger[users[-2]] == {"USD": [3_000_000, 0, 0]}
+        _assert_served_balances_are(api, readers, ledger)
+        as_user = api.anonymous.get(f"/v1/users/{users[-2]}/balance", headers={"Authorization": f"Bearer {token}"})
+        assert as_user.status_code == 200 and as_user.json()["balances"][0]["pending_micros"] == 3_000_000
+        unknown = api.service.get(f"/v1/users/{stranger}/balance")
+        assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+        # The shard's other reads: the user, their network, a token's issue.
+        user = api.service.get(f"/v1/users/{users[-2]}")
+        assert user.status_code == 200 and user.json()["referrer_id"] == users[-3], user.text
+        network = api.service.get(f"/v1/users/{users[-2]}/network")
+        assert network.status_code == 200 and network.json()["stats"]["network_size"] == 1, network.text
+        assert network.json()["stats"]["revenue_by_level"][0]["revenue_micros_by_level"][0] == 15_000_000
+        assert api.service.post(f"/v1/users/{users[-2]}/tokens", json={"ttl_s": 60}).status_code == 201
+        assert api.service.get(f"/v1/users/{stranger}").status_code == 404
+        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED  # throughout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(supervisor_pid, signal.SIGCONT)
+        client.close()
+    deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
+    while (counted := balance_reads_from(api, "ledger")) < from_ledger_before + len(readers) + 2:
+        assert time.monotonic() < deadline, (counted, from_ledger_before)
+        time.sleep(0.2)
+    # Back, the same process: its memory and views are the ledger's again.
+    assert ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=30) == pid
+    _assert_nothing_lost_or_doubled(api, engine, users, [], {})
 
 
 def _cut_database_connections(engine) -> int:
