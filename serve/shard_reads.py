@@ -40,7 +40,9 @@ class ShardReads:
     """Reads of one shard. Once a read has waited SHARD_ANSWER_WAIT_S for
     the shard in vain, the shard is silent: that read and every one after
     it are answered from the ledger at once, until a call to the shard
-    returns again. Meanwhile one ping at a time goes to it to find out."""
+    returns again. Meanwhile it is asked, one call at a time, whether it is
+    ready: a shard made again answers that once it has rebuilt its memory,
+    as it answers a read."""
 
     def __init__(self, shard: ActorRef, pool: Callable[[], asyncpg.Pool]):
         self._shard = shard
@@ -83,7 +85,7 @@ class ShardReads:
                                 self._shard.name, SHARD_ANSWER_WAIT_S)
                 self._silent = True
         if self._probe is None or self._probe.done():
-            self._probe = start_shared_task(self._call("ping"))
+            self._probe = start_shared_task(self._call("ready"))
             # Its outcome is only whether it returns (see _call); read here, not logged as lost.
             self._probe.add_done_callback(lambda probe: probe.cancelled() or probe.exception())
         state = await user_state_from_ledger(self._pool(), user_id, network)

@@ -34,7 +34,7 @@ class _HeldShard:
         await self.answering.wait()
         if method == "get_balances":
             return [BalanceView(user_id=u, balances=[], stream=StreamPosition(epoch="shard", offset=0)) for u in args[0]]
-        return None if method != "ping" else 0
+        return 0 if method == "ready" else None
 
 
 class _NoShards:
@@ -59,9 +59,9 @@ async def _reads(url: str) -> None:
         shard.answering.clear()  # silent: lost with its host, or stalled
         view, source = await reads.balance("known")
         assert source == "ledger" and view.user_id == "known" and view.stream.epoch != "shard"
-        assert shard.called[-2:] == ["get_balances", "ping"]  # the read it waited for, and one to find out
+        assert shard.called[-2:] == ["get_balances", "ready"]  # the read it waited for, and one to find out
         # The reads after it go to the ledger without waiting, and no more
-        # calls to the shard while the ping is held.
+        # calls to the shard while that one is held.
         called = len(shard.called)
         assert await asyncio.wait_for(reads.balance("nobody"), WAIT_S / 2) == (None, "ledger")
         assert (await asyncio.wait_for(reads.user("known"), WAIT_S / 2)).user_id == "known"
