@@ -94,7 +94,7 @@ class ShardReads:
     async def _call(self, method: str, *args):
         result = await self._shard.call(method, *args)
         if self._silent:
-            log.warning("%s answers again; its reads go to it", self._shard.name)
+            log.info("%s answers again; its reads go to it", self._shard.name)
             self._silent = False
         return result
 

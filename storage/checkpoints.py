@@ -79,7 +79,7 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
     """`balance_of`: only what that one user's balance is made of (their
     record and live-event offset, their entries and transitions), no
     network statistics: what a read answers from when it cannot ask the
-    user's shard (recovery.balance_from_ledger). `vshards` is then theirs."""
+    user's shard (recovery.user_state_from_ledger). `vshards` is then theirs."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         snapshot = Snapshot.parse(await conn.fetchval("SELECT pg_current_snapshot()::text"))
         checkpoints = {v: Checkpoint(v, Snapshot.empty(), None) for v in vshards}
