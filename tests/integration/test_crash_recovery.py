@@ -165,12 +165,13 @@ def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
     of its users then find the shard silent: they are answered from the
     ledger, exact, a purchase acknowledged meanwhile included, instead of
     waiting until the shard answers again (up to a minute, then 503); so
-    are its users' records and network statistics. The
-    supervisor is stopped first, so that its hang check does not replace
-    the shard midway on a slow host: the reads are of a silent shard."""
+    are its users' records and network statistics. The supervisor is
+    stopped first, so that its hang check does not replace the shard
+    midway on a slow host: the reads are of a silent shard."""
     ns, shard_count = engine.config.namespace, engine.config.shard_actors
     users = api.chain(8, prefix="shardstop")
-    assert api.purchase(users[-1], 10_000_000).status_code == 201
+    purchases = [unique("shardstop-tx"), unique("shardstop-tx")]
+    assert api.purchase(users[-1], 10_000_000, purchases[0]).status_code == 201
     stopped = actor_of_vshard(vshard_of(users[-2]), shard_count)  # the buyer's referrer: paid level 1
     readers = [u for u in users if actor_of_vshard(vshard_of(u), shard_count) == stopped]
     stranger = next(u for u in (unique("shardstop-nobody") for _ in range(100))
@@ -193,7 +194,7 @@ def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
             time.sleep(0.05)
         # A purchase goes on meanwhile: its commit is its acknowledgement,
         # and its delivery to the stopped shard waits.
-        assert api.purchase(users[-1], 5_000_000).status_code == 201
+        assert api.purchase(users[-1], 5_000_000, purchases[1]).status_code == 201
         ledger = _ledger_balances(engine)
         assert ledger[users[-2]] == {"USD": [3_000_000, 0, 0]}
         _assert_served_balances_are(api, readers, ledger)
@@ -220,7 +221,7 @@ def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
         time.sleep(0.2)
     # Back, the same process: its memory and views are the ledger's again.
     assert ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=30) == pid
-    _assert_nothing_lost_or_doubled(api, engine, users, [], {})
+    _assert_nothing_lost_or_doubled(api, engine, users, purchases, {})
 
 
 def _cut_database_connections(engine) -> int:
