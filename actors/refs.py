@@ -87,6 +87,48 @@ class ActorRef:
                 attempt += 1
 
 
+class SilenceWatch:
+    """Whether an actor answers, as this process's calls last found it.
+
+    A caller that has waited for the actor in vain says so (`fell_silent`):
+    the actor's callers then go elsewhere at once instead of each waiting in
+    turn (serve/shard_reads.py: to the ledger; serve/chain_writes.py: to
+    another chain), while the actor is asked, one call at a time, whether it
+    is `ready`: an actor made again answers that only once it can serve (a
+    shard once it has rebuilt its memory; it answers a ping before). Any
+    call made through `call` that returns ends the silence."""
+
+    def __init__(self, actor: ActorRef, meanwhile: str):
+        self.actor = actor
+        self.meanwhile = meanwhile  # for the log: where its callers go while it is silent
+        self.silent = False
+        self._probe: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return self.actor.name
+
+    async def call(self, method: str, *args):
+        result = await self.actor.call(method, *args)
+        if self.silent:
+            log.info("%s answers again; its callers go to it", self.actor.name)
+            self.silent = False
+        return result
+
+    def fell_silent(self, waited_for: str) -> None:
+        if not self.silent:
+            log.warning("%s did not answer %s; %s until it does", self.actor.name, waited_for, self.meanwhile)
+            self.silent = True
+        self.probe()
+
+    def probe(self) -> None:
+        """Ask whether it is ready, unless a call asking is out already."""
+        if self._probe is None or self._probe.done():
+            self._probe = start_shared_task(self.call("ready"))
+            # Its outcome is only whether it returns (see call); read here, not logged as lost.
+            self._probe.add_done_callback(lambda probe: probe.cancelled() or probe.exception())
+
+
 class ShardMailbox:
     """Posts to one shard, sent as one `apply_many` call per round.
 

@@ -64,6 +64,7 @@ from .metrics import (
 )
 from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
+from .chain_writes import ChainWrites
 from .shard_reads import ShardReads
 
 BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
@@ -159,7 +160,6 @@ class EngineApi:
         ns = config.namespace
         self.shards = [ActorRef(shard_actor_name(i), ns) for i in range(config.shard_actors)]
         self.chains = [ActorRef(chain_actor_name(i), ns) for i in range(config.chain_actors)]
-        self.chain_batchers = [self._chain_batcher(chain) for chain in self.chains]
         self.shard_reads = [ShardReads(shard, lambda: self.pool) for shard in self.shards]
         self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
         self.live = LiveGateway(self.auth, config.live_origins, lambda: self.nats, lambda: self.pool)
@@ -182,6 +182,11 @@ class EngineApi:
                                 ["source"], registry=self.registry)
         self.backlog = EngineBacklogReader(self._read_backlog, DEPENDENCY_CHECK_TIMEOUT_S)
         self.balance_reads = {source: balance_reads.labels(source) for source in ("redis_view", "shard", "ledger")}
+        # Writes of a silent chain that another wrote (serve/chain_writes.py).
+        rerouted = Counter("dailydoco_chain_calls_rerouted_total",
+                           "Calls of purchases or a refund sent to another chain, theirs silent", registry=self.registry)
+        self.chain_writes = ChainWrites(self.chains, rerouted.inc)
+        self.chain_batchers = [self._chain_batcher(index) for index in range(len(self.chains))]
         if live_gateway:
             Gauge("dailydoco_live_connections", "Live sockets open on this replica",
                   registry=self.registry).set_function(lambda: len(self.live.connections))
@@ -472,11 +477,12 @@ class EngineApi:
             self.purchases_total.labels(result.status if result else "failed").inc()
         return outcomes
 
-    def _chain_batcher(self, chain: ActorRef) -> MicroBatcher:
+    def _chain_batcher(self, index: int) -> MicroBatcher:
         """Concurrent requests to one chain share a Ray call (and its group commit)."""
 
         async def send(requests: list[p.TransactionRequest]) -> list[tuple]:
-            reply = _OUTCOMES_DECODER.decode(await chain.call("submit", _REQUESTS_ENCODER.encode(requests)))
+            encoded = _REQUESTS_ENCODER.encode(requests)
+            reply = _OUTCOMES_DECODER.decode(await self.chain_writes.call(index, "submit", encoded))
             return [(o.result, None if o.error is None else p.error_named(o.error, o.detail)) for o in reply]
 
         return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX, CHAIN_CALL_OVERLAP_ITEMS_MIN)
@@ -508,8 +514,8 @@ class EngineApi:
         require_service(await self.principal(request))
         transaction_id = path_id(request, "transaction_id")
         body = await read_body(request, p.RefundRequest)
-        chain = self.chains[chain_of_transaction(transaction_id, len(self.chains))]
-        result: p.RefundResult = await chain.call("refund", transaction_id, body)
+        result: p.RefundResult = await self.chain_writes.call(
+            chain_of_transaction(transaction_id, len(self.chains)), "refund", transaction_id, body)
         return json_response(result, 201 if result.status == "created" else 200)
 
     # --- admin ---------------------------------------------------------------

@@ -95,10 +95,16 @@ class Api:
         return {"pending_micros": 0, "approved_micros": 0, "paid_micros": 0, "earned_micros": 0}
 
 
+def counted(api: Api, counter: str, **labels: str) -> float:
+    """A counter of /metrics with those labels, summed over the replicas (and any other label)."""
+    wanted = [f'{name}="{value}"' for name, value in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
+               if line.startswith(f"{counter}{{") and all(label in line for label in wanted))
+
+
 def balance_reads_from(api: Api, source: str) -> float:
     """The replicas' count of balance reads answered from `source` (redis_view, shard or ledger), summed."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in api.anonymous.get("/metrics").text.splitlines()
-               if line.startswith("dailydoco_balance_reads_total{") and f'source="{source}"' in line)
+    return counted(api, "dailydoco_balance_reads_total", source=source)
 
 
 def backlog_gauges(metrics: str) -> dict[str, float]:
