@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -30,13 +31,14 @@ from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
 from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S
-from dailydoco.storage.sharding import actor_of_vshard, vshard_of
+from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
 from ..postgres_faults import disk_full
-from .conftest import backlog_gauges, balance_reads_from, query, unique
+from .conftest import backlog_gauges, balance_reads_from, counted, query, unique
 
 BUCKETS = {"pending": 0, "approved": 1, "paid": 2, "reversed": 2}
 LIVE_SOCKET_ANSWER_WAIT_S = 15.0
+LOGGED_WITHIN_S = 10.0  # a silent actor's probe returns within moments of its answering again
 
 
 def _ledger_balances(engine) -> dict:
@@ -222,6 +224,64 @@ def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
     # Back, the same process: its memory and views are the ledger's again.
     assert ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=30) == pid
     _assert_nothing_lost_or_doubled(api, engine, users, purchases, {})
+
+
+def test_writes_of_a_stopped_chain_are_made_by_another(api, engine):
+    """A commission chain stops (SIGSTOP, as one on a host cut off or lost
+    is to its callers). The purchases and the refund whose transaction ids
+    hash to it are written by the other chain within seconds, instead of
+    waiting until it answers again (up to a minute, then 503). Set going
+    again, it gets the calls it was sent and replays what they held: each
+    purchase and the refund are recorded once. The supervisor is stopped
+    first, so that its hang check does not replace the chain midway."""
+    ns, chain_count = engine.config.namespace, engine.config.chain_actors
+    assert chain_count >= 2, "a write can go to another chain only where there is one"
+    users = api.chain(4, prefix="chainstop")
+    stopped = 0
+    purchases = [tid for tid in (unique("chainstop-tx") for _ in range(100))
+                 if chain_of_transaction(tid, chain_count) == stopped][:4]
+    assert api.purchase(users[-1], 10_000_000, purchases[0]).status_code == 201
+    refund = {"refund_id": unique("chainstop-refund"), "amount_micros": 4_000_000}
+    chain = ray.get_actor(chain_actor_name(stopped), namespace=ns)
+    pid = ray.get(chain.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    supervisor_pid = _supervisor_pid(engine)
+    assert supervisor_pid is not None, "the supervisor is restarting"
+    rerouted_before = counted(api, "dailydoco_chain_calls_rerouted_total")
+    os.kill(supervisor_pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for tid in purchases[1:]:
+            r = api.purchase(users[-1], 5_000_000, tid)
+            assert r.status_code == 201 and r.json()["status"] == "created", r.text
+        r = api.service.post(f"/v1/transactions/{purchases[0]}/refunds", json=refund)
+        assert r.status_code == 201 and r.json()["refunded_total_micros"] == 4_000_000, r.text
+        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED  # throughout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(supervisor_pid, signal.SIGCONT)
+    # Each replica that wrote for it counted its calls (a replica learns of
+    # the silence on its own: each first write there waited for the chain).
+    deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
+    while (rerouted := counted(api, "dailydoco_chain_calls_rerouted_total")) < rerouted_before + 4:
+        assert time.monotonic() < deadline, (rerouted, rerouted_before)
+        time.sleep(0.2)
+    # The chain answers again, the same process: the same writes sent to it
+    # now are replays of what the other chain recorded.
+    r = api.purchase(users[-1], 5_000_000, purchases[1])
+    assert r.status_code == 200 and r.json()["status"] == "replayed", r.text
+    r = api.service.post(f"/v1/transactions/{purchases[0]}/refunds", json=refund)
+    assert r.status_code == 200 and r.json()["status"] == "replayed", r.text
+    assert ray.get(chain.__ray_call__.remote(lambda _: os.getpid()), timeout=30) == pid
+    assert query(engine, "fetchval", "SELECT count(*) FROM commission_ledger WHERE refund_id = $1",
+                 refund["refund_id"]) == 3  # one reversal per level paid: the buyer's three referrers
+    _assert_nothing_lost_or_doubled(api, engine, users, purchases, {})
+    # The replicas said so, where an operator reads a replica's warnings.
+    name = chain_actor_name(stopped)
+    deadline = time.monotonic() + LOGGED_WITHIN_S
+    while f"{name} answers again" not in (logged := _api_replicas_stderr(engine)):
+        assert time.monotonic() < deadline, logged[-2000:]
+        time.sleep(0.2)
+    assert f"WARNING dailydoco.refs -- {name} did not answer a ping within" in logged
 
 
 def _cut_database_connections(engine) -> int:
@@ -465,6 +525,14 @@ REPLICA_REPLACED_WAIT_S = 45.0
 # checks every 5 s, each unanswered for 5 s, down after two in a row, 250 ms
 # apart: within about 15 s of the stop (13.3 s in the first run).
 HAPROXY_MARKS_DOWN_WITHIN_S = 20.0
+
+
+def _api_replicas_stderr(engine) -> str:
+    """What the home region's live API replicas wrote to stderr: Ray
+    writes a worker's to a file of its session's logs, named by its pid."""
+    logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return "".join(path.read_text(errors="replace")
+                   for pid in _api_replica_pids(engine) for path in logs.glob(f"worker-*-{pid}.err"))
 
 
 def _api_replica_pids(engine) -> set[int]:
