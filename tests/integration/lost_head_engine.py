@@ -58,12 +58,14 @@ HEAD_LOST_FOR_S = 75.0
 BACK_WITHIN_S = 90.0
 PURCHASING_AFTER_S = 5.0
 READ_EVERY_S = 0.05
-# A read that waits for the lost head waits until the replacement, and one
-# the ingress sent to the lost head's replica until its health checks mark
-# that replica down (about 15 s): both are cut short here. Answered reads
-# take milliseconds, but a loaded host can stall one past a second (1 s cut
-# 2 reads of 75 at the end of the outage in one run inside the full suite).
-READ_TIMEOUT_S = 5.0
+# A read or a purchase that waits for the lost head waits until the
+# replacement, and one the ingress sent to the lost head's replica until
+# its health checks mark that replica down (about 15 s): both are cut short
+# here, and a purchase sent again. Answered reads take milliseconds, but a
+# loaded host can stall one past a second (1 s cut 2 reads of 75 at the end
+# of the outage in one run inside the full suite); a purchase whose chain
+# was lost waits about 2 s before another chain takes it (serve/chain_writes.py).
+ANSWER_TIMEOUT_S = 5.0
 READER_CANDIDATES = 100  # each lands on a given one of 3 shards with odds 1 in 3
 
 
@@ -117,7 +119,11 @@ def main(args: dict) -> dict:
         # turn from where it stands): then no read depends on a lost shard.
         readers = {which: user for which, user in readers.items() if user is not None}
         assert "shard_kept" in readers, f"no shard on the worker: {before}"
-        buyers = _Buyers(api, args["namespace"], users)
+        # Buyers give up on an answer as readers do, and send the purchase
+        # again: with the client's 30 s, the scenario would show how long
+        # the lost replica held what the ingress sent it, not the engine.
+        buyers = _Buyers(_service_client(config, args["worker_ip"], timeout_s=ANSWER_TIMEOUT_S), args["namespace"],
+                         users)
         time.sleep(PURCHASING_BEFORE_S)
         acknowledged_before_loss = len(buyers.acknowledged)
         lost_at = time.monotonic()
@@ -129,7 +135,7 @@ def main(args: dict) -> dict:
         # head: each answer counted by the 5 s after the loss it came in.
         # A read that waits is cut short: one the ingress sent to the lost
         # head's replica waits until its health checks mark that replica down.
-        reader = httpx.Client(base_url=api.base_url, headers=api.headers, timeout=READ_TIMEOUT_S)
+        reader = httpx.Client(base_url=api.base_url, headers=api.headers, timeout=ANSWER_TIMEOUT_S)
         reads_while_lost = {which: collections.defaultdict(collections.Counter) for which in readers}
         while time.monotonic() - lost_at < HEAD_LOST_FOR_S:
             for which, user in readers.items():
@@ -137,6 +143,8 @@ def main(args: dict) -> dict:
                 reads_while_lost[which][int((time.monotonic() - lost_at) // 5) * 5][str(answer)] += 1
             time.sleep(READ_EVERY_S)
         acknowledged_while_lost = len(buyers.acknowledged) - acknowledged_before_loss
+        purchases_while_lost = collections.Counter(
+            int((at - lost_at) // 5) * 5 for at in list(buyers.acknowledged_at) if 0 <= at - lost_at < HEAD_LOST_FOR_S)
 
         # The replacement head: the same address, the yaml's start command.
         set_switch_port(args["switch_netns"], args["head_port"], "3")
@@ -162,7 +170,7 @@ def main(args: dict) -> dict:
             "api_replicas_after": _api_replica_nodes(config), "worker_ingress_before": worker_ingress_before,
             "nodes_after": {n["NodeID"]: n["Alive"] for n in ray.nodes()},
             "actors_before": actors_before, "actors_after": _actors(),
-            "reads_while_lost": reads_while_lost,
+            "reads_while_lost": reads_while_lost, "purchases_while_lost": purchases_while_lost,
             "acknowledged_before_loss": acknowledged_before_loss, "acknowledged_while_lost": acknowledged_while_lost,
             **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
             "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),

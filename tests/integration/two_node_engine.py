@@ -172,6 +172,7 @@ class _Buyers:
 
     def __init__(self, api: httpx.Client, namespace: str, users: list[str]):
         self.acknowledged: list[str] = []
+        self.acknowledged_at: list[float] = []  # time.monotonic() of each
         self.unacknowledged: collections.Counter = collections.Counter()
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -186,6 +187,7 @@ class _Buyers:
                 tid = f"{namespace}-t{n}"
                 _purchase(api, tid, users[-1 - n % 3], 1_000_000 + n, self.unacknowledged)
                 self.acknowledged.append(tid)
+                self.acknowledged_at.append(time.monotonic())
                 n += BUYERS
         except Exception as exc:  # noqa: BLE001 - reported to the test
             self.errors.append(repr(exc))
