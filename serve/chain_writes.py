@@ -51,13 +51,12 @@ class ChainWrites:
                 chain.probe()
         answering = [chain for chain in ring if not chain.silent] or ring[:1]
         for chain in answering[:-1]:
-            call = asyncio.ensure_future(chain.call(method, *args))
+            call = _started(chain.call(method, *args))
             if await self._answered(chain, call):
                 if chain is not ring[0]:
                     self._rerouted()
                 return call.result()
             # Left to finish or fail alone: the next chain's answer is this write's.
-            call.add_done_callback(lambda call: call.cancelled() or call.exception())
         if answering[-1] is not ring[0]:
             self._rerouted()
         return await answering[-1].call(method, *args)
@@ -70,7 +69,7 @@ class ChainWrites:
             done, _ = await asyncio.wait({call}, timeout=CHAIN_ANSWER_WAIT_S)
             if done:
                 return True
-            ping = asyncio.ensure_future(chain.call("ping"))
+            ping = _started(chain.call("ping"))
             done, _ = await asyncio.wait({call, ping}, timeout=CHAIN_PING_WAIT_S,
                                          return_when=asyncio.FIRST_COMPLETED)
             if call in done:
@@ -81,3 +80,12 @@ class ChainWrites:
             ping.cancel()
             chain.fell_silent(f"a ping within {CHAIN_PING_WAIT_S} s, with a write waiting on it")
             return False
+
+
+def _started(coroutine) -> asyncio.Future:
+    """A call under way, whose outcome may be left unread: one given up on
+    (a silent chain's write, a ping answered after its write) finishes or
+    fails alone, and is not logged as an error no one retrieved."""
+    future = asyncio.ensure_future(coroutine)
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future

@@ -161,16 +161,38 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
 LEASE_LAPSED_WITHIN_S = 10 * balance_views.LEASE_TTL_MS / 1000
 
 
+def _pid_of(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+
+
+@contextlib.contextmanager
+def _stopped(engine, name: str):
+    """The actor named `name` stopped for the block (SIGSTOP: a frozen
+    process, as one on a host cut off or lost is to its callers), and the
+    supervisor first, so that its hang check does not replace the actor
+    midway on a slow host: the block's calls meet a silent actor. Yields
+    the actor's handle."""
+    actor = ray.get_actor(name, namespace=engine.config.namespace)
+    pid, supervisor_pid = _pid_of(actor), _supervisor_pid(engine)
+    assert supervisor_pid is not None, "the supervisor is restarting"
+    os.kill(supervisor_pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield actor
+        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED  # throughout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(supervisor_pid, signal.SIGCONT)
+    assert _pid_of(actor) == pid  # back, the same process
+
+
 def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
-    """A shard stops (SIGSTOP: a frozen process, as one on a host cut off
-    or lost is to its callers). Its balance views' lease lapses, and reads
+    """A shard stops (_stopped). Its balance views' lease lapses, and reads
     of its users then find the shard silent: they are answered from the
     ledger, exact, a purchase acknowledged meanwhile included, instead of
     waiting until the shard answers again (up to a minute, then 503); so
-    are its users' records and network statistics. The supervisor is
-    stopped first, so that its hang check does not replace the shard
-    midway on a slow host: the reads are of a silent shard."""
-    ns, shard_count = engine.config.namespace, engine.config.shard_actors
+    are its users' records and network statistics."""
+    shard_count = engine.config.shard_actors
     users = api.chain(8, prefix="shardstop")
     purchases = [unique("shardstop-tx"), unique("shardstop-tx")]
     assert api.purchase(users[-1], 10_000_000, purchases[0]).status_code == 201
@@ -180,61 +202,51 @@ def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
                     if actor_of_vshard(vshard_of(u), shard_count) == stopped)
     token = api.service.post(f"/v1/users/{users[-2]}/tokens", json={"ttl_s": 600}).json()["token"]
     api.settle()
-    shard = ray.get_actor(shard_actor_name(stopped), namespace=ns)
-    pid = ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
     epoch = query(engine, "fetchval", "SELECT epoch FROM event_epoch")
     client = redis.Redis.from_url(engine.redis_url)
-    supervisor_pid = _supervisor_pid(engine)
-    assert supervisor_pid is not None, "the supervisor is restarting"
     from_ledger_before = balance_reads_from(api, "ledger")
-    os.kill(supervisor_pid, signal.SIGSTOP)
-    os.kill(pid, signal.SIGSTOP)
     try:
-        lapse_until = time.monotonic() + LEASE_LAPSED_WITHIN_S
-        while client.exists(balance_views.lease_key(epoch, stopped)):
-            assert time.monotonic() < lapse_until, "the stopped shard's lease did not lapse"
-            time.sleep(0.05)
-        # A purchase goes on meanwhile: its commit is its acknowledgement,
-        # and its delivery to the stopped shard waits.
-        assert api.purchase(users[-1], 5_000_000, purchases[1]).status_code == 201
-        ledger = _ledger_balances(engine)
-        assert ledger[users[-2]] == {"USD": [3_000_000, 0, 0]}
-        _assert_served_balances_are(api, readers, ledger)
-        as_user = api.anonymous.get(f"/v1/users/{users[-2]}/balance", headers={"Authorization": f"Bearer {token}"})
-        assert as_user.status_code == 200 and as_user.json()["balances"][0]["pending_micros"] == 3_000_000
-        unknown = api.service.get(f"/v1/users/{stranger}/balance")
-        assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
-        # The shard's other reads: the user, their network, a token's issue.
-        user = api.service.get(f"/v1/users/{users[-2]}")
-        assert user.status_code == 200 and user.json()["referrer_id"] == users[-3], user.text
-        network = api.service.get(f"/v1/users/{users[-2]}/network")
-        assert network.status_code == 200 and network.json()["stats"]["network_size"] == 1, network.text
-        assert network.json()["stats"]["revenue_by_level"][0]["revenue_micros_by_level"][0] == 15_000_000
-        assert api.service.post(f"/v1/users/{users[-2]}/tokens", json={"ttl_s": 60}).status_code == 201
-        assert api.service.get(f"/v1/users/{stranger}").status_code == 404
-        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED  # throughout
+        with _stopped(engine, shard_actor_name(stopped)):
+            lapse_until = time.monotonic() + LEASE_LAPSED_WITHIN_S
+            while client.exists(balance_views.lease_key(epoch, stopped)):
+                assert time.monotonic() < lapse_until, "the stopped shard's lease did not lapse"
+                time.sleep(0.05)
+            # A purchase goes on meanwhile: its commit is its acknowledgement,
+            # and its delivery to the stopped shard waits.
+            assert api.purchase(users[-1], 5_000_000, purchases[1]).status_code == 201
+            ledger = _ledger_balances(engine)
+            assert ledger[users[-2]] == {"USD": [3_000_000, 0, 0]}
+            _assert_served_balances_are(api, readers, ledger)
+            as_user = api.anonymous.get(f"/v1/users/{users[-2]}/balance",
+                                        headers={"Authorization": f"Bearer {token}"})
+            assert as_user.status_code == 200 and as_user.json()["balances"][0]["pending_micros"] == 3_000_000
+            unknown = api.service.get(f"/v1/users/{stranger}/balance")
+            assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+            # The shard's other reads: the user, their network, a token's issue.
+            user = api.service.get(f"/v1/users/{users[-2]}")
+            assert user.status_code == 200 and user.json()["referrer_id"] == users[-3], user.text
+            network = api.service.get(f"/v1/users/{users[-2]}/network")
+            assert network.status_code == 200 and network.json()["stats"]["network_size"] == 1, network.text
+            assert network.json()["stats"]["revenue_by_level"][0]["revenue_micros_by_level"][0] == 15_000_000
+            assert api.service.post(f"/v1/users/{users[-2]}/tokens", json={"ttl_s": 60}).status_code == 201
+            assert api.service.get(f"/v1/users/{stranger}").status_code == 404
     finally:
-        os.kill(pid, signal.SIGCONT)
-        os.kill(supervisor_pid, signal.SIGCONT)
         client.close()
     deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
-    while (counted := balance_reads_from(api, "ledger")) < from_ledger_before + len(readers) + 2:
-        assert time.monotonic() < deadline, (counted, from_ledger_before)
+    while (from_ledger := balance_reads_from(api, "ledger")) < from_ledger_before + len(readers) + 2:
+        assert time.monotonic() < deadline, (from_ledger, from_ledger_before)
         time.sleep(0.2)
-    # Back, the same process: its memory and views are the ledger's again.
-    assert ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=30) == pid
+    # Its memory and views are the ledger's again.
     _assert_nothing_lost_or_doubled(api, engine, users, purchases, {})
 
 
 def test_writes_of_a_stopped_chain_are_made_by_another(api, engine):
-    """A commission chain stops (SIGSTOP, as one on a host cut off or lost
-    is to its callers). The purchases and the refund whose transaction ids
-    hash to it are written by the other chain within seconds, instead of
-    waiting until it answers again (up to a minute, then 503). Set going
-    again, it gets the calls it was sent and replays what they held: each
-    purchase and the refund are recorded once. The supervisor is stopped
-    first, so that its hang check does not replace the chain midway."""
-    ns, chain_count = engine.config.namespace, engine.config.chain_actors
+    """A commission chain stops (_stopped). The purchases and the refund
+    whose transaction ids hash to it are written by the other chain within
+    seconds, instead of waiting until it answers again (up to a minute,
+    then 503). Set going again, it gets the calls it was sent and replays
+    what they held: each purchase and the refund are recorded once."""
+    chain_count = engine.config.chain_actors
     assert chain_count >= 2, "a write can go to another chain only where there is one"
     users = api.chain(4, prefix="chainstop")
     stopped = 0
@@ -242,36 +254,25 @@ def test_writes_of_a_stopped_chain_are_made_by_another(api, engine):
                  if chain_of_transaction(tid, chain_count) == stopped][:4]
     assert api.purchase(users[-1], 10_000_000, purchases[0]).status_code == 201
     refund = {"refund_id": unique("chainstop-refund"), "amount_micros": 4_000_000}
-    chain = ray.get_actor(chain_actor_name(stopped), namespace=ns)
-    pid = ray.get(chain.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
-    supervisor_pid = _supervisor_pid(engine)
-    assert supervisor_pid is not None, "the supervisor is restarting"
     rerouted_before = counted(api, "dailydoco_chain_calls_rerouted_total")
-    os.kill(supervisor_pid, signal.SIGSTOP)
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with _stopped(engine, chain_actor_name(stopped)):
         for tid in purchases[1:]:
             r = api.purchase(users[-1], 5_000_000, tid)
             assert r.status_code == 201 and r.json()["status"] == "created", r.text
         r = api.service.post(f"/v1/transactions/{purchases[0]}/refunds", json=refund)
         assert r.status_code == 201 and r.json()["refunded_total_micros"] == 4_000_000, r.text
-        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED  # throughout
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        os.kill(supervisor_pid, signal.SIGCONT)
     # Each replica that wrote for it counted its calls (a replica learns of
     # the silence on its own: each first write there waited for the chain).
     deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
     while (rerouted := counted(api, "dailydoco_chain_calls_rerouted_total")) < rerouted_before + 4:
         assert time.monotonic() < deadline, (rerouted, rerouted_before)
         time.sleep(0.2)
-    # The chain answers again, the same process: the same writes sent to it
-    # now are replays of what the other chain recorded.
+    # The chain answers again: the same writes sent to it now are replays
+    # of what the other chain recorded.
     r = api.purchase(users[-1], 5_000_000, purchases[1])
     assert r.status_code == 200 and r.json()["status"] == "replayed", r.text
     r = api.service.post(f"/v1/transactions/{purchases[0]}/refunds", json=refund)
     assert r.status_code == 200 and r.json()["status"] == "replayed", r.text
-    assert ray.get(chain.__ray_call__.remote(lambda _: os.getpid()), timeout=30) == pid
     assert query(engine, "fetchval", "SELECT count(*) FROM commission_ledger WHERE refund_id = $1",
                  refund["refund_id"]) == 3  # one reversal per level paid: the buyer's three referrers
     _assert_nothing_lost_or_doubled(api, engine, users, purchases, {})
@@ -544,7 +545,7 @@ def _api_replica_pids(engine) -> set[int]:
         if actor["name"].startswith(prefix):
             with contextlib.suppress(ray.exceptions.RayActorError, ValueError):  # dead, or its name gone since
                 replica = ray.get_actor(actor["name"], namespace="serve")
-                pids.add(ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
+                pids.add(_pid_of(replica))
     return pids
 
 
@@ -697,7 +698,7 @@ def test_payouts_cut_short_are_finished_by_the_supervisor_unasked(api, engine):
 def _supervisor_pid(engine) -> int | None:
     """The supervisor's process; None while Ray restarts it."""
     try:
-        return ray.get(engine.supervisor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+        return _pid_of(engine.supervisor)
     except ActorUnavailableError:  # "the actor is restarting"
         return None
 
