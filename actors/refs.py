@@ -104,10 +104,6 @@ class SilenceWatch:
         self.silent = False
         self._probe: asyncio.Task | None = None
 
-    @property
-    def name(self) -> str:
-        return self.actor.name
-
     async def call(self, method: str, *args):
         result = await self.actor.call(method, *args)
         if self.silent:
