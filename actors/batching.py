@@ -35,6 +35,21 @@ def start_shared_task(coro) -> asyncio.Task:
     return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
+async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` has passed, for a loop that waits
+    to be woken or polls. Not asyncio.wait_for: on Python 3.11 a cancel
+    that lands as the event is set is swallowed (CPython gh-86296, fixed in
+    3.12), and the loop around it runs on, its task cancelled in vain: the
+    likely cause of a CI run in session 46 whose test_regions teardown,
+    cancelling the outbox relay while its rounds woke it, waited until the
+    test's 10 minutes ran out."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
 class MicroBatcher(Generic[Item, Result]):
     def __init__(self, process: Callable[[list[Item]], Awaitable[list[Result]]], items_max: int, in_flight_max: int,
                  overlap_items_min: int = 1):

@@ -35,6 +35,7 @@ from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.storage.outbox import delete_relayed, pending_batches, stream_epoch
 from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
+from .batching import wait_until_set
 from .live_publisher import PUBLISH_ACK_TIMEOUT_S, PublishedRound, StreamPublisher
 from .watch import Watched
 
@@ -117,10 +118,7 @@ class OutboxRelay:
                     continue
                 if relayed == RELAY_ROWS_MAX:
                     continue  # more are waiting
-            try:
-                await asyncio.wait_for(self._wake.wait(), RELAY_POLL_S)
-            except asyncio.TimeoutError:
-                pass
+            await wait_until_set(self._wake, RELAY_POLL_S)
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10)

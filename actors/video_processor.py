@@ -26,6 +26,7 @@ from dailydoco.protocol.live import VideoProgress, video_subject
 from dailydoco.storage import video_jobs
 from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
+from .batching import wait_until_set
 from .watch import Watched
 
 PROGRESS_STEP = 0.05  # progress is written at most every 5 % of a video
@@ -127,10 +128,7 @@ class VideoJobRunner:
                 await asyncio.sleep(RETRY_BACKOFF_S)
                 continue
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), QUEUE_IDLE_POLL_S)
-            except asyncio.TimeoutError:
-                pass
+            await wait_until_set(self._wake, QUEUE_IDLE_POLL_S)
 
 
 def _relative_outputs(result, outputs: Path):

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from dailydoco.actors.batching import MicroBatcher
+from dailydoco.actors.batching import MicroBatcher, wait_until_set
 
 
 class Recorder:
@@ -72,5 +72,31 @@ def test_a_failed_call_fails_its_waiters_only():
             await failing
         assert await fine == [1]
         assert calls == [[0], [1]]
+
+    asyncio.run(run())
+
+
+def test_a_loop_woken_by_an_event_stops_when_cancelled_as_the_event_is_set():
+    """The outbox relay's and the video queue's loop: woken by an event, or
+    polling. A cancel that lands in the same turn as the event is set must
+    end it (asyncio.wait_for on Python 3.11 swallowed it, and the loop ran
+    on; this test fails with it)."""
+    async def woken_loop(event: asyncio.Event) -> None:
+        while True:
+            event.clear()
+            await wait_until_set(event, 10.0)
+
+    async def run():
+        event = asyncio.Event()
+        loop = asyncio.create_task(woken_loop(event))
+        await asyncio.sleep(0.01)  # waiting on the event
+        event.set()
+        loop.cancel()
+        done, _ = await asyncio.wait({loop}, timeout=1.0)
+        assert loop in done and loop.cancelled()
+        # And it still waits out its timeout, then returns.
+        started = asyncio.get_running_loop().time()
+        await wait_until_set(asyncio.Event(), 0.05)
+        assert asyncio.get_running_loop().time() - started >= 0.05
 
     asyncio.run(run())
