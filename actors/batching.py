@@ -35,6 +35,18 @@ def start_shared_task(coro) -> asyncio.Task:
     return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
+F = TypeVar("F", bound=asyncio.Future)
+
+
+def outcome_unread(future: F) -> F:
+    """`future`, its outcome marked as read: for work whose callers may all
+    give up on it (a lookup, a probe, a call given up for another), which
+    then finishes or fails alone, not logged as an error no one retrieved.
+    Those that await it still get its result or exception."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
+
+
 async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
     """Until `event` is set or `timeout_s` has passed, for a loop that waits
     to be woken or polls. Not asyncio.wait_for: on Python 3.11 a cancel

@@ -18,7 +18,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from dailydoco.protocol import ServiceUnavailable
 from dailydoco.storage.deltas import ShardDelta
 
-from .batching import start_shared_task
+from .batching import outcome_unread, start_shared_task
 
 # A restart (new worker process + recovery from Postgres) takes a few seconds
 # on this machine; callers wait this long before giving up with 503.
@@ -62,10 +62,9 @@ class ActorRef:
         answered 503 to every read; session 44, test_head_node_loss.py)."""
         if self._handle is None:
             if self._lookup is None or self._lookup.done():
-                self._lookup = asyncio.ensure_future(
-                    asyncio.to_thread(ray.get_actor, self.name, namespace=self.namespace))
-                # Its failure is its waiters' to raise; with none left, read here, not logged as lost.
-                self._lookup.add_done_callback(lambda lookup: lookup.cancelled() or lookup.exception())
+                # Its failure is its waiters' to raise, and none may be left.
+                self._lookup = outcome_unread(asyncio.ensure_future(
+                    asyncio.to_thread(ray.get_actor, self.name, namespace=self.namespace)))
             # Shielded: a caller that gives up leaves the lookup to the others.
             self._handle = await asyncio.wait_for(asyncio.shield(self._lookup), max(0.0, within_s))
         return self._handle
@@ -120,9 +119,8 @@ class SilenceWatch:
     def probe(self) -> None:
         """Ask whether it is ready, unless a call asking is out already."""
         if self._probe is None or self._probe.done():
-            self._probe = start_shared_task(self.call("ready"))
-            # Its outcome is only whether it returns (see call); read here, not logged as lost.
-            self._probe.add_done_callback(lambda probe: probe.cancelled() or probe.exception())
+            # Its outcome is only whether it returns (see call).
+            self._probe = outcome_unread(start_shared_task(self.call("ready")))
 
 
 class ShardMailbox:

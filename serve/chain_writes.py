@@ -26,13 +26,16 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+from dailydoco.actors.batching import outcome_unread
 from dailydoco.actors.refs import ActorRef, SilenceWatch
 
-# A chain commits a small group in milliseconds; a group of 4,000 took up
-# to 2.9 s (p99) under the benchmark's bulk load on this machine.
+# A chain commits a small group in milliseconds; under the benchmark's bulk
+# load a batch of 2,000 purchases took up to 2.9 s (p99, session 38), 4.1 s
+# with two chains (session 46): slow, not silent.
 CHAIN_ANSWER_WAIT_S = 1.0
-# A ping is answered from the chain's event loop, which computing a group of
-# 4,000 holds for about 0.1 s on a fast host of this machine's kind, 0.4 s on the slowest.
+# A ping is answered from the chain's event loop, which computing a group's
+# entries holds for about 25 µs a purchase on a fast host (README, "Why (b)
+# is far from 20,000/s"): 0.1 s for the largest group, 4,000.
 CHAIN_PING_WAIT_S = 1.0
 
 
@@ -51,12 +54,12 @@ class ChainWrites:
                 chain.probe()
         answering = [chain for chain in ring if not chain.silent] or ring[:1]
         for chain in answering[:-1]:
-            call = _started(chain.call(method, *args))
+            call = outcome_unread(asyncio.ensure_future(chain.call(method, *args)))
             if await self._answered(chain, call):
                 if chain is not ring[0]:
                     self._rerouted()
                 return call.result()
-            # Left to finish or fail alone: the next chain's answer is this write's.
+            # Given up (its outcome unread): the next chain's answer is this write's.
         if answering[-1] is not ring[0]:
             self._rerouted()
         return await answering[-1].call(method, *args)
@@ -69,7 +72,7 @@ class ChainWrites:
             done, _ = await asyncio.wait({call}, timeout=CHAIN_ANSWER_WAIT_S)
             if done:
                 return True
-            ping = _started(chain.call("ping"))
+            ping = outcome_unread(asyncio.ensure_future(chain.call("ping")))
             done, _ = await asyncio.wait({call, ping}, timeout=CHAIN_PING_WAIT_S,
                                          return_when=asyncio.FIRST_COMPLETED)
             if call in done:
@@ -81,11 +84,3 @@ class ChainWrites:
             chain.fell_silent(f"a ping within {CHAIN_PING_WAIT_S} s, with a write waiting on it")
             return False
 
-
-def _started(coroutine) -> asyncio.Future:
-    """A call under way, whose outcome may be left unread: one given up on
-    (a silent chain's write, a ping answered after its write) finishes or
-    fails alone, and is not logged as an error no one retrieved."""
-    future = asyncio.ensure_future(coroutine)
-    future.add_done_callback(lambda done: done.cancelled() or done.exception())
-    return future
