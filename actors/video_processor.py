@@ -89,12 +89,21 @@ class VideoJobRunner:
             return False
         loop = asyncio.get_running_loop()
         reported = [0.0]
+        # Each report is a write and a publish: two in flight passed each
+        # other, and the owner's socket saw progress go back (one CI run of
+        # session 46). The lock takes them in the order the analysis made
+        # them (its waiters are served in turn), and the end of the job after them.
+        reports = asyncio.Lock()
+
+        async def report(share: float) -> None:
+            async with reports:
+                await self._progressed(job, share)
 
         def progress(done: int, expected: int) -> None:  # on the analysis thread
             share = min(1.0, done / expected)
             if share - reported[0] >= PROGRESS_STEP:
                 reported[0] = share
-                asyncio.run_coroutine_threadsafe(self._progressed(job, share), loop)
+                asyncio.run_coroutine_threadsafe(report(share), loop)
 
         await self._announce(job, "running", 0.0)
         outputs = job_outputs(self.video_dir, job.job_id)
@@ -106,15 +115,18 @@ class VideoJobRunner:
                 wait_for_compile=False)  # a job's user waits: never a minute for a compiler
             result = _relative_outputs(result, outputs)
         except VideoError as exc:
-            await video_jobs.fail(self.pool, job.job_id, str(exc))
-            await self._announce(job, "failed", reported[0])
+            async with reports:
+                await video_jobs.fail(self.pool, job.job_id, str(exc))
+                await self._announce(job, "failed", reported[0])
         except Exception as exc:  # noqa: BLE001 - the job fails, the processor goes on
             log.exception("video job %s failed", job.job_id)
-            await video_jobs.fail(self.pool, job.job_id, f"internal error: {type(exc).__name__}")
-            await self._announce(job, "failed", reported[0])
+            async with reports:
+                await video_jobs.fail(self.pool, job.job_id, f"internal error: {type(exc).__name__}")
+                await self._announce(job, "failed", reported[0])
         else:
-            await video_jobs.finish(self.pool, job.job_id, msgspec.json.encode(result).decode())
-            await self._announce(job, "done", 1.0)
+            async with reports:
+                await video_jobs.finish(self.pool, job.job_id, msgspec.json.encode(result).decode())
+                await self._announce(job, "done", 1.0)
         self.jobs_done += 1
         return True
 
