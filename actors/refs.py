@@ -42,6 +42,19 @@ VIDEO_PROCESSOR_NAME = "video-processor"
 # calls fell with them); reads of shard memory trail the ledger that much more.
 SHARD_POST_GATHER_S = 0.020
 MAILBOX_RETRY_DEADLINE_S = 300.0  # then log and keep trying: the delivery is never dropped
+# How long a call waits for its actor before asking it for a ping, and how
+# long the ping may take before the actor is silent (SilenceWatch.answered).
+# Slow is not silent, and the longest waits of live actors are: a chain's
+# bulk group, up to 2.9 s to commit under the benchmark's load (p99,
+# session 38), 4.1 s with two chains (session 46); a shard's delivery, up
+# to BALANCE_VIEW_WRITE_TIMEOUT_S (2 s) on a hung Redis, or until a shard
+# made again has rebuilt its memory; anyone's write, a Postgres stall. An
+# actor answers a ping from its event loop whatever those wait on, and a
+# chain's loop is held longest by computing a group's entries, about 25 µs
+# a purchase on a fast host (README, "Why (b) is far from 20,000/s"): 0.1 s
+# for the largest group, 4,000.
+ANSWER_WAIT_S = 1.0
+PING_WAIT_S = 1.0
 log = logging.getLogger("dailydoco.refs")
 
 
@@ -91,8 +104,9 @@ class SilenceWatch:
 
     A caller that has waited for the actor in vain says so (`fell_silent`):
     the actor's callers then go elsewhere at once instead of each waiting in
-    turn (serve/shard_reads.py: to the ledger; serve/chain_writes.py: to
-    another chain), while the actor is asked, one call at a time, whether it
+    turn (serve/shard_reads.py: reads to the ledger; serve/ring_writes.py:
+    writes to the next actor round the ring; RayShardRouter: deliveries to
+    the shard's mailbox), while the actor is asked, one call at a time, whether it
     is `ready`: an actor made again answers that only once it can serve (a
     shard once it has rebuilt its memory; it answers a ping before). Any
     call made through `call` that returns ends the silence."""
@@ -121,6 +135,27 @@ class SilenceWatch:
         if self._probe is None or self._probe.done():
             # Its outcome is only whether it returns (see call).
             self._probe = outcome_unread(start_shared_task(self.call("ready")))
+
+    async def answered(self, call: asyncio.Future) -> bool:
+        """True once `call`, made to this actor, has returned or raised;
+        False once the actor has fallen silent instead: each time the call
+        has waited ANSWER_WAIT_S the actor is pinged, and one whose ping
+        does not return within PING_WAIT_S is silent. `call` is left to
+        finish or fail on its own."""
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=ANSWER_WAIT_S)
+            if done:
+                return True
+            ping = outcome_unread(asyncio.ensure_future(self.call("ping")))
+            done, _ = await asyncio.wait({call, ping}, timeout=PING_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+            if call in done:
+                ping.cancel()
+                return True
+            if ping in done and ping.exception() is None:
+                continue  # alive, the call slow: keep waiting for it
+            ping.cancel()
+            self.fell_silent(f"a ping within {PING_WAIT_S:g} s, with a call waiting on it")
+            return False
 
 
 class ShardMailbox:
@@ -166,9 +201,28 @@ class RayShardRouter:
         self.shard_count = shard_count
         self.shards = [ActorRef(shard_actor_name(i), namespace) for i in range(shard_count)]
         self.mailboxes = [ShardMailbox(ref) for ref in self.shards]
+        self.silences = [SilenceWatch(ref, "deliveries to it wait in its mailbox") for ref in self.shards]
 
     async def deliver_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
-        await self.shards[shard_index].call("apply", xid, delta)
+        """Return once the shard holds the delivery, or once the shard is
+        silent (SilenceWatch.answered) and its mailbox holds it instead, to
+        deliver when it answers again (one made again rebuilds it from the
+        ledger anyway). So a write delivered before its response (a
+        registration, a refund, a payout) waits for the shards it changes
+        only while they answer: a shard lost with the Ray head is made again
+        only once a new head is up, and until session 47 such writes waited
+        for it up to a minute, then 503, committed all the same."""
+        silence = self.silences[shard_index]
+        if silence.silent:
+            silence.probe()
+        else:
+            call = outcome_unread(asyncio.ensure_future(silence.call("apply", xid, delta)))
+            if await silence.answered(call):
+                call.result()  # its error, if any, is the write's, as before
+                return
+        # The call given up may land too, when the shard wakes: its xid fence
+        # drops whichever of the two comes second.
+        self.post_one(shard_index, xid, delta)
 
     def post_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
         self.mailboxes[shard_index].post(xid, delta)

@@ -31,7 +31,8 @@ class ShardRouter(Protocol):
     shard_count: int
 
     async def deliver_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
-        """Apply now; return once the shard holds it."""
+        """Apply now; return once the shard holds it, or, where the shard
+        does not answer, once it is posted instead (RayShardRouter)."""
 
     def post_one(self, shard_index: int, xid: int, delta: ShardDelta) -> None:
         """Apply soon, coalesced with other posts to that shard; retried until done."""

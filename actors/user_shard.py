@@ -27,7 +27,8 @@ BALANCE_VIEW_WRITE_TIMEOUT_S = 2.0  # a hung Redis holds deliveries no longer th
 
 class LocalFirstRouter(RayShardRouter):
     """Deliveries (and rereads) of this very shard skip Ray: an actor must not await itself.
-    Registration delivers synchronously only, so post_one is never local."""
+    A registration's delivery is posted only to a shard found silent, never
+    this one, so post_one is never local."""
 
     def __init__(self, namespace: str, shard_count: int, owner: "UserShardActor"):
         super().__init__(namespace, shard_count)

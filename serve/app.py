@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket
 
 from dailydoco import protocol as p
 from dailydoco.actors.batching import MicroBatcher
-from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, chain_actor_name, shard_actor_name
+from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, SilenceWatch, chain_actor_name, shard_actor_name
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
@@ -64,7 +64,7 @@ from .metrics import (
 )
 from .videos import VideoJobs
 from .rate_limit import LocalRateLimiter, RateLimiter
-from .chain_writes import ChainWrites
+from .ring_writes import RingWrites
 from .shard_reads import ShardReads
 
 BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024  # 5,000 purchases at ~200 bytes each, with room
@@ -160,7 +160,11 @@ class EngineApi:
         ns = config.namespace
         self.shards = [ActorRef(shard_actor_name(i), ns) for i in range(config.shard_actors)]
         self.chains = [ActorRef(chain_actor_name(i), ns) for i in range(config.chain_actors)]
-        self.shard_reads = [ShardReads(shard, lambda: self.pool) for shard in self.shards]
+        # One watch per shard for its reads and its registrations: a shard
+        # that either finds silent is silent to both.
+        shard_silences = [SilenceWatch(shard, "its reads go to the ledger, its registrations to the next shard")
+                          for shard in self.shards]
+        self.shard_reads = [ShardReads(silence, lambda: self.pool) for silence in shard_silences]
         self.supervisor = ActorRef(SUPERVISOR_NAME, ns)
         self.live = LiveGateway(self.auth, config.live_origins, lambda: self.nats, lambda: self.pool)
         self.videos = VideoJobs(self, config.video_dir)
@@ -182,10 +186,13 @@ class EngineApi:
                                 ["source"], registry=self.registry)
         self.backlog = EngineBacklogReader(self._read_backlog, DEPENDENCY_CHECK_TIMEOUT_S)
         self.balance_reads = {source: balance_reads.labels(source) for source in ("redis_view", "shard", "ledger")}
-        # Writes of a silent chain that another wrote (serve/chain_writes.py).
-        rerouted = Counter("dailydoco_chain_calls_rerouted_total",
-                           "Calls of purchases or a refund sent to another chain, theirs silent", registry=self.registry)
-        self.chain_writes = ChainWrites(self.chains, rerouted.inc)
+        # Writes of a silent actor that another made (serve/ring_writes.py).
+        rerouted = Counter("dailydoco_writes_rerouted_total",
+                           "Writes sent to another actor, theirs silent: purchases or a refund to another chain,"
+                           " a registration to another shard", ["actors"], registry=self.registry)
+        self.chain_writes = RingWrites([SilenceWatch(chain, "its writes go to the next chain") for chain in self.chains],
+                                       rerouted.labels("chains").inc)
+        self.registrations = RingWrites(shard_silences, rerouted.labels("shards").inc)
         self.chain_batchers = [self._chain_batcher(index) for index in range(len(self.chains))]
         if live_gateway:
             Gauge("dailydoco_live_connections", "Live sockets open on this replica",
@@ -318,9 +325,6 @@ class EngineApi:
     def _shard_index(self, user_id: str) -> int:
         return actor_of_vshard(vshard_of(user_id), len(self.shards))
 
-    def _shard_of(self, user_id: str) -> ActorRef:
-        return self.shards[self._shard_index(user_id)]
-
     def _shard_reads_of(self, user_id: str) -> ShardReads:
         return self.shard_reads[self._shard_index(user_id)]
 
@@ -393,7 +397,7 @@ class EngineApi:
     async def register(self, request: Request) -> Response:
         require_service(await self.principal(request))
         body = await read_body(request, p.RegisterUserRequest)
-        view: p.RegistrationResult = await self._shard_of(body.user_id).call("register", body)
+        view: p.RegistrationResult = await self.registrations.call(self._shard_index(body.user_id), "register", body)
         return json_response(view, 201 if view.status == "created" else 200)
 
     async def get_user(self, request: Request) -> Response:

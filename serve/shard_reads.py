@@ -16,7 +16,7 @@ import asyncpg
 
 from dailydoco.actors.batching import MicroBatcher
 from dailydoco.actors.recovery import user_state_from_ledger
-from dailydoco.actors.refs import ActorRef, SilenceWatch
+from dailydoco.actors.refs import SilenceWatch
 from dailydoco.protocol import BalanceView, NetworkStats, ServiceUnavailable, UserView
 
 # Concurrent balance reads of one shard share a Ray call: on this hardware a
@@ -39,10 +39,12 @@ class ShardReads:
     the shard in vain, the shard is silent: that read and every one after
     it are answered from the ledger at once, until a call to the shard
     returns again (SilenceWatch: meanwhile it is asked whether it is ready,
-    which a shard made again answers once it has rebuilt its memory)."""
+    which a shard made again answers once it has rebuilt its memory). The
+    replica shares the watch with the shard's registrations (RingWrites):
+    a shard silent to one is silent to both."""
 
-    def __init__(self, shard: ActorRef, pool: Callable[[], asyncpg.Pool]):
-        self._shard = SilenceWatch(shard, "its reads go to the ledger")
+    def __init__(self, shard: SilenceWatch, pool: Callable[[], asyncpg.Pool]):
+        self._shard = shard
         self._pool = pool  # the replica's, opened after this
         self._balances = MicroBatcher(self._balances_of, BALANCE_READS_PER_CALL_MAX, SHARD_READ_CALLS_IN_FLIGHT_MAX)
 

@@ -64,9 +64,13 @@ READ_EVERY_S = 0.05
 # here, and a purchase sent again. Answered reads take milliseconds, but a
 # loaded host can stall one past a second (1 s cut 2 reads of 75 at the end
 # of the outage in one run inside the full suite); a purchase whose chain
-# was lost waits about 2 s before another chain takes it (serve/chain_writes.py).
+# was lost waits about 2 s before another chain takes it (serve/ring_writes.py).
 ANSWER_TIMEOUT_S = 5.0
-READER_CANDIDATES = 100  # each lands on a given one of 3 shards with odds 1 in 3
+USER_CANDIDATES = 100  # each lands on a given one of 3 shards with odds 1 in 3
+# A registration of a lost shard's user: about 2 s until the worker's
+# replica finds that shard silent, and 2 s more until the worker's shard
+# that makes it finds so too (serve/ring_writes.py, RayShardRouter).
+REGISTERED_WITHIN_S = 15.0
 
 
 def _actors() -> dict[str, dict]:
@@ -76,15 +80,32 @@ def _actors() -> dict[str, dict]:
             for a in ray_state.actors().values() if a["State"] == "ALIVE" and a["Name"]}
 
 
-def _reader_with_shard_on(node_id: str, placement: dict, api: httpx.Client, namespace: str) -> str | None:
-    """A user registered for reading whose shard runs on `node_id`; None if no shard does."""
-    for k in range(READER_CANDIDATES):
-        user = f"{namespace}-reader-{k}"
+def _user_with_shard_on(node_id: str, placement: dict, prefix: str) -> str | None:
+    """An id whose shard runs on `node_id`; None if no shard does."""
+    for k in range(USER_CANDIDATES):
+        user = f"{prefix}-{k}"
         if placement[shard_actor_name(actor_of_vshard(vshard_of(user), SHARD_ACTORS))] == node_id:
-            r = api.post("/v1/users", json={"user_id": user})
-            assert r.status_code == 201, r.text
             return user
     return None
+
+
+def _reader_with_shard_on(node_id: str, placement: dict, api: httpx.Client, namespace: str) -> str | None:
+    """A user registered for reading whose shard runs on `node_id`; None if no shard does."""
+    user = _user_with_shard_on(node_id, placement, f"{namespace}-reader")
+    if user is not None:
+        r = api.post("/v1/users", json={"user_id": user})
+        assert r.status_code == 201, r.text
+    return user
+
+
+def _register_timed(api: httpx.Client, user_id: str) -> dict:
+    """A registration's status (or the transport error that stopped it) and how long it took."""
+    started = time.monotonic()
+    try:
+        status: int | str = api.post("/v1/users", json={"user_id": user_id}, timeout=REGISTERED_WITHIN_S).status_code
+    except httpx.TransportError as exc:
+        status = type(exc).__name__
+    return {"user": user_id, "status": status, "after_s": round(time.monotonic() - started, 2)}
 
 
 def main(args: dict) -> dict:
@@ -143,6 +164,10 @@ def main(args: dict) -> dict:
                 reads_while_lost[which][int((time.monotonic() - lost_at) // 5) * 5][str(answer)] += 1
             time.sleep(READ_EVERY_S)
         acknowledged_while_lost = len(buyers.acknowledged) - acknowledged_before_loss
+        # A user whose shard was lost registers: a shard on the worker makes
+        # the record, and leaves its delivery to the lost shard in a mailbox.
+        newcomer = _user_with_shard_on(head_id, before, f"{args['namespace']}-newcomer")
+        registered_while_lost = None if newcomer is None else _register_timed(api, newcomer)
         purchases_while_lost = collections.Counter(
             int((at - lost_at) // 5) * 5 for at in list(buyers.acknowledged_at) if 0 <= at - lost_at < HEAD_LOST_FOR_S)
 
@@ -172,6 +197,8 @@ def main(args: dict) -> dict:
             "actors_before": actors_before, "actors_after": _actors(),
             "reads_while_lost": reads_while_lost, "purchases_while_lost": purchases_while_lost,
             "acknowledged_before_loss": acknowledged_before_loss, "acknowledged_while_lost": acknowledged_while_lost,
+            "registered_while_lost": registered_while_lost,
+            "newcomer_read_after": None if newcomer is None else _answered(api, f"/v1/users/{newcomer}"),
             **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
             "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),
         }

@@ -161,6 +161,15 @@ def test_killed_actors_come_back_with_exact_balances(api, engine):
 LEASE_LAPSED_WITHIN_S = 10 * balance_views.LEASE_TTL_MS / 1000
 
 
+def _counted_at_least(api, least: float, counter: str, **labels: str) -> None:
+    """Wait until the replicas' `counter` with those labels reaches `least`:
+    each replica reports its metrics every REPLICA_METRICS_INTERVAL_S."""
+    deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
+    while (count := counted(api, counter, **labels)) < least:
+        assert time.monotonic() < deadline, (counter, labels, count, least)
+        time.sleep(0.2)
+
+
 def _pid_of(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
 
@@ -232,10 +241,7 @@ def test_reads_of_a_stopped_shard_are_answered_from_the_ledger(api, engine):
             assert api.service.get(f"/v1/users/{stranger}").status_code == 404
     finally:
         client.close()
-    deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
-    while (from_ledger := balance_reads_from(api, "ledger")) < from_ledger_before + len(readers) + 2:
-        assert time.monotonic() < deadline, (from_ledger, from_ledger_before)
-        time.sleep(0.2)
+    _counted_at_least(api, from_ledger_before + len(readers) + 2, "dailydoco_balance_reads_total", source="ledger")
     # Its memory and views are the ledger's again.
     _assert_nothing_lost_or_doubled(api, engine, users, purchases, {})
 
@@ -254,7 +260,7 @@ def test_writes_of_a_stopped_chain_are_made_by_another(api, engine):
                  if chain_of_transaction(tid, chain_count) == stopped][:4]
     assert api.purchase(users[-1], 10_000_000, purchases[0]).status_code == 201
     refund = {"refund_id": unique("chainstop-refund"), "amount_micros": 4_000_000}
-    rerouted_before = counted(api, "dailydoco_chain_calls_rerouted_total")
+    rerouted_before = counted(api, "dailydoco_writes_rerouted_total", actors="chains")
     with _stopped(engine, chain_actor_name(stopped)):
         for tid in purchases[1:]:
             r = api.purchase(users[-1], 5_000_000, tid)
@@ -263,10 +269,7 @@ def test_writes_of_a_stopped_chain_are_made_by_another(api, engine):
         assert r.status_code == 201 and r.json()["refunded_total_micros"] == 4_000_000, r.text
     # Each replica that wrote for it counted its calls (a replica learns of
     # the silence on its own: each first write there waited for the chain).
-    deadline = time.monotonic() + 10 * REPLICA_METRICS_INTERVAL_S
-    while (rerouted := counted(api, "dailydoco_chain_calls_rerouted_total")) < rerouted_before + 4:
-        assert time.monotonic() < deadline, (rerouted, rerouted_before)
-        time.sleep(0.2)
+    _counted_at_least(api, rerouted_before + 4, "dailydoco_writes_rerouted_total", actors="chains")
     # The chain answers again: the same writes sent to it now are replays
     # of what the other chain recorded.
     r = api.purchase(users[-1], 5_000_000, purchases[1])
@@ -283,6 +286,58 @@ def test_writes_of_a_stopped_chain_are_made_by_another(api, engine):
         assert time.monotonic() < deadline, logged[-2000:]
         time.sleep(0.2)
     assert f"WARNING dailydoco.refs -- {name} did not answer a ping within" in logged
+
+
+SHARD_WRITES_LANDED_WITHIN_S = 30.0  # its mailboxes' calls wait in Ray for it; it runs them once set going
+
+
+def test_writes_that_change_a_stopped_shard_are_answered(api, engine):
+    """A shard stops (_stopped). A registration of a user it would hold is
+    made by another shard, and the writes that change its users (a
+    registration under one of them, a refund of their commissions) leave
+    their deliveries to it in its mailboxes: each is answered within
+    seconds instead of waiting until the shard answers again (up to a
+    minute, then 503). Set going again, it holds them all: its memory is
+    the ledger's, and each registration is recorded once."""
+    shard_count = engine.config.shard_actors
+    users = api.chain(4, prefix="shardwrite")
+    stopped = actor_of_vshard(vshard_of(users[-2]), shard_count)  # the buyer's referrer: paid level 1
+
+    def newcomer(on_stopped: bool) -> str:
+        return next(u for u in (unique("shardwrite-new") for _ in range(100))
+                    if (actor_of_vshard(vshard_of(u), shard_count) == stopped) == on_stopped)
+
+    # Referred by the stopped shard's user: one it would hold, one another shard holds.
+    newcomers = [newcomer(on_stopped=True), newcomer(on_stopped=False)]
+    code = api.service.get(f"/v1/users/{users[-2]}").json()["referral_code"]
+    purchase = unique("shardwrite-tx")
+    assert api.purchase(users[-1], 10_000_000, purchase).status_code == 201
+    refund = {"refund_id": unique("shardwrite-refund"), "amount_micros": 4_000_000}
+    api.settle()
+    rerouted_before = counted(api, "dailydoco_writes_rerouted_total", actors="shards")
+    with _stopped(engine, shard_actor_name(stopped)):
+        for user in newcomers:
+            r = api.service.post("/v1/users", json={"user_id": user, "referral_code": code})
+            assert r.status_code == 201 and r.json()["upline"] == users[-2::-1], r.text
+        r = api.service.get(f"/v1/users/{newcomers[0]}")  # from the ledger: its shard is silent
+        assert r.status_code == 200 and r.json()["referrer_id"] == users[-2], r.text
+        r = api.service.post(f"/v1/transactions/{purchase}/refunds", json=refund)
+        assert r.status_code == 201 and r.json()["refunded_total_micros"] == 4_000_000, r.text
+    _counted_at_least(api, rerouted_before + 1, "dailydoco_writes_rerouted_total", actors="shards")
+    # Set going, it runs what waited for it: the registrations, the refund.
+    deadline = time.monotonic() + SHARD_WRITES_LANDED_WITHIN_S
+    while (network := api.service.get(f"/v1/users/{users[-2]}/network").json()["stats"])["direct_referrals"] < 3:
+        assert time.monotonic() < deadline, network
+        time.sleep(0.2)
+    assert network["network_size"] == 3 and network["size_by_level"][:2] == [3, 0], network
+    r = api.service.post("/v1/users", json={"user_id": newcomers[0], "referral_code": code})
+    assert r.status_code == 200 and r.json()["status"] == "replayed", r.text
+    assert query(engine, "fetchval", "SELECT count(*) FROM users WHERE user_id = ANY($1::text[])", newcomers) == 2
+    deadline = time.monotonic() + SHARD_WRITES_LANDED_WITHIN_S
+    while _memory_balances(engine) != _ledger_balances(engine):
+        assert time.monotonic() < deadline, (_memory_balances(engine), _ledger_balances(engine))
+        time.sleep(0.2)
+    _assert_nothing_lost_or_doubled(api, engine, users + newcomers, [purchase], {})
 
 
 def _cut_database_connections(engine) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import os
 
 from dailydoco.actors.registration import register_user
+from dailydoco.actors.refs import SilenceWatch
 from dailydoco.protocol import BalanceView, RegisterUserRequest, StreamPosition
 from dailydoco.serve import shard_reads
 from dailydoco.serve.shard_reads import ShardReads
@@ -51,7 +52,7 @@ async def _reads(url: str) -> None:
     try:
         await register_user(Ledger(pool, 0), _NoShards(), RegisterUserRequest(user_id="known"))
         shard = _HeldShard()
-        reads = ShardReads(shard, lambda: pool)
+        reads = ShardReads(SilenceWatch(shard, "its reads go to the ledger"), lambda: pool)
         shard.answering.set()
         view, source = await reads.balance("u-1")
         assert source == "shard" and view.stream.epoch == "shard"

@@ -1,14 +1,15 @@
-"""Writes through the commission chains (serve/chain_writes.py): a chain
-that is slow is waited for, one that falls silent has its writes sent to
-the next chain until it answers again. The chains here are stand-ins whose
-answers the test holds back; the real chain actor, stopped under the real
-engine, is test_crash_recovery.py's; that two chains writing one id record
-it once, the ledger simulation's."""
+"""Writes through a ring of actors (serve/ring_writes.py): an actor that is
+slow is waited for, one that falls silent has its writes sent to the next
+round the ring until it answers again. The actors here are stand-in chains
+whose answers the test holds back; the real chain and shard actors, stopped
+under the real engine, are test_crash_recovery.py's; that two chains
+writing one id record it once, the ledger simulation's."""
 
 import asyncio
 
-from dailydoco.serve import chain_writes
-from dailydoco.serve.chain_writes import ChainWrites
+from dailydoco.actors import refs
+from dailydoco.actors.refs import SilenceWatch
+from dailydoco.serve.ring_writes import RingWrites
 
 WAIT_S = 0.1
 ANSWERED_WITHIN_S = 5.0  # for a test that fails rather than hangs; far more than any wait here
@@ -43,7 +44,8 @@ class _HeldChain:
 async def _writes() -> None:
     first, second, third = _HeldChain("first"), _HeldChain("second"), _HeldChain("third")
     rerouted = []
-    writes = ChainWrites([first, second, third], lambda: rerouted.append(1))
+    writes = RingWrites([SilenceWatch(chain, "its writes go to the next chain") for chain in (first, second, third)],
+                        lambda: rerouted.append(1))
 
     assert await writes.call(0, "submit") == "first"
 
@@ -90,6 +92,6 @@ async def _writes() -> None:
 
 
 def test_a_silent_chains_writes_go_to_the_next_until_it_answers(monkeypatch):
-    monkeypatch.setattr(chain_writes, "CHAIN_ANSWER_WAIT_S", WAIT_S)
-    monkeypatch.setattr(chain_writes, "CHAIN_PING_WAIT_S", WAIT_S)
+    monkeypatch.setattr(refs, "ANSWER_WAIT_S", WAIT_S)
+    monkeypatch.setattr(refs, "PING_WAIT_S", WAIT_S)
     asyncio.run(_writes())
