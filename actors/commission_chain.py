@@ -9,9 +9,17 @@ import ray
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
-from dailydoco.protocol import PurchaseOutcomeWire, RefundRequest, RefundResult, TransactionRequest
+from dailydoco.protocol import (
+    PayoutRequest,
+    PayoutResult,
+    PurchaseOutcomeWire,
+    RefundRequest,
+    RefundResult,
+    TransactionRequest,
+)
 from dailydoco.storage.pool import open_pool
 
+from . import lifecycle
 from .commission_core import CommissionEngine
 from .live_publisher import publishing_ledger
 from .refs import RayShardRouter
@@ -58,6 +66,13 @@ class CommissionChainActor(Watched):
 
     async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
         return await (await self._engine()).refund(transaction_id, request)
+
+    async def payout(self, request: PayoutRequest) -> PayoutResult:
+        """A payout, made here while the supervisor, which makes payouts, is
+        silent (serve/ring_writes.py). The ledger takes a payout's slices
+        one delivery at a time, whoever delivers it."""
+        engine = await self._engine()
+        return await lifecycle.payout(engine.ledger, engine.router, request)
 
     async def drained(self) -> bool:
         """Wait until every shard delivery posted so far has landed (tests, shutdown)."""

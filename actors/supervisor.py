@@ -311,3 +311,8 @@ class SupervisorActor:
 
     def ping(self) -> bool:
         return True
+
+    async def ready(self) -> bool:
+        """Once started, for a replica that found it silent (SilenceWatch)."""
+        await self._started()
+        return True

@@ -189,10 +189,14 @@ class EngineApi:
         # Writes of a silent actor that another made (serve/ring_writes.py).
         rerouted = Counter("dailydoco_writes_rerouted_total",
                            "Writes sent to another actor, theirs silent: purchases or a refund to another chain,"
-                           " a registration to another shard", ["actors"], registry=self.registry)
-        self.chain_writes = RingWrites([SilenceWatch(chain, "its writes go to the next chain") for chain in self.chains],
-                                       rerouted.labels("chains").inc)
+                           " a registration to another shard, a payout to a chain", ["actors"],
+                           registry=self.registry)
+        chain_silences = [SilenceWatch(chain, "its writes go to the next chain") for chain in self.chains]
+        self.chain_writes = RingWrites(chain_silences, rerouted.labels("chains").inc)
         self.registrations = RingWrites(shard_silences, rerouted.labels("shards").inc)
+        # Payouts are the supervisor's to make, and a chain's while it is silent.
+        self.payouts = RingWrites([SilenceWatch(self.supervisor, "payouts go to the chains"), *chain_silences],
+                                  rerouted.labels("supervisor").inc)
         self.chain_batchers = [self._chain_batcher(index) for index in range(len(self.chains))]
         if live_gateway:
             Gauge("dailydoco_live_connections", "Live sockets open on this replica",
@@ -527,7 +531,7 @@ class EngineApi:
     async def payout(self, request: Request) -> Response:
         require_admin(await self.principal(request))
         body = await read_body(request, p.PayoutRequest)
-        result: p.PayoutResult = await self.supervisor.call("payout", body)
+        result: p.PayoutResult = await self.payouts.call(0, "payout", body)
         return json_response(result, 201 if result.status == "created" else 200)
 
     async def get_payout(self, request: Request) -> Response:

@@ -1,18 +1,22 @@
 """The API's writes through a ring of actors, each write to the actor its id
 hashes to (storage/sharding.py) unless that one is silent: purchases and
 refunds through the commission chains, registrations through the user
-shards.
+shards, and payouts through the supervisor, then the chains.
 
 The ledger does not depend on the deliveries of one id meeting in one
 actor: one purchase id written by two chains at once is recorded once and
 replayed by the other, and so is a refund (the ledger simulation races its
 two chains on purchases and on refunds); one user id registered by two
 shards at once is inserted once, and the other replays it (Postgres's
-unique user id; the ledger simulation registers one user twice at once). That lets the write of an actor that does
+unique user id; the ledger simulation registers one user twice at once);
+a payout's slices are taken one delivery at a time (its row locked),
+whoever delivers it, as the supervisor's sweep finishes a payout cut short
+beside the deliveries of it. That lets the write of an actor that does
 not answer go to another instead of waiting for it. An actor lost with the
 Ray head is made again only once a new head is up, a minute or more after
-(test_head_node_loss.py), and until session 46 (chains) and 47 (shards) the
-writes that hashed to it waited for it, up to a minute, then 503.
+(test_head_node_loss.py), and until session 46 (chains) and 47 (shards,
+the supervisor) the writes that hashed to it waited for it, up to a
+minute, then 503.
 
 Slow is not silent (SilenceWatch.answered: a write that has waited asks its
 actor for a ping). A write whose actor is silent goes to the next actor

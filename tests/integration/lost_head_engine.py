@@ -69,8 +69,9 @@ ANSWER_TIMEOUT_S = 5.0
 USER_CANDIDATES = 100  # each lands on a given one of 3 shards with odds 1 in 3
 # A registration of a lost shard's user: about 2 s until the worker's
 # replica finds that shard silent, and 2 s more until the worker's shard
-# that makes it finds so too (serve/ring_writes.py, RayShardRouter).
-REGISTERED_WITHIN_S = 15.0
+# that makes it finds so too (serve/ring_writes.py, RayShardRouter); a
+# payout: about 2 s until the replica finds the lost supervisor silent.
+ANSWERED_WHILE_LOST_WITHIN_S = 15.0
 
 
 def _actors() -> dict[str, dict]:
@@ -98,14 +99,14 @@ def _reader_with_shard_on(node_id: str, placement: dict, api: httpx.Client, name
     return user
 
 
-def _register_timed(api: httpx.Client, user_id: str) -> dict:
-    """A registration's status (or the transport error that stopped it) and how long it took."""
+def _posted_timed(api: httpx.Client, path: str, body: dict) -> dict:
+    """A POST's status (or the transport error that stopped it) and how long it took."""
     started = time.monotonic()
     try:
-        status: int | str = api.post("/v1/users", json={"user_id": user_id}, timeout=REGISTERED_WITHIN_S).status_code
+        status: int | str = api.post(path, json=body, timeout=ANSWERED_WHILE_LOST_WITHIN_S).status_code
     except httpx.TransportError as exc:
         status = type(exc).__name__
-    return {"user": user_id, "status": status, "after_s": round(time.monotonic() - started, 2)}
+    return {"body": body, "status": status, "after_s": round(time.monotonic() - started, 2)}
 
 
 def main(args: dict) -> dict:
@@ -167,7 +168,11 @@ def main(args: dict) -> dict:
         # A user whose shard was lost registers: a shard on the worker makes
         # the record, and leaves its delivery to the lost shard in a mailbox.
         newcomer = _user_with_shard_on(head_id, before, f"{args['namespace']}-newcomer")
-        registered_while_lost = None if newcomer is None else _register_timed(api, newcomer)
+        registered_while_lost = None if newcomer is None else _posted_timed(api, "/v1/users", {"user_id": newcomer})
+        # A payout, the lost supervisor's to make: the worker's chain makes
+        # it (nothing is approved, so it pays no one, and completes).
+        admin = _service_client(config, args["worker_ip"], key="admin_api_key")
+        paid_while_lost = _posted_timed(admin, "/v1/payouts", {"payout_id": f"{args['namespace']}-payout"})
         purchases_while_lost = collections.Counter(
             int((at - lost_at) // 5) * 5 for at in list(buyers.acknowledged_at) if 0 <= at - lost_at < HEAD_LOST_FOR_S)
 
@@ -197,7 +202,7 @@ def main(args: dict) -> dict:
             "actors_before": actors_before, "actors_after": _actors(),
             "reads_while_lost": reads_while_lost, "purchases_while_lost": purchases_while_lost,
             "acknowledged_before_loss": acknowledged_before_loss, "acknowledged_while_lost": acknowledged_while_lost,
-            "registered_while_lost": registered_while_lost,
+            "registered_while_lost": registered_while_lost, "paid_while_lost": paid_while_lost,
             "newcomer_read_after": None if newcomer is None else _answered(api, f"/v1/users/{newcomer}"),
             **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
             "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),

@@ -22,7 +22,7 @@ import ray
 import redis
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from dailydoco.actors.refs import chain_actor_name, shard_actor_name
+from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name, shard_actor_name
 from dailydoco.actors.supervisor import APPROVAL_INTERVAL_S, video_processing_installed
 from dailydoco.cluster.demo import ApiClient
 from dailydoco.cluster.live_client import ConnectionClosed, WebSocketConnection
@@ -338,6 +338,32 @@ def test_writes_that_change_a_stopped_shard_are_answered(api, engine):
         assert time.monotonic() < deadline, (_memory_balances(engine), _ledger_balances(engine))
         time.sleep(0.2)
     _assert_nothing_lost_or_doubled(api, engine, users + newcomers, [purchase], {})
+
+
+def test_a_payout_while_the_supervisor_is_stopped_is_made_by_a_chain(api, engine):
+    """The supervisor, which makes payouts, stops (_stopped). A payout is
+    made by a chain within seconds instead of waiting until the supervisor
+    answers again (up to a minute, then 503). Set going again, the
+    supervisor runs the call it was sent, which finds the payout complete;
+    sent again, the payout is `replayed`, and each line was paid once."""
+    root, buyer = api.chain(2, prefix="supstop")
+    purchase = unique("supstop-tx")
+    assert api.purchase(buyer, 50_000_000, purchase).status_code == 201
+    assert api.admin.post("/v1/admin/clock", json={"seconds": 31 * 24 * 3600}).status_code == 200
+    payout_id = unique("supstop-payout")
+    rerouted_before = counted(api, "dailydoco_writes_rerouted_total", actors="supervisor")
+    with _stopped(engine, SUPERVISOR_NAME):
+        made = api.admin.post("/v1/payouts", json={"payout_id": payout_id})
+        assert made.status_code == 201 and made.json()["status"] == "created", made.text
+        assert made.json()["completed_at"] is not None
+    _counted_at_least(api, rerouted_before + 1, "dailydoco_writes_rerouted_total", actors="supervisor")
+    replayed = api.admin.post("/v1/payouts", json={"payout_id": payout_id})
+    assert replayed.status_code == 200 and replayed.json()["status"] == "replayed", replayed.text
+    assert replayed.json()["totals"] == made.json()["totals"]
+    assert query(engine, "fetchval", "SELECT amount_micros FROM payout_lines WHERE payout_id = $1"
+                 " AND beneficiary_id = $2", payout_id, root) == 10_000_000
+    ledger = _assert_nothing_lost_or_doubled(api, engine, [root, buyer], [purchase], {})
+    assert ledger[root] == {"USD": [0, 0, 10_000_000]}  # level 1's 20 %, paid
 
 
 def _cut_database_connections(engine) -> int:

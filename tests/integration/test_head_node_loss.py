@@ -69,7 +69,7 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
     head, worker = seen["head"], seen["worker"]
     print({k: seen[k] for k in ("back_after_s", "reads_while_lost", "purchases_while_lost", "acknowledged_before_loss",
                                 "acknowledged_while_lost", "unacknowledged", "transactions_in_ledger",
-                                "registered_while_lost", "newcomer_read_after")})
+                                "registered_while_lost", "newcomer_read_after", "paid_while_lost")})
 
     # Both hosts ran actors and an API replica, the supervisor and Serve's controller on the head.
     assert set(seen["placement_before"].values()) == {head, worker}
@@ -130,6 +130,8 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
     if registered is not None:
         assert registered["status"] == 201, registered
         assert seen["newcomer_read_after"] == 200
+    # So was a payout, the lost supervisor's to make: by the worker's chain.
+    assert seen["paid_while_lost"]["status"] == 201, seen["paid_while_lost"]
 
     # Purchases went on once the replacement was up, none lost or written
     # twice; the shards serve the ledger.

@@ -217,11 +217,12 @@ def _spread_over_both_hosts(system) -> dict[str, str]:
     return placement
 
 
-def _service_client(config, host_ip: str, timeout_s: float = 30) -> httpx.Client:
-    """The API of the ingress on `host_ip`, as a backend of that host reaches it, with the service key."""
+def _service_client(config, host_ip: str, timeout_s: float = 30, key: str = "service_api_key") -> httpx.Client:
+    """The API of the ingress on `host_ip`, as a backend of that host reaches it, with the service key
+    (or the admin's, `key="admin_api_key"`)."""
     keys = json.loads((Path(config.state_dir) / "secrets.json").read_text())
     return httpx.Client(base_url=f"http://{host_ip}:{config.http_port}",
-                        headers={"X-API-Key": keys["service_api_key"]}, timeout=timeout_s)
+                        headers={"X-API-Key": keys[key]}, timeout=timeout_s)
 
 
 def _answered(client: httpx.Client, path: str) -> int | str:
