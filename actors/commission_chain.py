@@ -26,6 +26,25 @@ from .refs import RayShardRouter
 from .watch import Watched
 
 
+class PurchasesWire:
+    """An engine's purchases across Ray: msgpack list[TransactionRequest] in,
+    msgpack list[PurchaseOutcomeWire] out, for msgspec bytes cost a fraction
+    of pickled Structs. One per actor instance: Ray pickles actor classes by
+    value, and Decoders do not pickle."""
+
+    def __init__(self):
+        self._requests = msgspec.msgpack.Decoder(list[TransactionRequest])
+        self._outcomes = msgspec.msgpack.Encoder()
+
+    async def submit(self, engine: CommissionEngine, encoded_requests: bytes) -> bytes:
+        outcomes = await engine.submit(self._requests.decode(encoded_requests))
+        return self._outcomes.encode([
+            PurchaseOutcomeWire(o.result) if o.error is None
+            else PurchaseOutcomeWire(None, type(o.error).__name__, o.error.detail)
+            for o in outcomes
+        ])
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
 class CommissionChainActor(Watched):
     """Writes purchases for the transaction ids that hash to it (see
@@ -38,9 +57,7 @@ class CommissionChainActor(Watched):
         self.nats_url = nats_url
         self.engine: CommissionEngine | None = None
         self._init_lock = asyncio.Lock()
-        # Per instance: Ray pickles actor classes by value, and Decoders do not pickle.
-        self._requests = msgspec.msgpack.Decoder(list[TransactionRequest])
-        self._outcomes = msgspec.msgpack.Encoder()
+        self._purchases = PurchasesWire()
 
     async def _engine(self) -> CommissionEngine:
         async with self._init_lock:
@@ -54,15 +71,7 @@ class CommissionChainActor(Watched):
         return self.engine
 
     async def submit(self, encoded_requests: bytes) -> bytes:
-        """msgpack list[TransactionRequest] in, msgpack list[PurchaseOutcomeWire]
-        out: across Ray, msgspec bytes cost a fraction of pickled Structs."""
-        engine = await self._engine()
-        outcomes = await engine.submit(self._requests.decode(encoded_requests))
-        return self._outcomes.encode([
-            PurchaseOutcomeWire(o.result) if o.error is None
-            else PurchaseOutcomeWire(None, type(o.error).__name__, o.error.detail)
-            for o in outcomes
-        ])
+        return await self._purchases.submit(await self._engine(), encoded_requests)
 
     async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
         return await (await self._engine()).refund(transaction_id, request)

@@ -25,13 +25,22 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.priority import run_as_background
-from dailydoco.protocol import ClockLocked, ClockView, PayoutRequest, PayoutResult, ServiceUnavailable
+from dailydoco.protocol import (
+    ClockLocked,
+    ClockView,
+    PayoutRequest,
+    PayoutResult,
+    RefundRequest,
+    RefundResult,
+    ServiceUnavailable,
+)
 from dailydoco.storage.partitions import ensure_ledger_partitions
 from dailydoco.storage.pool import open_pool
 from dailydoco.storage.sharding import VSHARDS
 
 from . import lifecycle
-from .commission_chain import CommissionChainActor
+from .commission_chain import CommissionChainActor, PurchasesWire
+from .commission_core import CommissionEngine
 from .live_publisher import publishing_ledger
 from .outbox_relay import OutboxRelayActor
 from .recovery import checkpoint_all
@@ -89,6 +98,9 @@ class SupervisorActor:
         self.restarts: dict[str, int] = {}
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self.pool = None
+        self.router: RayShardRouter | None = None
+        self._engine: CommissionEngine | None = None  # for purchases and refunds, made at the first
+        self._purchases = PurchasesWire()
         self._loops: list[asyncio.Task] = []
         self._heal_lock = asyncio.Lock()
         self._payouts_in_hand: collections.Counter[str] = collections.Counter()
@@ -279,6 +291,29 @@ class SupervisorActor:
             self._payouts_in_hand[request.payout_id] -= 1
             if not self._payouts_in_hand[request.payout_id]:
                 del self._payouts_in_hand[request.payout_id]
+
+    async def _commission_engine(self) -> CommissionEngine:
+        """Purchases and refunds are the chains' to write, and the
+        supervisor's while every chain is silent (serve/ring_writes.py): with
+        one chain, the default on two or three cores, there is no other. An
+        engine over the supervisor's own ledger writer and shard router; the
+        ledger records a transaction id once, whichever actor writes it."""
+        await self._started()
+        if self._engine is None:
+            self._engine = CommissionEngine(self.ledger, self.router)
+        return self._engine
+
+    async def submit(self, encoded_requests: bytes) -> bytes:
+        return await self._purchases.submit(await self._commission_engine(), encoded_requests)
+
+    async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
+        return await (await self._commission_engine()).refund(transaction_id, request)
+
+    async def drained(self) -> bool:
+        """Wait until every shard delivery it has posted so far has landed (tests)."""
+        if self.router is not None:
+            await self.router.drained()
+        return True
 
     async def finish_cut_short_payouts(self) -> list[str]:
         # Those in hand are left to their deliveries: taking slices in turns

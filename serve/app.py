@@ -188,15 +188,19 @@ class EngineApi:
         self.balance_reads = {source: balance_reads.labels(source) for source in ("redis_view", "shard", "ledger")}
         # Writes of a silent actor that another made (serve/ring_writes.py).
         rerouted = Counter("dailydoco_writes_rerouted_total",
-                           "Writes sent to another actor, theirs silent: purchases or a refund to another chain,"
-                           " a registration to another shard, a payout to a chain", ["actors"],
+                           "Writes sent to another actor, theirs silent: purchases or a refund to another chain"
+                           " or the supervisor, a registration to another shard, a payout to a chain", ["actors"],
                            registry=self.registry)
-        chain_silences = [SilenceWatch(chain, "its writes go to the next chain") for chain in self.chains]
-        self.chain_writes = RingWrites(chain_silences, rerouted.labels("chains").inc)
+        chain_silences = [SilenceWatch(chain, "its writes go to the next chain, or the supervisor")
+                          for chain in self.chains]
+        supervisor_silence = SilenceWatch(self.supervisor, "payouts go to the chains")
+        # Purchases and refunds are the chains' to write, and the supervisor's
+        # while every chain is silent; payouts the other way round.
+        self.chain_writes = RingWrites(chain_silences, rerouted.labels("chains").inc,
+                                       last_resorts=[supervisor_silence])
         self.registrations = RingWrites(shard_silences, rerouted.labels("shards").inc)
-        # Payouts are the supervisor's to make, and a chain's while it is silent.
-        self.payouts = RingWrites([SilenceWatch(self.supervisor, "payouts go to the chains"), *chain_silences],
-                                  rerouted.labels("supervisor").inc)
+        self.payouts = RingWrites([supervisor_silence], rerouted.labels("supervisor").inc,
+                                  last_resorts=chain_silences)
         self.chain_batchers = [self._chain_batcher(index) for index in range(len(self.chains))]
         if live_gateway:
             Gauge("dailydoco_live_connections", "Live sockets open on this replica",

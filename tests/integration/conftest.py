@@ -62,14 +62,15 @@ class Api:
 
     def settle(self) -> None:
         """Wait until every shard delivery posted so far has landed: purchases
-        are acknowledged at commit, and shards are credited right after."""
+        are acknowledged at commit, and shards are credited right after, by
+        the chains, or by the supervisor where it wrote for them."""
         import ray
 
-        from dailydoco.actors.refs import chain_actor_name
+        from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name
 
         ns = self.engine.config.namespace
-        ray.get([ray.get_actor(chain_actor_name(i), namespace=ns).drained.remote()
-                 for i in range(self.engine.config.chain_actors)])
+        writers = [chain_actor_name(i) for i in range(self.engine.config.chain_actors)] + [SUPERVISOR_NAME]
+        ray.get([ray.get_actor(name, namespace=ns).drained.remote() for name in writers])
 
     def backlog(self) -> dict[str, float]:
         """The engine's backlog gauges in one scrape of /metrics."""

@@ -1,6 +1,6 @@
 """Writes through a ring of actors (serve/ring_writes.py): an actor that is
 slow is waited for, one that falls silent has its writes sent to the next
-round the ring until it answers again. The actors here are stand-in chains
+round the ring, then to the last resorts, until it answers again. The actors here are stand-in chains
 whose answers the test holds back; the real chain and shard actors, stopped
 under the real engine, are test_crash_recovery.py's; that two chains
 writing one id record it once, the ledger simulation's."""
@@ -95,3 +95,35 @@ def test_a_silent_chains_writes_go_to_the_next_until_it_answers(monkeypatch):
     monkeypatch.setattr(refs, "ANSWER_WAIT_S", WAIT_S)
     monkeypatch.setattr(refs, "PING_WAIT_S", WAIT_S)
     asyncio.run(_writes())
+
+
+async def _last_resorts() -> None:
+    first, second, supervisor = _HeldChain("first"), _HeldChain("second"), _HeldChain("supervisor")
+    rerouted = []
+    writes = RingWrites([SilenceWatch(chain, "its writes go to the next chain") for chain in (first, second)],
+                        lambda: rerouted.append(1), last_resorts=[SilenceWatch(supervisor, "")])
+
+    # The ring before the last resort, whichever chain the write is for.
+    second.fall_silent()
+    assert await asyncio.wait_for(writes.call(1, "submit"), ANSWERED_WITHIN_S) == "first"
+    assert not supervisor.called
+
+    # Every chain silent: the last resort writes, each chain's writes alike.
+    first.fall_silent()
+    assert await asyncio.wait_for(writes.call(0, "submit"), ANSWERED_WITHIN_S) == "supervisor"
+    assert await writes.call(1, "submit") == "supervisor"
+    assert rerouted == [1, 1, 1]
+
+    # A chain answers again: its writes, and the other's, go to it.
+    second.answer()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await writes.call(0, "submit") == "second"
+    assert await writes.call(1, "submit") == "second"
+    assert supervisor.called == ["submit", "submit"]
+
+
+def test_writes_go_to_the_last_resort_only_while_every_actor_of_the_ring_is_silent(monkeypatch):
+    monkeypatch.setattr(refs, "ANSWER_WAIT_S", WAIT_S)
+    monkeypatch.setattr(refs, "PING_WAIT_S", WAIT_S)
+    asyncio.run(_last_resorts())
