@@ -86,6 +86,19 @@ def live_cpu_nodes() -> list[str]:
     return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
 
 
+def dealt_node(position: int, chain_0_position: int, nodes: list[str], supervisor_node: str) -> str:
+    """The node of the engine's actor at `position` of the deal (the order
+    of the supervisor's specs), the actors dealt over `nodes` in turn from
+    chain 0, which goes to the first node that is not the supervisor's.
+    The supervisor writes purchases while every chain is silent
+    (serve/ring_writes.py), so with one chain, the default on a head of 2
+    or 3 cores, a lost host then leaves one of the two to write them; dealt
+    from the first node, chain 0 shared the supervisor's host wherever Ray
+    had put the supervisor there (it places it at random)."""
+    ordered = [n for n in nodes if n != supervisor_node] + [n for n in nodes if n == supervisor_node]
+    return ordered[(position - chain_0_position) % len(ordered)]
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class SupervisorActor:
     def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str, redis_url: str):
@@ -142,9 +155,10 @@ class SupervisorActor:
 
     def _node_in_turn(self, name: str):
         """The node for `name`: the engine's actors dealt over the live nodes
-        that offer CPUs, in turn, in the order of `_specs`. Ray places an
-        actor that asks for no resources on a node at random, whatever the
-        strategy but a hard node affinity (ray-project/ray#25360; SPREAD and
+        that offer CPUs, in turn, in the order of `_specs` (`dealt_node`:
+        chain 0 off the supervisor's node). Ray places an actor that asks
+        for no resources on a node at random, whatever the strategy but a
+        hard node affinity (ray-project/ray#25360; SPREAD and
         a soft affinity were random here too, with two nodes): a machine
         could hold every shard and another none. Hard: should the node die
         before the actor is placed, its creation fails and the next heal
@@ -153,8 +167,10 @@ class SupervisorActor:
         nodes = live_cpu_nodes()
         if len(nodes) < 2:
             return "DEFAULT"
-        position = next(i for i, (spec_name, _, _) in enumerate(self._specs()) if spec_name == name)
-        return NodeAffinitySchedulingStrategy(nodes[position % len(nodes)], soft=False)
+        names = [spec_name for spec_name, _, _ in self._specs()]
+        node = dealt_node(names.index(name), names.index(chain_actor_name(0)), nodes,
+                          ray.get_runtime_context().get_node_id())
+        return NodeAffinitySchedulingStrategy(node, soft=False)
 
     async def _start_until_it_holds(self) -> None:
         while True:
