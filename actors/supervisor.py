@@ -112,7 +112,7 @@ class SupervisorActor:
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self.pool = None
         self.router: RayShardRouter | None = None
-        self._engine: CommissionEngine | None = None  # for purchases and refunds, made at the first
+        self._engine: CommissionEngine | None = None  # made at the first purchase or refund it writes
         self._purchases = PurchasesWire()
         self._loops: list[asyncio.Task] = []
         self._heal_lock = asyncio.Lock()
@@ -158,9 +158,9 @@ class SupervisorActor:
         that offer CPUs, in turn, in the order of `_specs` (`dealt_node`:
         chain 0 off the supervisor's node). Ray places an actor that asks
         for no resources on a node at random, whatever the strategy but a
-        hard node affinity (ray-project/ray#25360; SPREAD and
-        a soft affinity were random here too, with two nodes): a machine
-        could hold every shard and another none. Hard: should the node die
+        hard node affinity (ray-project/ray#25360; SPREAD and a soft
+        affinity were random here too, with two nodes): a machine could
+        hold every shard and another none. Hard: should the node die
         before the actor is placed, its creation fails and the next heal
         deals it over the nodes left, as it does an actor whose node died
         under it. Actors stay where they are when nodes join."""
