@@ -193,7 +193,7 @@ class EngineApi:
                            registry=self.registry)
         chain_silences = [SilenceWatch(chain, "its writes go to the next chain, or the supervisor")
                           for chain in self.chains]
-        supervisor_silence = SilenceWatch(self.supervisor, "payouts go to the chains")
+        supervisor_silence = SilenceWatch(self.supervisor, "payouts go to the chains, and silent chains' writes wait")
         # Purchases and refunds are the chains' to write, and the supervisor's
         # while every chain is silent; payouts the other way round.
         self.chain_writes = RingWrites(chain_silences, rerouted.labels("chains").inc,
