@@ -109,7 +109,9 @@ class SupervisorActor:
         # Its periodic work (checkpoints, approval sweeps) can wait; requests cannot.
         run_as_background()
         self.restarts: dict[str, int] = {}
+        self.moves = 0  # of chain 0, off the supervisor's node
         self.handles: dict[str, ray.actor.ActorHandle] = {}
+        self.nodes: dict[str, str] = {}  # where each actor was put, or found running; for placing chains
         self.pool = None
         self.router: RayShardRouter | None = None
         self._engine: CommissionEngine | None = None  # made at the first purchase or refund it writes
@@ -163,13 +165,25 @@ class SupervisorActor:
         hold every shard and another none. Hard: should the node die
         before the actor is placed, its creation fails and the next heal
         deals it over the nodes left, as it does an actor whose node died
-        under it. Actors stay where they are when nodes join."""
+        under it. Actors stay where they are when nodes join, but for chain
+        0 where every chain shares the supervisor's node (see
+        _every_chain_beside_me)."""
         nodes = live_cpu_nodes()
         if len(nodes) < 2:
+            self.nodes.pop(name, None)
             return "DEFAULT"
+        here = ray.get_runtime_context().get_node_id()
         names = [spec_name for spec_name, _, _ in self._specs()]
-        node = dealt_node(names.index(name), names.index(chain_actor_name(0)), nodes,
-                          ray.get_runtime_context().get_node_id())
+        position, chain_0_position = names.index(name), names.index(chain_actor_name(0))
+        chains = {chain_actor_name(i) for i in range(self.config.chain_actors)}
+        if name in chains and all(self.nodes.get(chain) in (None, here) for chain in chains - {name}):
+            # No other chain is known to run off the supervisor's node (a
+            # supervisor that Ray restarted beside the chains it adopts,
+            # the others lost): this one goes where the deal puts chain 0,
+            # rather than beside them for _every_chain_beside_me to move one.
+            position = chain_0_position
+        node = dealt_node(position, chain_0_position, nodes, here)
+        self.nodes[name] = node
         return NodeAffinitySchedulingStrategy(node, soft=False)
 
     async def _start_until_it_holds(self) -> None:
@@ -196,9 +210,13 @@ class SupervisorActor:
         await self.keep_ledger_partitions()
         adopted = []
         for name, cls, args in self._specs():
-            if self._lives(name):
-                adopted.append(name)
+            lives = self._lives(name)
             self.handles[name] = self._create(name, cls, args)
+            if lives:
+                adopted.append(name)
+                # Where it runs, not where the deal would have put it: the
+                # chains created after it are placed by it.
+                self.nodes[name] = await self._node_of(name)
         await asyncio.wait_for(
             asyncio.gather(*(h.ready.remote() for h in self.handles.values())), ACTOR_START_TIMEOUT_S
         )
@@ -262,31 +280,67 @@ class SupervisorActor:
                 await asyncio.sleep(HANG_CHECK_INTERVAL_S)
 
     async def heal(self) -> list[str]:
-        """Recreate every actor that does not answer; return their names."""
+        """Recreate every actor that does not answer, and chain 0 where it
+        must leave the supervisor's node (`_every_chain_beside_me`); return
+        their names."""
         async with self._heal_lock:
-            dead = []
+            remade = []
             for name, cls, args in self._specs():
                 try:
                     await asyncio.wait_for(self.handles[name].ping.remote(), PING_TIMEOUT_S)
                 except (RayActorError, GetTimeoutError, asyncio.TimeoutError):
-                    dead.append(name)
                     self.restarts[name] = self.restarts.get(name, 0) + 1
                     log.warning("actor %s is dead; restarting (restart #%d)", name, self.restarts[name])
-                    try:
-                        ray.kill(self.handles[name], no_restart=True)
-                    except Exception:  # noqa: BLE001 - it may be gone already
-                        pass
-                    self.handles[name] = self._create(name, cls, args)
-            if dead:
-                await asyncio.gather(*(self.handles[n].ready.remote() for n in dead))
-                # A writer that died mid-delivery left shards behind the ledger.
+                else:
+                    if name != chain_actor_name(0) or not await self._every_chain_beside_me():
+                        continue
+                    self.moves += 1
+                    log.warning("every chain runs on the supervisor's node while another node offers CPUs;"
+                                " moving %s off it (move #%d)", name, self.moves)
+                remade.append(name)
+                try:
+                    ray.kill(self.handles[name], no_restart=True)
+                except Exception:  # noqa: BLE001 - it may be gone already
+                    pass
+                self.handles[name] = self._create(name, cls, args)
+            if remade:
+                await asyncio.gather(*(self.handles[n].ready.remote() for n in remade))
+                # A writer that died (or was moved) mid-delivery left shards
+                # behind the ledger.
                 survivors = [
                     self.handles[shard_actor_name(i)]
                     for i in range(self.config.shard_actors)
-                    if shard_actor_name(i) not in dead
+                    if shard_actor_name(i) not in remade
                 ]
                 await asyncio.gather(*(h.reload.remote() for h in survivors))
-            return dead
+            return remade
+
+    async def _every_chain_beside_me(self) -> bool:
+        """Whether every chain runs on the supervisor's node while another
+        live node offers CPUs. The deal puts chain 0 off the supervisor's
+        node (`dealt_node`), but a supervisor that Ray restarts lands where
+        Ray chooses, and a node that joins later (a replacement host, or
+        one back from a loss that left every actor on the head) is given
+        nothing: with one chain, the default on a head of 2 or 3 cores,
+        that host then held both writers of purchases, and its loss lost
+        both. Moving chain 0 is a chain crash on purpose: its callers retry
+        by name, and the ledger records each transaction id once."""
+        here = ray.get_runtime_context().get_node_id()
+        chain_nodes = [await self._node_of(chain_actor_name(i)) for i in range(self.config.chain_actors)]
+        # A chain that does not answer (None) is heal's to make again first.
+        if set(chain_nodes) != {here}:
+            return False
+        # Off the event loop: with the head lost, ray.nodes() waits for its
+        # control store, and the supervisor's requests would wait with it.
+        nodes = await asyncio.to_thread(live_cpu_nodes)
+        return len(nodes) >= 2 and here in nodes
+
+    async def _node_of(self, name: str) -> str | None:
+        """The node `name` runs on, by its own answer; None if it gives none in time."""
+        try:
+            return await asyncio.wait_for(self.handles[name].node_id.remote(), PING_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError, asyncio.TimeoutError):
+            return None
 
     async def approve_due(self) -> int:
         return await lifecycle.approve_due(self.ledger, self.router)
@@ -359,6 +413,9 @@ class SupervisorActor:
 
     def restart_counts(self) -> dict[str, int]:
         return dict(self.restarts)
+
+    def chain_moves(self) -> int:
+        return self.moves
 
     def ping(self) -> bool:
         return True

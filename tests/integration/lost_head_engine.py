@@ -206,6 +206,7 @@ def main(args: dict) -> dict:
             "newcomer_read_after": None if newcomer is None else _answered(api, f"/v1/users/{newcomer}"),
             **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
             "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),
+            "chain_moves": ray.get(system.supervisor.chain_moves.remote()),
         }
     finally:
         ray.shutdown()

@@ -67,7 +67,7 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
 
     seen = run_scenario_on_hosts("tests.integration.lost_head_engine", WORKER, SCENARIO_TIMEOUT_S, scenario_args)
     head, worker = seen["head"], seen["worker"]
-    print({k: seen[k] for k in ("back_after_s", "reads_while_lost", "purchases_while_lost", "acknowledged_before_loss",
+    print({k: seen[k] for k in ("back_after_s", "chain_moves", "reads_while_lost", "purchases_while_lost", "acknowledged_before_loss",
                                 "acknowledged_while_lost", "unacknowledged", "transactions_in_ledger",
                                 "registered_while_lost", "newcomer_read_after", "paid_while_lost")})
 
@@ -80,6 +80,8 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
     # The worker lived through the head's loss, still a node of the same
     # cluster; the old head is dead and its replacement a new node.
     [new_head] = [node for node, alive in seen["nodes_after"].items() if alive and node != worker]
+    print("the supervisor came back on the", "worker" if (seen["placement_after"] or {}).get(SUPERVISOR_NAME) == worker
+          else "new head")
     assert seen["nodes_after"][worker] and not seen["nodes_after"][head]
     # Everything was back within BACK_WITHIN_S of the replacement's start:
     # every engine actor alive, API replicas and ingresses on both hosts.
@@ -88,10 +90,15 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
     assert sorted(seen["api_replicas_after"]) == sorted([worker, new_head])
     assert seen["head_ready"] == 200
     # The actors the worker held never stopped: the same process, no restart.
+    # A supervisor that Ray restarts on the worker, beside the chain kept
+    # there, puts the chain it makes again on the new head (_node_in_turn),
+    # and need not move the kept one (it did, in a probe of session 49,
+    # before chains were placed so).
     before, after = seen["actors_before"], seen["actors_after"]
     kept = {name for name, actor in before.items() if actor["node"] == worker}
     assert {name for name in seen["placement_before"] if seen["placement_before"][name] == worker} <= kept
     assert {name: after.get(name) for name in kept} == {name: before[name] for name in kept}
+    assert seen["chain_moves"] == 0
     # The head's were made again from Ray's restored control store: the
     # supervisor and Serve's controller are the same actors, restarted.
     for name in (SUPERVISOR_NAME, SERVE_CONTROLLER):

@@ -1,4 +1,5 @@
-"""The engine spread over two Ray nodes, and one of them lost under purchases.
+"""The engine spread over two Ray nodes, one of them lost under purchases,
+and a third joining.
 
 The scenario runs in a process of its own (`two_node_engine.py` says why and
 how); this judges what it saw.
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from dailydoco.actors.refs import SUPERVISOR_NAME, shard_actor_name
+from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name, shard_actor_name
 
 from .two_node_engine import LOOPBACK_ENV, SHARD_ACTORS
 
@@ -36,6 +37,10 @@ def test_the_engine_spans_two_nodes_and_losing_one_loses_nothing(servers, tmp_pa
     assert run.returncode == 0, run.stderr[-6000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     head, worker = seen["head"], seen["worker"]
+    # Shown with the failure, and with `-s`: what a reader of the README's figures needs.
+    print({key: seen[key] for key in ("healed_after_s", "chain_moved_after_s", "longest_unacknowledged_after_join_s",
+                                      "acknowledged_before_loss", "acknowledged_after_move", "unacknowledged")},
+          "purchases:", len(seen["acknowledged"]))
 
     # Dealt over both nodes in turn, shards on each: not Ray's random choice.
     # (The scenario puts the supervisor on the node it then loses.)
@@ -57,6 +62,15 @@ def test_the_engine_spans_two_nodes_and_losing_one_loses_nothing(servers, tmp_pa
     assert set(seen["placement_after"].values()) == {head}
     assert seen["errors"] == []
     assert 0 < seen["acknowledged_before_loss"] < len(seen["acknowledged"]), "purchases went on after the loss"
+
+    # The node that joined took chain 0 off the supervisor's node, and
+    # nothing else: the loss had left every actor on the head.
+    assert seen["chain_moved_after_s"] is not None, seen["placement_joined"]
+    joined = dict(seen["placement_joined"])
+    assert joined.pop(chain_actor_name(0)) == seen["joined"]
+    assert set(joined.values()) == {head}, joined
+    assert seen["chain_moves"] == 1
+    assert seen["acknowledged_after_move"] > 0, "purchases went on after the move"
 
     # Nothing acknowledged was lost or written twice, and what the shards
     # serve is the ledger: the shards that outlived the supervisor reloaded

@@ -10,7 +10,9 @@ run on this machine (ray.cluster_utils.Cluster: a raylet, object store and
 workers each), on loopback, as two hosts would run them; removing the worker
 node kills its raylet and every process on it, as a lost host would. The
 supervisor is moved onto that node first (Ray places it at random), so that
-it is lost with the writers beside it.
+it is lost with the writers beside it. A third node then joins, and chain 0
+leaves the supervisor's node for it (the loss had left every actor on the
+head).
 
 Either ingress (`haproxy` in the arguments): Serve runs one on each node
 that holds an API replica, and the engine puts one replica on each node.
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import asyncpg
 import httpx
@@ -37,7 +40,7 @@ import ray
 from ray._private import state as ray_state
 from ray.cluster_utils import Cluster
 
-from dailydoco.actors.refs import SUPERVISOR_NAME
+from dailydoco.actors.refs import SUPERVISOR_NAME, chain_actor_name
 from dailydoco.cluster.config import load_config
 from dailydoco.cluster.demo import retryable
 from dailydoco.cluster.system import EngineSystem, haproxy_processes, ray_env, serve_app_name
@@ -50,6 +53,9 @@ USERS = 9  # a chain: the last three buy, so every level is paid
 PURCHASING_BEFORE_S = 5.0
 PURCHASING_AFTER_S = 8.0
 HEALED_WITHIN_S = 60.0
+# The supervisor's hang check, every 5 s, moves the chain; its start takes about a second.
+CHAIN_MOVED_WITHIN_S = 30.0
+PURCHASING_AFTER_MOVE_S = 4.0
 SUPERVISOR_MOVES_MAX = 20  # each lands on the worker with even odds
 SETTLED_WITHIN_S = 15.0
 INGRESS_LISTENING_WITHIN_S = 30.0
@@ -98,17 +104,23 @@ def _supervisor_onto(system: EngineSystem, node_id: str) -> int:
     raise AssertionError(f"the supervisor never came back on node {node_id}")
 
 
-def _all_back_on(system: EngineSystem, node_id: str, since: float, within_s: float) -> tuple[dict | None, float | None]:
-    """Wait until every actor runs on `node_id`; return the last placement
-    seen and the seconds from `since` (monotonic) until then, None if not
-    within `within_s`."""
+def _placed(system: EngineSystem, placed: Callable[[dict], bool], since: float,
+            within_s: float) -> tuple[dict | None, float | None]:
+    """Wait until the actors' placement is `placed`; return the last
+    placement seen and the seconds from `since` (monotonic) until then,
+    None if not within `within_s`."""
     placement = None
     while time.monotonic() - since < within_s:
         placement = _placement(system)
-        if placement is not None and set(placement.values()) == {node_id}:
+        if placement is not None and placed(placement):
             return placement, time.monotonic() - since
         time.sleep(0.2)
     return placement, None
+
+
+def _all_back_on(system: EngineSystem, node_id: str, since: float, within_s: float) -> tuple[dict | None, float | None]:
+    """Wait until every actor runs on `node_id` (see _placed)."""
+    return _placed(system, lambda placement: set(placement.values()) == {node_id}, since, within_s)
 
 
 def _api_replica_nodes(config) -> list[str]:
@@ -260,6 +272,12 @@ def _settled(api: httpx.Client, postgres_url: str, users: list[str]) -> dict:
         time.sleep(0.5)
 
 
+def _longest_gap(times: list[float]) -> float:
+    """The longest stretch between consecutive times, sorted (0 for fewer than two)."""
+    times = sorted(times)
+    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
 def _purchases_outcome(buyers: _Buyers, settled: dict) -> dict:
     """What every scenario reports of its purchases, for the test to judge:
     acknowledged and not, and how the ledger and the shards stand."""
@@ -317,17 +335,33 @@ def main(args: dict) -> dict:
             process.kill()
         after, healed_after_s = _all_back_on(system, head_id, lost_at, HEALED_WITHIN_S)
         time.sleep(PURCHASING_AFTER_S)
+        ingress_after = _ingress_listening(config, [head_id, worker.node_id])
+        api_replicas_after = _api_replica_nodes(config)
+
+        # The loss left every actor, the supervisor too, on the head: a node
+        # that joins takes chain 0, so that the head's loss would leave a writer.
+        joined = cluster.add_node(num_cpus=1)
+        joined_at = time.monotonic()
+        moved, moved_after_s = _placed(
+            system, lambda placement: placement[chain_actor_name(0)] == joined.node_id, joined_at,
+            CHAIN_MOVED_WITHIN_S)
+        moved_at = time.monotonic()
+        time.sleep(PURCHASING_AFTER_MOVE_S)
         buyers.stop()
         settled = _settled(api, url, users)
         return {
             "head": head_id, "worker": worker.node_id, "supervisor_moves": supervisor_moves,
             "placement_before": before, "placement_after": after, "healed_after_s": healed_after_s,
-            "ingress_before": ingress_before,
-            "ingress_after": _ingress_listening(config, [head_id, worker.node_id]),
-            "api_replicas_before": api_replicas_before, "api_replicas_after": _api_replica_nodes(config),
+            "ingress_before": ingress_before, "ingress_after": ingress_after,
+            "api_replicas_before": api_replicas_before, "api_replicas_after": api_replicas_after,
+            "joined": joined.node_id, "placement_joined": moved, "chain_moved_after_s": moved_after_s,
+            "acknowledged_after_move": sum(at > moved_at for at in list(buyers.acknowledged_at)),
+            "longest_unacknowledged_after_join_s": _longest_gap(
+                [joined_at, *(at for at in list(buyers.acknowledged_at) if at > joined_at)]),
             "acknowledged_before_loss": acknowledged_before_loss, **_purchases_outcome(buyers, settled),
             "ready": api.get("/readyz").status_code,
             "restarts": ray.get(system.supervisor.restart_counts.remote()),
+            "chain_moves": ray.get(system.supervisor.chain_moves.remote()),
         }
     finally:
         # Every actor ends with its cluster; Serve's graceful stop would wait for nothing.
