@@ -111,7 +111,7 @@ class SupervisorActor:
         self.restarts: dict[str, int] = {}
         self.moves = 0  # of chain 0, off the supervisor's node
         self.handles: dict[str, ray.actor.ActorHandle] = {}
-        self.nodes: dict[str, str] = {}  # where each actor was put, or found running; for placing chains
+        self.chain_nodes: dict[str, str | None] = {}  # where each chain was put, or found running (None: unknown)
         self.pool = None
         self.router: RayShardRouter | None = None
         self._engine: CommissionEngine | None = None  # made at the first purchase or refund it writes
@@ -170,20 +170,21 @@ class SupervisorActor:
         _every_chain_beside_me)."""
         nodes = live_cpu_nodes()
         if len(nodes) < 2:
-            self.nodes.pop(name, None)
+            self.chain_nodes.pop(name, None)
             return "DEFAULT"
         here = ray.get_runtime_context().get_node_id()
         names = [spec_name for spec_name, _, _ in self._specs()]
         position, chain_0_position = names.index(name), names.index(chain_actor_name(0))
-        chains = {chain_actor_name(i) for i in range(self.config.chain_actors)}
-        if name in chains and all(self.nodes.get(chain) in (None, here) for chain in chains - {name}):
+        chains = set(self._chain_names())
+        if name in chains and all(self.chain_nodes.get(chain) in (None, here) for chain in chains - {name}):
             # No other chain is known to run off the supervisor's node (a
             # supervisor that Ray restarted beside the chains it adopts,
             # the others lost): this one goes where the deal puts chain 0,
             # rather than beside them for _every_chain_beside_me to move one.
             position = chain_0_position
         node = dealt_node(position, chain_0_position, nodes, here)
-        self.nodes[name] = node
+        if name in chains:
+            self.chain_nodes[name] = node
         return NodeAffinitySchedulingStrategy(node, soft=False)
 
     async def _start_until_it_holds(self) -> None:
@@ -214,9 +215,10 @@ class SupervisorActor:
             self.handles[name] = self._create(name, cls, args)
             if lives:
                 adopted.append(name)
-                # Where it runs, not where the deal would have put it: the
-                # chains created after it are placed by it.
-                self.nodes[name] = await self._node_of(name)
+                if name in self._chain_names():
+                    # Where it runs, not where the deal would have put it:
+                    # the chains created after it are placed by it.
+                    self.chain_nodes[name] = await self._node_of(name)
         await asyncio.wait_for(
             asyncio.gather(*(h.ready.remote() for h in self.handles.values())), ACTOR_START_TIMEOUT_S
         )
@@ -326,7 +328,7 @@ class SupervisorActor:
         both. Moving chain 0 is a chain crash on purpose: its callers retry
         by name, and the ledger records each transaction id once."""
         here = ray.get_runtime_context().get_node_id()
-        chain_nodes = [await self._node_of(chain_actor_name(i)) for i in range(self.config.chain_actors)]
+        chain_nodes = await asyncio.gather(*(self._node_of(chain) for chain in self._chain_names()))
         # A chain that does not answer (None) is heal's to make again first.
         if set(chain_nodes) != {here}:
             return False
@@ -334,6 +336,9 @@ class SupervisorActor:
         # control store, and the supervisor's requests would wait with it.
         nodes = await asyncio.to_thread(live_cpu_nodes)
         return len(nodes) >= 2 and here in nodes
+
+    def _chain_names(self) -> list[str]:
+        return [chain_actor_name(i) for i in range(self.config.chain_actors)]
 
     async def _node_of(self, name: str) -> str | None:
         """The node `name` runs on, by its own answer; None if it gives none in time."""
