@@ -18,8 +18,9 @@ from dailydoco.cluster.embedded import EmbeddedServers, free_port
 from dailydoco.storage.migrations import apply_migrations
 from dailydoco.storage.partitions import ensure_ledger_partitions
 
-# The simulation writes to its own database, so it can truncate freely while
-# the engine's database keeps the integration tests' data.
+# The simulation writes to databases of its own (this name, and one more per
+# worker: test_ledger_simulation.py), so it can truncate freely while the
+# engine's database keeps the integration tests' data.
 SIMULATION_DATABASE = "dailydoco_simulation"
 
 
