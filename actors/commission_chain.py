@@ -17,7 +17,7 @@ from dailydoco.protocol import (
     RefundResult,
     TransactionRequest,
 )
-from dailydoco.storage.pool import open_pool
+from dailydoco.storage.pool import WRITER_COMMAND_TIMEOUT_S, open_pool
 
 from . import lifecycle
 from .commission_core import CommissionEngine
@@ -62,7 +62,8 @@ class CommissionChainActor(Watched):
     async def _engine(self) -> CommissionEngine:
         async with self._init_lock:
             if self.engine is None:
-                pool = await open_pool(self.postgres_url, min_size=2, max_size=4)
+                pool = await open_pool(self.postgres_url, min_size=2, max_size=4,
+                                       command_timeout_s=WRITER_COMMAND_TIMEOUT_S)
                 self.engine = CommissionEngine(
                     publishing_ledger(pool, self.config, self.nats_url, f"dailydoco-chain-{self.index}"),
                     RayShardRouter(self.config.namespace, self.config.shard_actors),
