@@ -712,10 +712,6 @@ async def _run_seed(url: str, seed: int) -> None:
         await pool.close()
 
 
-def _payout_slice_entries(seed: int) -> int:
-    return random.Random(seed).choice(PAYOUT_SLICE_ENTRIES)
-
-
 # --- seeds run ahead of their tests ------------------------------------------
 # A seed spends about half its time waiting on Postgres, so several run at
 # once, each worker process on a database of its own; each seed's test waits
@@ -740,7 +736,7 @@ def _run_seed_in_worker(seed: int) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        ledger_module.PAYOUT_SLICE_ENTRIES = _payout_slice_entries(seed)
+        ledger_module.PAYOUT_SLICE_ENTRIES = random.Random(seed).choice(PAYOUT_SLICE_ENTRIES)
         asyncio.run(_run_seed(_worker_database_url, seed))
     except BaseException as exc:
         exc.add_note(f"seed {seed}'s log:\n{log.getvalue()}")
