@@ -13,7 +13,7 @@ import logging
 import time
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from dailydoco.protocol import ServiceUnavailable
 from dailydoco.storage.deltas import ShardDelta
@@ -92,6 +92,12 @@ class ActorRef:
             except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError, TimeoutError) as exc:
                 # ValueError: get_actor found no actor of that name (yet);
                 # TimeoutError: the lookup did not answer before the deadline.
+                if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+                    # The method ran and raised one of its own, which Ray's
+                    # error also is (a database read that timed out): the
+                    # caller's to hear. Retried, a registration in a Postgres
+                    # stall waited out the stall (session 50).
+                    raise
                 self._handle = None
                 if time.monotonic() >= deadline:
                     raise ServiceUnavailable(f"{self.name} is unavailable; retry with the same id") from exc

@@ -11,10 +11,11 @@ import asyncpg
 T = TypeVar("T")
 POOL_CONNECT_TIMEOUT_S = 10
 POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval sweep slice
-# The commission chains' pools: their statements are purchases, refunds, a
-# group's uplines and payout slices, the longest of which (20,000 entries)
-# took 0.67 to 1.62 s here. A Postgres that stops answering then fails a
-# purchase or a refund within this, as a lost connection does (nothing
+# The pools of the API's writers, the commission chains and the shards'
+# registrations: their statements are purchases, refunds, a group's
+# uplines, registrations and payout slices, the longest of which (20,000
+# entries) took 0.67 to 1.62 s here. A Postgres that stops answering then
+# fails such a write within this, as a lost connection does (nothing
 # written, or its outcome unknown once its commit was sent), rather than
 # after 60 s: clients commonly give up at 30 s, having heard nothing.
 WRITER_COMMAND_TIMEOUT_S = 10

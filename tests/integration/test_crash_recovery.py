@@ -585,13 +585,14 @@ def _signal_postgres(servers, sig: signal.Signals) -> None:
 def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api, engine, embedded_servers):
     """Postgres stops answering for 24 s (SIGSTOP: its connections stay
     open, nothing answers, as with a hung disk or a network that drops
-    packets), while purchases flow. The purchases in flight are answered
-    503 within about 20 s, their outcome unknown or nothing written, and
-    their retries go through once Postgres answers; /readyz says Postgres is
-    not answering within its 2 s check, rather than after asyncpg's 60 s
-    command timeout (it did, before); a live socket opened meanwhile is
-    closed to be resumed, saying why, within seconds; the service key's
-    balance reads, served from Redis, are unaffected. Nothing is lost."""
+    packets), while purchases flow. The purchases in flight, and a
+    registration, are answered 503 within about 20 s, their outcome unknown
+    or nothing written, and their retries go through once Postgres answers;
+    /readyz says Postgres is not answering within its 2 s check, rather than
+    after asyncpg's 60 s command timeout (it did, before); a live socket
+    opened meanwhile is closed to be resumed, saying why, within seconds;
+    the service key's balance reads, served from Redis, are unaffected.
+    Nothing is lost."""
     if os.environ.get("DD_POSTGRES_URL"):
         pytest.skip("Postgres is external (DD_POSTGRES_URL): this test stops the embedded one")
     servers = embedded_servers[0]
@@ -619,14 +620,28 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
             scrapes_during_stall.append((scraped.status_code, up, time.monotonic() - started))
             time.sleep(0.5)
 
+    registration_during_stall: list[tuple[int, str, float]] = []  # (status, type or outcome, seconds)
+    newcomer = {"user_id": unique("pgstall-newcomer"), "referral_code": api.service.get(
+        f"/v1/users/{users[0]}").json()["referral_code"]}
+
+    def register_newcomer() -> None:
+        started = time.monotonic()
+        r = api.service.post("/v1/users", json=newcomer)
+        body = r.json()
+        registration_during_stall.append(
+            (r.status_code, body["type"].rsplit("/", 1)[-1] if r.status_code >= 400 else body["status"],
+             time.monotonic() - started))
+
     live_socket = threading.Thread(target=open_live_socket)
     scraper = threading.Thread(target=scrape_metrics)
+    registrar = threading.Thread(target=register_newcomer)
     with _PurchaseLoad(api, users[1:], "pgstall") as load:
         time.sleep(1)
         _signal_postgres(servers, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
             live_socket.start()
+            registrar.start()
             resume_at = stopped_at + POSTGRES_STALL_S
             scraper.start()
             while time.monotonic() < resume_at - READYZ_ANSWER_WAIT_S:
@@ -665,8 +680,17 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     given_up = [wait for status, _, wait in waits if status == 503 and wait <= GIVEN_UP_WITHIN_S]
     assert given_up and max(wait for _, _, wait in waits) <= POSTGRES_STALL_S + GIVEN_UP_WITHIN_S, waits
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
+    # A registration was given up on too, by its shard (at its read of the
+    # referrer, or its write); sent again, it was made.
+    registrar.join()
+    [(status, kind, waited_s)] = registration_during_stall
+    assert status == 503 and kind in ("unavailable", "commit-outcome-unknown") and waited_s <= GIVEN_UP_WITHIN_S, \
+        registration_during_stall
+    again = api.service.post("/v1/users", json=newcomer)
+    assert again.status_code in (200, 201) and again.json()["referrer_id"] == users[0], again.text
     assert api.anonymous.get("/readyz").status_code == 200
     print(f"purchases: {dict(load.answers)}; answers meeting the stall (status, type, s): {waits}; "
+          f"a registration during it: {registration_during_stall}, sent again: {again.status_code}; "
           f"readiness during the stall: {readiness}; a live socket opened during it: {socket_during_stall}")
 
 
