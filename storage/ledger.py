@@ -277,13 +277,16 @@ class Ledger:
 
     @contextlib.asynccontextmanager
     async def _write_connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pool connection for one write. Should the connection fail, or
-        the database be out of room (disk, memory, connection slots), the
-        write is ServiceUnavailable: it wrote nothing (a commit whose
-        connection failed is CommitOutcomeUnknown instead, see _commit). A
-        connection that failed is closed, not handed out again: asyncpg can
-        leave one that the server terminated in a state where every later
-        use fails (MagicStack/asyncpg#1069)."""
+        """A pool connection for one write, or for a read that a write
+        waits on. Should the connection fail, or the database be out of room
+        (disk, memory, connection slots), the write is ServiceUnavailable:
+        it wrote nothing (a commit whose connection failed is
+        CommitOutcomeUnknown instead, see _commit). A connection that failed
+        is closed, not handed out again: asyncpg can leave one that the
+        server terminated in a state where every later use fails
+        (MagicStack/asyncpg#1069); and the pool would hold back a statement
+        that timed out until asyncpg's cancel request for it is answered, up
+        to the command timeout again on a server that does not answer."""
         try:
             async with self.pool.acquire() as conn:
                 try:
@@ -369,14 +372,15 @@ class Ledger:
     # --- users ---------------------------------------------------------------
 
     async def find_referrer(self, referral_code: str) -> tuple[str, tuple[str, ...]] | None:
-        row = await self.pool.fetchrow("SELECT user_id, upline FROM users WHERE referral_code = $1", referral_code)
+        async with self._write_connection() as conn:  # a registration waits on it
+            row = await conn.fetchrow("SELECT user_id, upline FROM users WHERE referral_code = $1", referral_code)
         return None if row is None else (row["user_id"], tuple(row["upline"]))
 
     async def get_user(self, user_id: str) -> UserRecord | None:
-        row = await self.pool.fetchrow(
-            "SELECT user_id, referral_code, referrer_id, upline, created_at, body_hash FROM users WHERE user_id = $1",
-            user_id,
-        )
+        async with self._write_connection() as conn:  # a registration waits on it
+            row = await conn.fetchrow(
+                "SELECT user_id, referral_code, referrer_id, upline, created_at, body_hash FROM users"
+                " WHERE user_id = $1", user_id)
         return None if row is None else UserRecord(*row.values())
 
     async def insert_user(
@@ -409,7 +413,8 @@ class Ledger:
         return xid, record
 
     async def uplines(self, user_ids: list[str]) -> dict[str, tuple[str, ...]]:
-        rows = await self.pool.fetch("SELECT user_id, upline FROM users WHERE user_id = ANY($1::text[])", user_ids)
+        async with self._write_connection() as conn:  # a group of purchases waits on it
+            rows = await conn.fetch("SELECT user_id, upline FROM users WHERE user_id = ANY($1::text[])", user_ids)
         return {r["user_id"]: tuple(r["upline"]) for r in rows}
 
     # --- purchases -----------------------------------------------------------

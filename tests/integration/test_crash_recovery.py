@@ -680,11 +680,13 @@ def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api
     given_up = [wait for status, _, wait in waits if status == 503 and wait <= GIVEN_UP_WITHIN_S]
     assert given_up and max(wait for _, _, wait in waits) <= POSTGRES_STALL_S + GIVEN_UP_WITHIN_S, waits
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
-    # A registration was given up on too, by its shard (at its read of the
-    # referrer, or its write); sent again, it was made.
+    # A registration was given up on too, by its shard at its first read
+    # (of the user), within the bound: the read's connection is closed, not
+    # held for asyncpg's cancel request (20 s with it, in session 50's first
+    # run). Sent again, it was made.
     registrar.join()
     [(status, kind, waited_s)] = registration_during_stall
-    assert status == 503 and kind in ("unavailable", "commit-outcome-unknown") and waited_s <= GIVEN_UP_WITHIN_S, \
+    assert (status, kind) == (503, "unavailable") and waited_s <= WRITER_COMMAND_TIMEOUT_S + 2.5, \
         registration_during_stall
     again = api.service.post("/v1/users", json=newcomer)
     assert again.status_code in (200, 201) and again.json()["referrer_id"] == users[0], again.text
