@@ -582,7 +582,8 @@ def _signal_postgres(servers, sig: signal.Signals) -> None:
         os.kill(postmaster.pid, sig)
 
 
-def test_a_stalled_postgres_delays_purchases_and_readiness_answers_meanwhile(api, engine, embedded_servers):
+def test_a_stalled_postgres_gives_up_writes_within_seconds_and_readiness_answers_meanwhile(
+        api, engine, embedded_servers):
     """Postgres stops answering for 24 s (SIGSTOP: its connections stay
     open, nothing answers, as with a hung disk or a network that drops
     packets), while purchases flow. The purchases in flight, and a
