@@ -17,7 +17,7 @@ from dailydoco.protocol import (
     RefundResult,
     TransactionRequest,
 )
-from dailydoco.storage.pool import WRITER_COMMAND_TIMEOUT_S, open_pool
+from dailydoco.storage.pool import REQUEST_COMMAND_TIMEOUT_S, open_pool
 
 from . import lifecycle
 from .commission_core import CommissionEngine
@@ -63,7 +63,7 @@ class CommissionChainActor(Watched):
         async with self._init_lock:
             if self.engine is None:
                 pool = await open_pool(self.postgres_url, min_size=2, max_size=4,
-                                       command_timeout_s=WRITER_COMMAND_TIMEOUT_S)
+                                       command_timeout_s=REQUEST_COMMAND_TIMEOUT_S)
                 self.engine = CommissionEngine(
                     publishing_ledger(pool, self.config, self.nats_url, f"dailydoco-chain-{self.index}"),
                     RayShardRouter(self.config.namespace, self.config.shard_actors),

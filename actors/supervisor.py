@@ -34,8 +34,9 @@ from dailydoco.protocol import (
     RefundResult,
     ServiceUnavailable,
 )
+from dailydoco.storage.ledger import Ledger
 from dailydoco.storage.partitions import ensure_ledger_partitions
-from dailydoco.storage.pool import open_pool
+from dailydoco.storage.pool import REQUEST_COMMAND_TIMEOUT_S, open_pool
 from dailydoco.storage.sharding import VSHARDS
 
 from . import lifecycle
@@ -112,7 +113,11 @@ class SupervisorActor:
         self.moves = 0  # of chain 0, off the supervisor's node
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self.chain_nodes: dict[str, str | None] = {}  # where each chain was put, or found running (None: unknown)
-        self.pool = None
+        self.pool = None  # its own work's: the sweeps, checkpoints and partitions, whose statements run long
+        # Requests' (payouts, and purchases and refunds while every chain is
+        # silent): their statements give up on a stalled Postgres within
+        # REQUEST_COMMAND_TIMEOUT_S, as the chains' do, not after the pool's 60 s.
+        self.requests_ledger: Ledger | None = None
         self.router: RayShardRouter | None = None
         self._engine: CommissionEngine | None = None  # made at the first purchase or refund it writes
         self._purchases = PurchasesWire()
@@ -208,6 +213,9 @@ class SupervisorActor:
             self.pool = await open_pool(self.postgres_url, max_size=3)
             self.ledger = publishing_ledger(self.pool, self.config, self.nats_url, "dailydoco-supervisor")
             self.router = RayShardRouter(self.config.namespace, self.config.shard_actors)
+        if self.requests_ledger is None:
+            requests_pool = await open_pool(self.postgres_url, max_size=4, command_timeout_s=REQUEST_COMMAND_TIMEOUT_S)
+            self.requests_ledger = Ledger(requests_pool, self.config.hold_period_s, self.ledger.publish_events)
         await self.keep_ledger_partitions()
         adopted = []
         for name, cls, args in self._specs():
@@ -361,7 +369,7 @@ class SupervisorActor:
         await self._started()
         self._payouts_in_hand[request.payout_id] += 1
         try:
-            return await lifecycle.payout(self.ledger, self.router, request)
+            return await lifecycle.payout(self.requests_ledger, self.router, request)
         finally:
             self._payouts_in_hand[request.payout_id] -= 1
             if not self._payouts_in_hand[request.payout_id]:
@@ -371,11 +379,11 @@ class SupervisorActor:
         """Purchases and refunds are the chains' to write, and the
         supervisor's while every chain is silent (serve/ring_writes.py): with
         one chain, the default on two or three cores, there is no other. An
-        engine over the supervisor's own ledger writer and shard router; the
+        engine over the supervisor's requests ledger and shard router; the
         ledger records a transaction id once, whichever actor writes it."""
         await self._started()
         if self._engine is None:
-            self._engine = CommissionEngine(self.ledger, self.router)
+            self._engine = CommissionEngine(self.requests_ledger, self.router)
         return self._engine
 
     async def submit(self, encoded_requests: bytes) -> bytes:

@@ -12,7 +12,7 @@ from dailydoco.cluster.heap import freeze_startup_heap
 from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, RegistrationResult, UserView
 from dailydoco.storage.balance_views import BalanceViewWriter
 from dailydoco.storage.deltas import ShardDelta
-from dailydoco.storage.pool import WRITER_COMMAND_TIMEOUT_S, open_pool
+from dailydoco.storage.pool import REQUEST_COMMAND_TIMEOUT_S, open_pool
 from dailydoco.storage.sharding import vshards_of_actor
 
 from .live_publisher import publishing_ledger
@@ -78,7 +78,7 @@ class UserShardActor(Watched):
                     # asyncpg's 60 s; registrations give up sooner, as the chains' writes do.
                     self.pool = await open_pool(self.postgres_url, max_size=1)
                     registrations = await open_pool(self.postgres_url, max_size=2,
-                                                    command_timeout_s=WRITER_COMMAND_TIMEOUT_S)
+                                                    command_timeout_s=REQUEST_COMMAND_TIMEOUT_S)
                     self.ledger = publishing_ledger(registrations, self.config, self.nats_url,
                                                     f"dailydoco-shard-{self.index}")
                     self.router = LocalFirstRouter(self.config.namespace, self.config.shard_actors, self)

@@ -42,6 +42,7 @@ from dailydoco.storage.partitions import partition_backlog
 from dailydoco.storage.pool import (
     DATABASE_ERRORS,
     OUT_OF_RESOURCES_RETRY_AFTER_S,
+    REQUEST_COMMAND_TIMEOUT_S,
     answered_within,
     connection_lost,
     open_pool,
@@ -225,7 +226,10 @@ class EngineApi:
         async with self._deps_lock:
             if not self._deps_ready:
                 if self.pool is None:  # kept when a later step failed: the retry reuses it
-                    self.pool = await open_pool(self.postgres_url, max_size=POSTGRES_CONNECTIONS_MAX)
+                    # Every statement here is a request's (a page of reads, a
+                    # revocation) or bounded by its caller (readiness, metrics).
+                    self.pool = await open_pool(self.postgres_url, max_size=POSTGRES_CONNECTIONS_MAX,
+                                                command_timeout_s=REQUEST_COMMAND_TIMEOUT_S)
                     self.ledger = Ledger(self.pool, self.config.hold_period_s)
                 await self._load_revocations()
                 if self.redis is None:

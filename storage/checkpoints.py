@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import asyncpg
 
+from .pool import connection
 from .sharding import vshard_of
 from .snapshots import Snapshot
 
@@ -79,8 +80,12 @@ async def read_since_checkpoints(pool: asyncpg.Pool, vshards: list[int], with_us
     """`balance_of`: only what that one user's balance is made of (their
     record and live-event offset, their entries and transitions), no
     network statistics: what a read answers from when it cannot ask the
-    user's shard (recovery.user_state_from_ledger). `vshards` is then theirs."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    user's shard (recovery.user_state_from_ledger). `vshards` is then theirs.
+
+    A shard's recovery may wait for its one connection, and so waits as long
+    as it takes; a failed connection is closed (storage.pool.connection)."""
+    async with connection(pool, acquire_timeout_s=None) as conn, \
+            conn.transaction(isolation="repeatable_read", readonly=True):
         snapshot = Snapshot.parse(await conn.fetchval("SELECT pg_current_snapshot()::text"))
         checkpoints = {v: Checkpoint(v, Snapshot.empty(), None) for v in vshards}
         for r in await conn.fetch(

@@ -57,7 +57,7 @@ from dailydoco.protocol.live import (
 
 from .deltas import BUCKET_OF_STATUS, PENDING, DeltaSet, UserRecord
 from .outbox import APPENDED_SELECT, OutboxRow, OutboxWriter, append_ctes
-from .pool import OUT_OF_RESOURCES_RETRY_AFTER_S, connection_lost, out_of_resources
+from .pool import OUT_OF_RESOURCES_RETRY_AFTER_S, connection, connection_lost, out_of_resources
 from .sharding import vshard_of
 
 T = TypeVar("T")
@@ -278,24 +278,14 @@ class Ledger:
     @contextlib.asynccontextmanager
     async def _write_connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A pool connection for one write, or for a read that a write
-        waits on. Should the connection fail, or the database be out of room
+        waits on (see storage.pool.connection: a connection that failed is
+        closed). Should the connection fail, or the database be out of room
         (disk, memory, connection slots), the write is ServiceUnavailable:
         it wrote nothing (a commit whose connection failed is
-        CommitOutcomeUnknown instead, see _commit). A connection that failed
-        is closed, not handed out again: asyncpg can leave one that the
-        server terminated in a state where every later use fails
-        (MagicStack/asyncpg#1069); and the pool would hold back a statement
-        that timed out until asyncpg's cancel request for it is answered, up
-        to the command timeout again on a server that does not answer."""
+        CommitOutcomeUnknown instead, see _commit)."""
         try:
-            async with self.pool.acquire() as conn:
-                try:
-                    yield conn
-                except Exception as exc:
-                    if isinstance(exc, CommitOutcomeUnknown) or connection_lost(exc):
-                        with contextlib.suppress(asyncpg.InterfaceError):  # closed already, and out of the pool
-                            conn.terminate()
-                    raise
+            async with connection(self.pool) as conn:
+                yield conn
         except Exception as exc:
             if out_of_resources(exc):
                 raise ServiceUnavailable(
@@ -337,11 +327,13 @@ class Ledger:
         Retries until the database answers."""
         for attempt in count():
             try:
-                if await self.pool.fetchval(
-                    "SELECT coalesce(bool_and(pg_terminate_backend(pid, $2)), true)"
-                    " FROM pg_stat_activity WHERE pid = $1",
-                    backend_pid, SETTLE_EXIT_WAIT_MS,
-                ):
+                async with connection(self.pool) as conn:
+                    exited = await conn.fetchval(
+                        "SELECT coalesce(bool_and(pg_terminate_backend(pid, $2)), true)"
+                        " FROM pg_stat_activity WHERE pid = $1",
+                        backend_pid, SETTLE_EXIT_WAIT_MS,
+                    )
+                if exited:
                     return
             except Exception as exc:
                 if not connection_lost(exc):
@@ -908,14 +900,15 @@ class Ledger:
 
     async def unfinished_payout_ids(self) -> list[str]:
         """Payouts opened and not completed, oldest first."""
-        rows = await self.pool.fetch(
-            "SELECT payout_id FROM payouts WHERE completed_at IS NULL ORDER BY created_at, payout_id")
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT payout_id FROM payouts WHERE completed_at IS NULL ORDER BY created_at, payout_id")
         return [r["payout_id"] for r in rows]
 
     async def payout_view(self, payout_id: str, cursor: str | None, limit: int) -> PayoutView | None:
         """A payout and one page of its lines; None if there is no such payout."""
         after = _decode_cursor(cursor, _PayoutLinePosition) if cursor else ("", "")
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async with connection(self.pool) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             head = await conn.fetchrow(
                 "SELECT currency, created_at, completed_at FROM payouts WHERE payout_id = $1", payout_id)
             if head is None:
@@ -954,14 +947,15 @@ class Ledger:
             after = (_EPOCH + micros * _MICROSECOND, entry_id)
         else:
             after = None
-        rows = await self.pool.fetch(
-            "SELECT entry_id, transaction_id, refund_id, level, rate_bp, amount_micros, currency, status, kind,"
-            " created_at, hold_until FROM commission_ledger"
-            " WHERE beneficiary_id = $1 AND ($2::text IS NULL OR status = $2)"
-            " AND ($3::timestamptz IS NULL OR (created_at, entry_id) < ($3, $4))"
-            " ORDER BY created_at DESC, entry_id DESC LIMIT $5",
-            user_id, status, after[0] if after else None, after[1] if after else None, limit + 1,
-        )
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT entry_id, transaction_id, refund_id, level, rate_bp, amount_micros, currency, status, kind,"
+                " created_at, hold_until FROM commission_ledger"
+                " WHERE beneficiary_id = $1 AND ($2::text IS NULL OR status = $2)"
+                " AND ($3::timestamptz IS NULL OR (created_at, entry_id) < ($3, $4))"
+                " ORDER BY created_at DESC, entry_id DESC LIMIT $5",
+                user_id, status, after[0] if after else None, after[1] if after else None, limit + 1,
+            )
         items = [
             CommissionEntryView(**{**dict(r), "currency": r["currency"].strip()}) for r in rows[:limit]
         ]
@@ -987,7 +981,7 @@ class Ledger:
         tree that exists."""
         edges: list[tuple[str, str, int]] = []
         parents = [root]
-        async with self.pool.acquire() as conn:
+        async with connection(self.pool) as conn:
             for level in range(1, depth + 1):
                 wanted = nodes_max - len(edges) + 1  # one more than fits says there were more
                 rows = await conn.fetch(_NEXT_LEVEL, parents, wanted) if parents else []
@@ -998,7 +992,9 @@ class Ledger:
         return edges, False
 
     async def house_balances(self) -> dict[str, int]:
-        return {r["currency"].strip(): r["balance_micros"] for r in await self.pool.fetch("SELECT * FROM house_account")}
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch("SELECT * FROM house_account")
+        return {r["currency"].strip(): r["balance_micros"] for r in rows}
 
 
 # The first $2 children by user id of the nodes in $1 (network_graph).

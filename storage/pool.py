@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import asyncpg
@@ -11,14 +12,17 @@ import asyncpg
 T = TypeVar("T")
 POOL_CONNECT_TIMEOUT_S = 10
 POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval sweep slice
-# The pools of the API's writers, the commission chains and the shards'
-# registrations: their statements are purchases, refunds, a group's
-# uplines, registrations and payout slices, the longest of which (20,000
-# entries) took 0.67 to 1.62 s here. A Postgres that stops answering then
-# fails such a write within this, as a lost connection does (nothing
-# written, or its outcome unknown once its commit was sent), rather than
-# after 60 s: clients commonly give up at 30 s, having heard nothing.
-WRITER_COMMAND_TIMEOUT_S = 10
+# The pools whose statements a request waits on: the commission chains',
+# the shards' registrations', the supervisor's payouts and purchases, and
+# the API replicas' reads. Their statements are purchases, refunds,
+# registrations, payout slices and pages of reads, the longest of which (a
+# payout slice of 20,000 entries) took 0.67 to 1.62 s here. A Postgres that
+# stops answering then fails such a request within this, as a lost
+# connection does (nothing written, or a write's outcome unknown once its
+# commit was sent), rather than after 60 s: clients commonly give up at
+# 30 s, having heard nothing. A request waits as long again, at most, for
+# a connection of its pool: one held this long is held by a stall.
+REQUEST_COMMAND_TIMEOUT_S = 10
 # SQLSTATE classes of a lost connection or a server going away: connection
 # exception, operator intervention (an administrator's or a crash's
 # shutdown), system and internal error. Reported during a commit, they leave
@@ -64,6 +68,31 @@ def connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return (exc.sqlstate or "")[:2] in CONNECTION_LOST_SQLSTATE_CLASSES
     return isinstance(exc, CLIENT_CONNECTION_ERRORS)
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: asyncpg.Pool, acquire_timeout_s: float | None = REQUEST_COMMAND_TIMEOUT_S,
+                     ) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of `pool`, waited for up to `acquire_timeout_s` (then
+    TimeoutError, a lost connection's error: with the database answering, a
+    request's connection comes free within a statement or two), and closed
+    rather than handed back should it fail (its error, or that error's
+    cause, a lost connection's).
+
+    asyncpg can leave a connection that the server terminated in a state
+    where every later use fails (MagicStack/asyncpg#1069). And the pool
+    holds back a connection whose statement timed out until asyncpg's cancel
+    request for it is answered: on a server that does not answer, up to the
+    connect timeout more (a registration in a stalled Postgres was 503
+    after 20.0 s so, not 10.0)."""
+    async with pool.acquire(timeout=acquire_timeout_s) as conn:
+        try:
+            yield conn
+        except Exception as exc:
+            if connection_lost(exc) or (exc.__cause__ is not None and connection_lost(exc.__cause__)):
+                with contextlib.suppress(asyncpg.InterfaceError):  # closed already, and out of the pool
+                    conn.terminate()
+            raise
 
 
 # SQLSTATE class 53, insufficient resources: the disk full, memory out, every

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import asyncpg
 
+from .pool import connection
+
 VIDEO_JOBS_NOTIFY_CHANNEL = "dd_video_jobs"  # NOTIFY at enqueue wakes the processor at once
 VIDEO_JOB_ATTEMPTS_MAX = 3  # a video that crashed this many processors fails instead of crashing a fourth
 
@@ -30,7 +32,7 @@ _COLUMNS = ("job_id, user_id, source_path, status, progress, attempts, result::t
 
 async def enqueue(pool: asyncpg.Pool, job_id: str, user_id: str, source_path: str,
                   variants: bool = False) -> VideoJobRow:
-    async with pool.acquire() as conn, conn.transaction():
+    async with connection(pool) as conn, conn.transaction():
         row = await conn.fetchrow(
             f"INSERT INTO video_jobs (job_id, user_id, source_path, status, variants)"
             f" VALUES ($1, $2, $3, 'queued', $4) RETURNING {_COLUMNS}", job_id, user_id, source_path, variants)
@@ -39,7 +41,8 @@ async def enqueue(pool: asyncpg.Pool, job_id: str, user_id: str, source_path: st
 
 
 async def get(pool: asyncpg.Pool, job_id: str) -> VideoJobRow | None:
-    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM video_jobs WHERE job_id = $1", job_id)
+    async with connection(pool) as conn:
+        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM video_jobs WHERE job_id = $1", job_id)
     return VideoJobRow(*row) if row else None
 
 

@@ -31,7 +31,7 @@ from dailydoco.cluster.system import serve_app_name
 from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
-from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S, WRITER_COMMAND_TIMEOUT_S
+from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S, REQUEST_COMMAND_TIMEOUT_S
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
 
 from ..postgres_faults import disk_full
@@ -554,12 +554,12 @@ def test_a_stalled_then_crashed_redis_fails_no_purchase_and_leaves_no_stale_bala
     print(f"purchases: {dict(load.answers)}; a user's reads during the outage: {dict(outage_reads)}")
 
 
-# Longer than a chain waits for an answer (WRITER_COMMAND_TIMEOUT_S) and
+# Longer than a chain waits for an answer (REQUEST_COMMAND_TIMEOUT_S) and
 # then for its write to be settled (RECONCILE_WAIT_S), with room: the
 # purchases in flight are answered before it ends.
 POSTGRES_STALL_S = 24.0
 READYZ_ANSWER_WAIT_S = 5.0  # its checks give up after 2 s; the rest is room for a loaded machine
-GIVEN_UP_WITHIN_S = WRITER_COMMAND_TIMEOUT_S + RECONCILE_WAIT_S + 2.5  # the rest: room for a loaded machine
+GIVEN_UP_WITHIN_S = REQUEST_COMMAND_TIMEOUT_S + RECONCILE_WAIT_S + 2.5  # the rest: room for a loaded machine
 
 
 def _signal_postgres(servers, sig: signal.Signals) -> None:
@@ -621,28 +621,35 @@ def test_a_stalled_postgres_gives_up_writes_within_seconds_and_readiness_answers
             scrapes_during_stall.append((scraped.status_code, up, time.monotonic() - started))
             time.sleep(0.5)
 
-    registration_during_stall: list[tuple[int, str, float]] = []  # (status, type or outcome, seconds)
     newcomer = {"user_id": unique("pgstall-newcomer"), "referral_code": api.service.get(
         f"/v1/users/{users[0]}").json()["referral_code"]}
+    payout = {"payout_id": unique("pgstall-payout")}
+    sent_during_stall = {
+        "registration": lambda: api.service.post("/v1/users", json=newcomer),
+        "payout": lambda: api.admin.post("/v1/payouts", json=payout),
+        "commissions page": lambda: api.service.get(f"/v1/users/{users[1]}/commissions"),
+        "network graph": lambda: api.service.get(f"/v1/users/{users[0]}/network?depth=3"),
+    }
+    answered_during_stall: dict[str, tuple[int, str, float]] = {}  # what: (status, type or outcome, seconds)
 
-    def register_newcomer() -> None:
+    def send_during_stall(what: str) -> None:
         started = time.monotonic()
-        r = api.service.post("/v1/users", json=newcomer)
-        body = r.json()
-        registration_during_stall.append(
-            (r.status_code, body["type"].rsplit("/", 1)[-1] if r.status_code >= 400 else body["status"],
-             time.monotonic() - started))
+        r = sent_during_stall[what]()
+        answered_during_stall[what] = (
+            r.status_code, r.json()["type"].rsplit("/", 1)[-1] if r.status_code >= 400 else r.json().get("status"),
+            round(time.monotonic() - started, 1))
 
     live_socket = threading.Thread(target=open_live_socket)
     scraper = threading.Thread(target=scrape_metrics)
-    registrar = threading.Thread(target=register_newcomer)
+    senders = [threading.Thread(target=send_during_stall, args=(what,)) for what in sent_during_stall]
     with _PurchaseLoad(api, users[1:], "pgstall") as load:
         time.sleep(1)
         _signal_postgres(servers, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
             live_socket.start()
-            registrar.start()
+            for sender in senders:
+                sender.start()
             resume_at = stopped_at + POSTGRES_STALL_S
             scraper.start()
             while time.monotonic() < resume_at - READYZ_ANSWER_WAIT_S:
@@ -681,19 +688,30 @@ def test_a_stalled_postgres_gives_up_writes_within_seconds_and_readiness_answers
     given_up = [wait for status, _, wait in waits if status == 503 and wait <= GIVEN_UP_WITHIN_S]
     assert given_up and max(wait for _, _, wait in waits) <= POSTGRES_STALL_S + GIVEN_UP_WITHIN_S, waits
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
-    # A registration was given up on too, by its shard at its first read
-    # (of the user), within the bound: the read's connection is closed, not
-    # held for asyncpg's cancel request (20 s with it, in session 50's first
-    # run). Sent again, it was made.
-    registrar.join()
-    [(status, kind, waited_s)] = registration_during_stall
-    assert (status, kind) == (503, "unavailable") and waited_s <= WRITER_COMMAND_TIMEOUT_S + 2.5, \
-        registration_during_stall
+    # A registration, a payout and the reads sent as the stall began were
+    # given up on too, within the bound, nothing written: the registration
+    # by its shard at its first read (of the user), the payout by the
+    # supervisor at its first statement, the reads by the API replica. The
+    # failed statement's connection is closed, not held for asyncpg's cancel
+    # request (a registration was 503 after 20 s so, in session 50's first
+    # run). Before session 51 the payout and the reads waited up to asyncpg's
+    # 60 s command timeout, past the stall's end. Sent again, each was made
+    # or answered.
+    for sender in senders:
+        sender.join()
+    assert {what: answer[:2] for what, answer in answered_during_stall.items()} == dict.fromkeys(
+        sent_during_stall, (503, "unavailable")), answered_during_stall
+    assert all(waited_s <= REQUEST_COMMAND_TIMEOUT_S + 2.5 for *_, waited_s in answered_during_stall.values()), \
+        answered_during_stall
     again = api.service.post("/v1/users", json=newcomer)
     assert again.status_code in (200, 201) and again.json()["referrer_id"] == users[0], again.text
+    paid = api.admin.post("/v1/payouts", json=payout)
+    assert paid.status_code == 201 and paid.json()["status"] == "created", paid.text
+    assert api.service.get(f"/v1/users/{users[1]}/commissions").json()["items"], "the buyers' ancestors earned"
+    assert api.service.get(f"/v1/users/{users[0]}/network?depth=3").status_code == 200
     assert api.anonymous.get("/readyz").status_code == 200
     print(f"purchases: {dict(load.answers)}; answers meeting the stall (status, type, s): {waits}; "
-          f"a registration during it: {registration_during_stall}, sent again: {again.status_code}; "
+          f"requests sent as it began: {answered_during_stall}, the registration sent again: {again.status_code}; "
           f"readiness during the stall: {readiness}; a live socket opened during it: {socket_during_stall}")
 
 
