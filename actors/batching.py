@@ -9,7 +9,9 @@ Calls overlap (up to `in_flight_max`) so that one can compute while another
 waits on I/O. With `overlap_items_min`, a call starts beside one in flight
 only once that many items wait: small requests then gather behind the one
 call in flight (fewer, larger calls: less CPU per item, and on a busy
-machine lower latency too), while bulk loads still overlap.
+machine lower latency too), while bulk loads still overlap. With
+`overlap_after_s` too, they gather no longer than that: a call in flight so
+long is stuck, and what waits behind it goes in a call of its own.
 
 A batch serves many callers, so it runs as a shared task (below).
 """
@@ -64,32 +66,52 @@ async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
 
 class MicroBatcher(Generic[Item, Result]):
     def __init__(self, process: Callable[[list[Item]], Awaitable[list[Result]]], items_max: int, in_flight_max: int,
-                 overlap_items_min: int = 1):
+                 overlap_items_min: int = 1, overlap_after_s: float | None = None):
         self._process = process
         self._items_max = items_max
         self._in_flight_max = in_flight_max
         self._overlap_items_min = overlap_items_min
-        self._queue: list[tuple[list[Item], asyncio.Future]] = []
+        self._overlap_after_s = overlap_after_s
+        self._queue: list[tuple[list[Item], asyncio.Future, float]] = []  # (items, their future, queued at: loop time)
         self._queued_items = 0
         self._in_flight = 0
+        self._overlap_check: asyncio.TimerHandle | None = None
 
     async def submit(self, items: list[Item]) -> list[Result]:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((items, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((items, future, loop.time()))
         self._queued_items += len(items)
-        if self._in_flight < self._in_flight_max and (
-            self._in_flight == 0 or self._queued_items >= self._overlap_items_min
-        ):
+        if self._in_flight == 0 or self._queued_items >= self._overlap_items_min:
+            self._start_call()
+        elif self._overlap_after_s is not None and self._overlap_check is None:
+            self._overlap_check = loop.call_later(self._overlap_after_s, self._overlap_if_stuck)
+        return await future
+
+    def _start_call(self) -> None:
+        if self._in_flight < self._in_flight_max:
             self._in_flight += 1
             start_shared_task(self._drain())
-        return await future
+
+    def _overlap_if_stuck(self) -> None:
+        """Start a call for what has gathered overlap_after_s behind the
+        calls in flight; else check again when the oldest waiting will have."""
+        self._overlap_check = None
+        if not self._queue:
+            return  # a call that finished took what had gathered
+        loop = asyncio.get_running_loop()
+        due_at = self._queue[0][2] + self._overlap_after_s
+        if loop.time() >= due_at:
+            self._start_call()
+        else:
+            self._overlap_check = loop.call_at(due_at, self._overlap_if_stuck)
 
     async def _drain(self) -> None:
         try:
             while self._queue:
                 group, size = [], 0
                 while self._queue and (not group or size + len(self._queue[0][0]) <= self._items_max):
-                    items, future = self._queue.pop(0)
+                    items, future, _ = self._queue.pop(0)
                     group.append((items, future))
                     size += len(items)
                 self._queued_items -= size

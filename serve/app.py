@@ -82,6 +82,12 @@ CHAIN_CALLS_IN_FLIGHT_MAX = 4  # per chain: bulk calls overlap, so one commits w
 # Single purchases gather behind the call in flight rather than overlap it:
 # on this 2-core machine that halved POST latency at 500/s (p50 33 -> 11-15 ms).
 CHAIN_CALL_OVERLAP_ITEMS_MIN = CHAIN_CALL_TRANSACTIONS_MAX // 4
+# But not for longer than this: a call in flight so long is stuck (its chain
+# lost, Postgres stalled; a call takes milliseconds), and what gathered
+# behind it goes in a call of its own, to be made or given up on by its own
+# bounds. Before session 51, a purchase gathered behind a call stuck in a
+# Postgres stall waited for that call to fail (20 s), then for Postgres.
+CHAIN_CALL_OVERLAP_AFTER_S = 1.0
 
 _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
@@ -501,7 +507,8 @@ class EngineApi:
             reply = _OUTCOMES_DECODER.decode(await self.chain_writes.call(index, "submit", encoded))
             return [(o.result, None if o.error is None else p.error_named(o.error, o.detail)) for o in reply]
 
-        return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX, CHAIN_CALL_OVERLAP_ITEMS_MIN)
+        return MicroBatcher(send, CHAIN_CALL_TRANSACTIONS_MAX, CHAIN_CALLS_IN_FLIGHT_MAX, CHAIN_CALL_OVERLAP_ITEMS_MIN,
+                            CHAIN_CALL_OVERLAP_AFTER_S)
 
     async def transaction(self, request: Request) -> Response:
         require_service(await self.principal(request))

@@ -40,6 +40,37 @@ def test_small_requests_gather_behind_the_call_in_flight():
     asyncio.run(run())
 
 
+def test_requests_gathered_behind_a_stuck_call_go_in_a_call_of_their_own():
+    async def run():
+        calls: list[list[int]] = []
+        never = asyncio.Event()
+
+        async def step(items: list[int]) -> list[int]:
+            calls.append(items)
+            if items == [1]:
+                await never.wait()  # stuck, as a call to a stalled Postgres is
+            return [i * 10 for i in items]
+
+        batcher = MicroBatcher(step, items_max=100, in_flight_max=4, overlap_items_min=10, overlap_after_s=0.2)
+        stuck = asyncio.create_task(batcher.submit([1]))
+        await _settle()
+        gathered = asyncio.create_task(batcher.submit([2]))
+        await asyncio.sleep(0.1)
+        later = asyncio.create_task(batcher.submit([3]))
+        await asyncio.sleep(0.05)
+        assert calls == [[1]]  # gathering, as at any load, for up to 0.2 s
+        assert await asyncio.wait_for(asyncio.gather(gathered, later), 1.0) == [[20], [30]]
+        assert calls == [[1], [2, 3]]  # one call for both, once the older had waited 0.2 s
+        late = asyncio.create_task(batcher.submit([4]))
+        await _settle()
+        assert calls == [[1], [2, 3]]  # behind the stuck call again: each request waits up to 0.2 s
+        assert await asyncio.wait_for(late, 1.0) == [40]
+        assert not stuck.done()
+        stuck.cancel()
+
+    asyncio.run(run())
+
+
 def test_bulk_requests_overlap_up_to_the_limit():
     async def run():
         step = Recorder()

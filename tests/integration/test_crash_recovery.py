@@ -28,7 +28,7 @@ from dailydoco.actors.supervisor import APPROVAL_INTERVAL_S, video_processing_in
 from dailydoco.cluster.demo import ApiClient
 from dailydoco.cluster.live_client import ConnectionClosed, WebSocketConnection
 from dailydoco.cluster.system import serve_app_name
-from dailydoco.serve.app import POSTGRES_CONNECTIONS_MAX
+from dailydoco.serve.app import CHAIN_CALL_OVERLAP_AFTER_S, POSTGRES_CONNECTIONS_MAX
 from dailydoco.serve.metrics import REPLICA_METRICS_INTERVAL_S
 from dailydoco.storage import balance_views
 from dailydoco.storage.pool import OUT_OF_RESOURCES_RETRY_AFTER_S, REQUEST_COMMAND_TIMEOUT_S
@@ -678,15 +678,19 @@ def test_a_stalled_postgres_gives_up_writes_within_seconds_and_readiness_answers
     # The purchases in flight were given up on while Postgres was stopped,
     # within the chain's bound and the settling after it, not held until it
     # answered (before session 50, asyncpg's 60 s command timeout held them:
-    # 62 to 69 s in a probe). A write of unknown outcome, or one that never
-    # reached Postgres, is 503; what the client sent again was made or
-    # replayed once Postgres answered, and nothing was lost or doubled.
+    # 62 to 69 s in a probe). So was a purchase that gathered in an API
+    # replica behind a call in flight, after gathering for at most
+    # CHAIN_CALL_OVERLAP_AFTER_S: before session 51 it waited for that call
+    # to fail, then for Postgres (24.1 to 25.4 s in four runs). A write of
+    # unknown outcome, or one that never reached Postgres, is 503; what the
+    # client sent again was made or replayed once Postgres answered, and
+    # nothing was lost or doubled.
     refused = {kind for (status, kind) in load.answers if status != 200 and status != 201}
     assert refused <= {"commit-outcome-unknown", "unavailable"}, dict(load.answers)
     waits = [(status, kind, round(answered - sent, 1)) for status, kind, sent, answered in load.timed
              if sent < resume_at and answered > stopped_at]
-    given_up = [wait for status, _, wait in waits if status == 503 and wait <= GIVEN_UP_WITHIN_S]
-    assert given_up and max(wait for _, _, wait in waits) <= POSTGRES_STALL_S + GIVEN_UP_WITHIN_S, waits
+    assert [wait for status, _, wait in waits if status == 503], waits
+    assert max(wait for _, _, wait in waits) <= GIVEN_UP_WITHIN_S + CHAIN_CALL_OVERLAP_AFTER_S, waits
     _assert_nothing_lost_or_doubled(api, engine, users, load.sent, dict(load.answers))
     # A registration, a payout and the reads sent as the stall began were
     # given up on too, within the bound, nothing written: the registration
