@@ -1,9 +1,9 @@
 """Natural micro-batching: whatever arrives while a batch is in flight goes next.
 
-No timer: at low load a request goes alone and at once; under load requests
-share one call (one Postgres commit, one Ray message), so the cost per request
-falls as the load rises. Used for group commit and for the replica's calls to
-the commission chains.
+No batching window: at low load a request goes alone and at once; under
+load requests share one call (one Postgres commit, one Ray message), so the
+cost per request falls as the load rises. Used for group commit and for the
+replica's calls to the commission chains.
 
 Calls overlap (up to `in_flight_max`) so that one can compute while another
 waits on I/O. With `overlap_items_min`, a call starts beside one in flight
