@@ -23,6 +23,7 @@ import msgspec
 from dailydoco.protocol import (
     LEVEL_RATES_BP,
     LEVELS_MAX,
+    COMMISSION_STATUSES,
     CommissionEntryView,
     CommissionLine,
     CommissionPage,
@@ -949,12 +950,8 @@ class Ledger:
             after = None
         async with connection(self.pool) as conn:
             rows = await conn.fetch(
-                "SELECT entry_id, transaction_id, refund_id, level, rate_bp, amount_micros, currency, status, kind,"
-                " created_at, hold_until FROM commission_ledger"
-                " WHERE beneficiary_id = $1 AND ($2::text IS NULL OR status = $2)"
-                " AND ($3::timestamptz IS NULL OR (created_at, entry_id) < ($3, $4))"
-                " ORDER BY created_at DESC, entry_id DESC LIMIT $5",
-                user_id, status, after[0] if after else None, after[1] if after else None, limit + 1,
+                _COMMISSIONS_PAGE, user_id, [status] if status else list(COMMISSION_STATUSES),
+                after[0] if after else None, after[1] if after else None, limit + 1,
             )
         items = [
             CommissionEntryView(**{**dict(r), "currency": r["currency"].strip()}) for r in rows[:limit]
@@ -996,6 +993,24 @@ class Ledger:
             rows = await conn.fetch("SELECT * FROM house_account")
         return {r["currency"].strip(): r["balance_micros"] for r in rows}
 
+
+# $1's newest entries in any of the statuses $2, older than ($3, $4) where
+# $3 is given, at most $5: the newest $5 of each status by the index by
+# (beneficiary, status, time), merged. That index gives each status's
+# entries in order, and scans of every month's partition start at their
+# first match; filtering on status down an index without it read the whole
+# ledger of a referral tree's top (migration 012).
+_COMMISSIONS_PAGE = """
+    SELECT page.* FROM unnest($2::text[]) AS wanted(status), LATERAL (
+        SELECT entry_id, transaction_id, refund_id, level, rate_bp, amount_micros, currency, status, kind,
+               created_at, hold_until
+        FROM commission_ledger
+        WHERE beneficiary_id = $1 AND status = wanted.status
+          AND ($3::timestamptz IS NULL OR (created_at, entry_id) < ($3, $4))
+        ORDER BY created_at DESC, entry_id DESC LIMIT $5
+    ) AS page
+    ORDER BY page.created_at DESC, page.entry_id DESC LIMIT $5
+"""
 
 # The first $2 children by user id of the nodes in $1 (network_graph).
 _NEXT_LEVEL = """
