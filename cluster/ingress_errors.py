@@ -15,11 +15,18 @@ replica has answered nothing. `on-marked-down shutdown-sessions` cuts them
 when HAProxy marks it down (8 to 13 s here); the client retries with the
 same id.
 
-The template reads neither from any setting, but HAProxy reads its config
+The template also binds HAProxy's stats page and its Prometheus exporter on
+every interface of the node (`bind *:PORT`, `bind :PORT`), unauthenticated,
+whatever host the API binds; Ray itself talks to HAProxy over a Unix socket.
+The wrapper binds those two to loopback: a node's own agent can scrape them,
+nothing off the node can.
+
+The template reads none of this from any setting, but HAProxy reads its config
 and the page when it starts, and Ray starts HAProxy (and every reload)
 through `RAY_SERVE_HAPROXY_BINARY_PATH`. So that points at a wrapper that
-writes our page over Ray's and adds the line to the config's `defaults`
-(every backend's servers inherit it), then runs the real HAProxy.
+writes our page over Ray's, adds the line to the config's `defaults`
+(every backend's servers inherit it) and binds the stats and the exporter
+to loopback, then runs the real HAProxy.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ INGRESS_UNAVAILABLE = p.ServiceUnavailable(
     retry_after_s=INGRESS_RETRY_AFTER_S)
 # For every server of every backend, unless a backend's own line says otherwise.
 CUT_HELD_REQUESTS_WHEN_DOWN = "default-server on-marked-down shutdown-sessions"
+# The template's sections whose `bind` names no host (every interface): the
+# wrapper makes it 127.0.0.1.
+LOOPBACK_ONLY_SECTIONS = ("frontend prometheus", "listen stats")
+LOOPBACK = "127.0.0.1"
 
 
 def unavailable_page() -> bytes:
@@ -63,6 +74,14 @@ def install_wrapper(haproxy_dir: Path, real_haproxy: str) -> Path:
     wrapper = haproxy_dir / WRAPPER_NAME
     added_line = "    " + CUT_HELD_REQUESTS_WHEN_DOWN
     add_line_to_defaults = f"s/^defaults$/defaults\\n{added_line}/"  # GNU sed's \n
+    # From a section's header to the next line that starts a section, a
+    # `bind` of a port alone, or of `*` and a port, gets the loopback host.
+    # One expression a section: a line that ends one sed range cannot also
+    # start it again, and these sections may follow one another.
+    bind_loopback = [
+        f"/^{section}$/,/^[^ ]/ s/^\\( *bind \\)[*]\\{{0,1\\}}:\\([0-9]\\{{1,\\}}\\)$/\\1{LOOPBACK}:\\2/"
+        for section in LOOPBACK_ONLY_SECTIONS]
+    edits = " ".join(f"-e {shlex.quote(edit)}" for edit in (add_line_to_defaults, *bind_loopback))
     # A copy, then a rename: a starting HAProxy never reads half a page.
     wrapper.write_text(f"""#!/bin/sh
 config= previous=
@@ -74,7 +93,7 @@ if [ -n "$config" ]; then
     target="$(dirname "$config")/{RAY_ERROR_PAGE}"
     cp {shlex.quote(str(page))} "$target.new" && mv "$target.new" "$target" || exit 1
     grep -qxF {shlex.quote(added_line)} "$config" ||
-        sed -i {shlex.quote(add_line_to_defaults)} "$config" || exit 1
+        sed -i {edits} "$config" || exit 1
 fi
 exec {shlex.quote(real_haproxy)} "$@"
 """)

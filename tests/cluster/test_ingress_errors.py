@@ -16,6 +16,7 @@ import httpx
 from dailydoco.cluster.embedded import free_port
 from dailydoco.cluster.ingress_errors import (
     CUT_HELD_REQUESTS_WHEN_DOWN,
+    LOOPBACK,
     RAY_ERROR_PAGE,
     install_wrapper,
     real_haproxy_binary,
@@ -28,9 +29,9 @@ HAPROXY_START_WAIT_S = 10.0
 CONFIG_COMPLETED_WITHIN_S = 5.0
 
 
-def _listening(port: int) -> bool:
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex((host, port)) == 0
 
 
 @contextlib.contextmanager
@@ -85,6 +86,40 @@ backend replicas
     assert problem["status"] == 503 and "retry with the same body is safe" in problem["detail"]
 
 
+# Another address of the loopback interface: reached by a socket bound to
+# every interface, not by one bound to 127.0.0.1.
+OTHER_LOOPBACK_ADDRESS = "127.0.0.2"
+
+
+def test_the_stats_page_and_the_exporter_listen_on_loopback_only(tmp_path):
+    """Ray's template binds them to every interface of the node, whatever
+    host the API binds; the wrapper binds them to 127.0.0.1 and leaves the
+    API's own bind as it is."""
+    port, stats_port, metrics_port, no_replica = free_port(), free_port(), free_port(), free_port()
+    with socket.socket() as every_interface:  # the check below can tell the two apart here
+        every_interface.bind(("0.0.0.0", 0))
+        every_interface.listen(1)
+        assert _listening(every_interface.getsockname()[1], OTHER_LOOPBACK_ADDRESS)
+    # The two sections as Ray's template writes them.
+    with _haproxy(tmp_path, port, f"""
+backend replicas
+    server replica 127.0.0.1:{no_replica}
+frontend prometheus
+    bind :{metrics_port}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+listen stats
+  bind *:{stats_port}
+  stats enable
+  stats uri /stats
+"""):
+        assert httpx.get(f"http://{LOOPBACK}:{stats_port}/stats").status_code == 200
+        assert httpx.get(f"http://{LOOPBACK}:{metrics_port}/metrics").status_code == 200
+        assert not _listening(stats_port, OTHER_LOOPBACK_ADDRESS)
+        assert not _listening(metrics_port, OTHER_LOOPBACK_ADDRESS)
+
+
 # Health checks as Ray's template writes them, faster: the replica is marked
 # down after two checks of CHECK_INTERVAL_S unanswered.
 CHECK_INTERVAL_S = 1.0
@@ -137,13 +172,16 @@ def _config_as_started(config: str) -> list[str]:
 
 def test_the_engines_haproxy_runs_with_our_page_and_cuts_what_a_down_replica_holds(engine):
     """The page each running HAProxy of the engine's names in its config is
-    ours, and its config has the wrapper's line in `defaults`."""
+    ours, its config has the wrapper's line in `defaults`, and it listens on
+    loopback alone (the engine's API binds 127.0.0.1 here)."""
     haproxy_dir = str(_haproxy_dir(engine.config))
     configs = set()
     for process in haproxy_processes(haproxy_dir):
         cmdline = process.info["cmdline"]
         if "-f" in cmdline and haproxy_dir in cmdline[cmdline.index("-f") + 1]:
             configs.add(cmdline[cmdline.index("-f") + 1])
+            listening = {c.laddr for c in process.net_connections(kind="inet") if c.status == "LISTEN"}
+            assert listening and {address.ip for address in listening} == {LOOPBACK}, listening
     assert configs, f"no HAProxy runs with a config under {haproxy_dir}"
     for config in configs:
         lines = _config_as_started(config)
