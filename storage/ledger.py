@@ -21,9 +21,9 @@ import asyncpg
 import msgspec
 
 from dailydoco.protocol import (
+    COMMISSION_STATUSES,
     LEVEL_RATES_BP,
     LEVELS_MAX,
-    COMMISSION_STATUSES,
     CommissionEntryView,
     CommissionLine,
     CommissionPage,

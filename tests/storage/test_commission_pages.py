@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import re
 
 import pytest
 
@@ -83,3 +84,23 @@ async def _scenario(url: str) -> None:
 
 def test_every_status_pages_through_exactly_the_users_entries_newest_first(pages_database_url):
     asyncio.run(_scenario(pages_database_url))
+
+
+async def _statuses_the_ledger_allows(url: str) -> set[str]:
+    pool = await open_pool(url, max_size=1)
+    try:
+        check = await pool.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE conrelid = 'commission_ledger'::regclass AND contype = 'c'"
+            " AND pg_get_constraintdef(oid) LIKE '%(status = %'")
+    finally:
+        await pool.close()
+    return set(re.findall(r"'(\w+)'::text", check))
+
+
+def test_a_page_of_every_status_asks_for_each_status_the_ledger_allows(pages_database_url):
+    """A page without a filter merges one scan a status of the protocol's
+    list: a status the ledger's CHECK allowed and the list lacked would
+    never be shown."""
+    assert set(STATUS_WEIGHTS) == set(COMMISSION_STATUSES)
+    assert asyncio.run(_statuses_the_ledger_allows(pages_database_url)) == set(COMMISSION_STATUSES)
