@@ -94,8 +94,7 @@ OTHER_LOOPBACK_ADDRESS = "127.0.0.2"
 
 def test_the_stats_page_and_the_exporter_listen_on_loopback_only(tmp_path):
     """Ray's template binds them to every interface of the node, whatever
-    host the API binds; the wrapper binds them to 127.0.0.1 and leaves the
-    API's own bind as it is."""
+    host the API binds; the wrapper binds them to 127.0.0.1."""
     port, stats_port, metrics_port, no_replica = free_port(), free_port(), free_port(), free_port()
     with socket.socket() as every_interface:  # the check below can tell the two apart here
         every_interface.bind(("0.0.0.0", 0))
