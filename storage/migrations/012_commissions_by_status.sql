@@ -5,8 +5,8 @@
 -- its first match or its end. For the top of a referral tree, whose entries
 -- are most of the ledger, that is all of them. Probed with 2,000,000 entries
 -- of one user over six months (session 52): a page of pending entries, the
--- newest, took 275 ms, of approved 268, of paid or refunded 56 to 62; about
--- 1.3 ms each now. With the status second in the key each scan starts at its
+-- newest, took 275 ms, of approved 268, of paid, refunded or reversed 56 to 63;
+-- about 1.3 ms each now. With the status second in the key each scan starts at its
 -- first match; a page of every status merges one scan a status
 -- (Ledger.commissions_page). It replaces the index it extends, so a purchase's
 -- rows are indexed as often as before: COPYing them cost 2 to 3 µs more

@@ -30,7 +30,7 @@ HAPROXY_START_WAIT_S = 10.0
 CONFIG_COMPLETED_WITHIN_S = 5.0
 
 
-def _listening(port: int, host: str = "127.0.0.1") -> bool:
+def _listening(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex((host, port)) == 0
 
