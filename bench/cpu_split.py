@@ -47,12 +47,14 @@ ROLES = (
     ("haproxy", "HAProxy"),
     ("redis-server", "Redis"),
 )
+# This process: the load generator, and the Ray driver that started the engine.
+LOAD_GENERATOR = "load generator and Ray driver"
 _PG_COUNTERS = ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted")
 
 
 def role_of(pid: int, cmdline: str) -> str:
     if pid == os.getpid():
-        return "load generator"
+        return LOAD_GENERATOR
     return next((role for marker, role in ROLES if marker in cmdline), "Ray's and Serve's other processes")
 
 

@@ -45,7 +45,7 @@ def test_the_split_counts_our_descendants_and_the_state_dirs_processes_and_no_ot
     try:
         _until_burnt([child.pid, from_state_dir, outsider])
         seen = cpu_split.cpu_by_process(state_dir)
-        assert os.getpid() in seen and seen[os.getpid()][0] == "load generator"
+        assert os.getpid() in seen and seen[os.getpid()][0] == cpu_split.LOAD_GENERATOR
         assert seen[child.pid][1] >= BURN_S, seen.get(child.pid)
         assert seen[from_state_dir][1] >= BURN_S, seen.get(from_state_dir)
         assert outsider not in seen
