@@ -21,6 +21,7 @@ from dailydoco.storage.pool import REQUEST_COMMAND_TIMEOUT_S, open_pool
 
 from . import lifecycle
 from .commission_core import CommissionEngine
+from .lane import LaneAddress, LaneServer
 from .live_publisher import publishing_ledger
 from .refs import RayShardRouter
 from .watch import Watched
@@ -58,6 +59,7 @@ class CommissionChainActor(Watched):
         self.engine: CommissionEngine | None = None
         self._init_lock = asyncio.Lock()
         self._purchases = PurchasesWire()
+        self._lane = LaneServer(self.submit, ray.get_runtime_context().get_node_id())
 
     async def _engine(self) -> CommissionEngine:
         async with self._init_lock:
@@ -73,6 +75,11 @@ class CommissionChainActor(Watched):
 
     async def submit(self, encoded_requests: bytes) -> bytes:
         return await self._purchases.submit(await self._engine(), encoded_requests)
+
+    async def lane(self) -> LaneAddress:
+        """Where the API replicas on this node call `submit` without Ray (actors/lane.py)."""
+        await self._engine()
+        return await self._lane.address()
 
     async def refund(self, transaction_id: str, request: RefundRequest) -> RefundResult:
         return await (await self._engine()).refund(transaction_id, request)

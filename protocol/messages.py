@@ -168,6 +168,15 @@ class PurchaseOutcomeWire(_Message, array_like=True):
     detail: str | None = None
 
 
+class EngineErrorWire(_Message, array_like=True):
+    """An EngineError an actor raised, sent back over a lane (actors/lane.py)
+    by its subclass's name, as Ray would have pickled it."""
+
+    error: str
+    detail: str
+    retry_after_s: float | None = None
+
+
 # --- refunds -----------------------------------------------------------------
 
 

@@ -169,10 +169,10 @@ class InternalError(EngineError):
     status, slug, title = 500, "internal", "Internal server error"
 
 
-def error_named(name: str, detail: str) -> EngineError:
-    """Rebuild an EngineError sent by class name (see PurchaseOutcomeWire)."""
+def error_named(name: str, detail: str, retry_after_s: float | None = None) -> EngineError:
+    """Rebuild an EngineError sent by class name (see PurchaseOutcomeWire, EngineErrorWire)."""
     cls = _ERRORS_BY_NAME.get(name, InternalError)
-    return cls(detail)
+    return cls(detail, retry_after_s=retry_after_s)
 
 
 def _subclasses(cls):

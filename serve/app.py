@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket
 
 from dailydoco import protocol as p
 from dailydoco.actors.batching import MicroBatcher
+from dailydoco.actors.lane import LanedActorRef
 from dailydoco.actors.refs import SUPERVISOR_NAME, ActorRef, SilenceWatch, chain_actor_name, shard_actor_name
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
@@ -41,12 +42,11 @@ from dailydoco.storage.outbox import BACKLOG_COUNT_MAX, backlog as outbox_backlo
 from dailydoco.storage.partitions import partition_backlog
 from dailydoco.storage.pool import (
     DATABASE_ERRORS,
-    OUT_OF_RESOURCES_RETRY_AFTER_S,
     REQUEST_COMMAND_TIMEOUT_S,
     answered_within,
     connection_lost,
     open_pool,
-    out_of_resources,
+    unavailable_for,
 )
 from dailydoco.storage.revocations import revocations_since, revoke_tokens
 from dailydoco.storage.sharding import actor_of_vshard, chain_of_transaction, vshard_of
@@ -88,6 +88,7 @@ CHAIN_CALL_OVERLAP_ITEMS_MIN = CHAIN_CALL_TRANSACTIONS_MAX // 4
 # bounds. Before session 51, a purchase gathered behind a call stuck in a
 # Postgres stall waited for that call to fail (20 s), then for Postgres.
 CHAIN_CALL_OVERLAP_AFTER_S = 1.0
+ACTOR_LOOKUP_AT_START_WAIT_S = 10.0  # each; the supervisor makes the actors before the API starts
 
 _ENCODER = msgspec.json.Encoder()
 _REQUESTS_ENCODER = msgspec.msgpack.Encoder()
@@ -166,7 +167,6 @@ class EngineApi:
         self.auth = TokenAuthority(secrets)
         ns = config.namespace
         self.shards = [ActorRef(shard_actor_name(i), ns) for i in range(config.shard_actors)]
-        self.chains = [ActorRef(chain_actor_name(i), ns) for i in range(config.chain_actors)]
         # One watch per shard for its reads and its registrations: a shard
         # that either finds silent is silent to both.
         shard_silences = [SilenceWatch(shard, "its reads go to the ledger, its registrations to the next shard")
@@ -198,6 +198,14 @@ class EngineApi:
                            "Writes sent to another actor, theirs silent: purchases or a refund to another chain"
                            " or the supervisor, a registration to another shard, a payout to a chain", ["actors"],
                            registry=self.registry)
+        # Purchases go to a chain on this node over its lane (actors/lane.py):
+        # a Ray call costs both sides far more CPU.
+        chain_calls = Counter("dailydoco_chain_submit_calls_total",
+                              "Calls carrying purchases to the commission chains, by the way they went:"
+                              " over a chain's lane, or by Ray (a chain on another node, or its lane not up)",
+                              ["way"], registry=self.registry)
+        self.chains = [LanedActorRef(chain_actor_name(i), ns, "submit", lambda way: chain_calls.labels(way).inc())
+                       for i in range(config.chain_actors)]
         chain_silences = [SilenceWatch(chain, "its writes go to the next chain, or the supervisor")
                           for chain in self.chains]
         supervisor_silence = SilenceWatch(self.supervisor, "payouts go to the chains, and silent chains' writes wait")
@@ -225,6 +233,23 @@ class EngineApi:
 
         self._connect_task = asyncio.get_running_loop().create_task(self._deps())
         self._connect_task.add_done_callback(report)
+        if not self.live_gateway:
+            self._lookups_task = asyncio.get_running_loop().create_task(self._look_up_actors())
+
+    async def _look_up_actors(self) -> None:
+        """Look every actor up now, while Ray's control store answers. Looking
+        an actor up asks the store, on the head; a handle got before reaches
+        its actor on a live node without it. So where the head is lost, an
+        actor this replica had not yet called was out of its reach until a
+        new head was up (session 54: in 3 of 10 runs of
+        test_head_node_loss.py, a registration whose ring had only the
+        worker's own shard left, which the worker's replica had never
+        called, waited past the client's 15 s)."""
+        for actor in (*self.shards, *self.chains, self.supervisor):
+            try:
+                await actor.handle(ACTOR_LOOKUP_AT_START_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - not made yet, or Ray slow: looked up on first use instead
+                log.info("%s not looked up at start (%r); it will be on first use", actor.name, exc)
 
     async def _deps(self) -> None:
         if self._deps_ready:
@@ -360,18 +385,10 @@ class EngineApi:
                     # Serve cancelled this request (its client is gone) while it
                     # waited on Ray: no one will read the answer, and nothing failed.
                     error = p.ServiceUnavailable("the request was cancelled before it was served")
-                elif error is None and connection_lost(_raised(exc)):
+                elif error is None and (error := unavailable_for(_raised(exc))) is not None:
                     # A read, this replica's or an actor's: Postgres down or
-                    # restarting, a connection cut. Nothing was written (writes
-                    # say so themselves: see Ledger._write_connection); retry.
-                    log.warning("a backing service did not answer on %s: %r", request.url.path, exc)
-                    error = p.ServiceUnavailable(
-                        f"a service this request needs did not answer ({type(exc).__name__}); retry", retry_after_s=1)
-                elif error is None and out_of_resources(_raised(exc)):
-                    log.warning("the database is out of room on %s: %r", request.url.path, exc)
-                    error = p.ServiceUnavailable(
-                        f"the database is out of room ({type(_raised(exc)).__name__}); retry later",
-                        retry_after_s=OUT_OF_RESOURCES_RETRY_AFTER_S)
+                    # restarting, a connection cut, or out of room.
+                    log.warning("%s on %s: %r", error.detail, request.url.path, exc)
                 elif error is None:
                     log.exception("unhandled error on %s", request.url.path)
                     error = p.InternalError("the server failed to handle this request; it is logged")

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import asyncpg
 
+from dailydoco.protocol import ServiceUnavailable
+
 T = TypeVar("T")
 POOL_CONNECT_TIMEOUT_S = 10
 POOL_COMMAND_TIMEOUT_S = 60  # the longest statement we run is a full approval sweep slice
@@ -138,3 +140,19 @@ async def answered_within(query: Awaitable[T], timeout_s: float) -> T:
         task.add_done_callback(_forget)
         raise TimeoutError(f"no answer within {timeout_s:g} s")
     return task.result()
+
+
+def unavailable_for(exc: BaseException) -> ServiceUnavailable | None:
+    """The 503 for `exc` where it says a service the request needed failed
+    (a lost connection, the database out of room): nothing was written
+    (writes that may have been say so themselves, see Ledger._commit), so
+    the client retries. None for any other error. Raised in an actor, it is
+    classed there, where its type is known: across Ray (serve/app.py) or
+    across a lane (actors/lane.py)."""
+    if connection_lost(exc):
+        return ServiceUnavailable(
+            f"a service this request needs did not answer ({type(exc).__name__}); retry", retry_after_s=1)
+    if out_of_resources(exc):
+        return ServiceUnavailable(f"the database is out of room ({type(exc).__name__}); retry later",
+                                  retry_after_s=OUT_OF_RESOURCES_RETRY_AFTER_S)
+    return None
