@@ -146,9 +146,9 @@ def unavailable_for(exc: BaseException) -> ServiceUnavailable | None:
     """The 503 for `exc` where it says a service the request needed failed
     (a lost connection, the database out of room): nothing was written
     (writes that may have been say so themselves, see Ledger._commit), so
-    the client retries. None for any other error. Raised in an actor, it is
-    classed there, where its type is known: across Ray (serve/app.py) or
-    across a lane (actors/lane.py)."""
+    the client retries. None for any other error. The API classes an
+    actor's error that Ray carried to it (serve/app.py); a lane carries
+    only EngineErrors, so its actor classes its own (actors/lane.py)."""
     if connection_lost(exc):
         return ServiceUnavailable(
             f"a service this request needs did not answer ({type(exc).__name__}); retry", retry_after_s=1)
