@@ -8,7 +8,7 @@ fixed rate): 0.9 ms of CPU to the caller and 0.9 to the actor a call at
 300 calls/s, 0.7 and 0.7 at 1,000/s; the same round trip on a loopback
 socket, 0.05 and 0.04 ms. The API replicas' calls to a commission chain
 (`submit`, one for every group of single purchases) are the hottest calls
-in the system, several hundred a second at 500 purchases/s.
+in the system, over two hundred a second at 500 purchases/s.
 
 What a lane does not change: the method, its idempotency (a purchase's
 id), and its callers' handling of a silent actor (refs.SilenceWatch pings
@@ -140,7 +140,7 @@ class LaneServer:
             answer, kind = _FAILURE_ENCODER.encode(
                 EngineErrorWire(type(error).__name__, error.detail, error.retry_after_s)), _FAILED
         if writer.is_closing():
-            return  # its caller is gone; a retry of its by Ray replays it
+            return  # its caller is gone; should it retry by Ray, the retry replays it
         writer.write(_HEADER.pack(len(answer), request_id, kind) + answer)
         try:
             await writer.drain()
