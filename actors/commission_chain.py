@@ -9,6 +9,7 @@ import ray
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
+from dailydoco.cluster.process_log import log_to_stderr
 from dailydoco.protocol import (
     PayoutRequest,
     PayoutResult,
@@ -52,6 +53,7 @@ class CommissionChainActor(Watched):
     storage/sharding.py), so concurrent deliveries of one id meet here."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
+        log_to_stderr()
         self.index = index
         self.config = config
         self.postgres_url = postgres_url

@@ -32,6 +32,7 @@ import ray
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
+from dailydoco.cluster.process_log import log_to_stderr
 from dailydoco.storage.outbox import delete_relayed, pending_batches, stream_epoch
 from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
@@ -126,6 +127,7 @@ class OutboxRelayActor(Watched):
     """The Ray shell: one per deployment, watched by the supervisor."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
+        log_to_stderr()
         self.config = config
         self.postgres_url = postgres_url
         self.nats_url = nats_url

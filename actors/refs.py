@@ -9,6 +9,8 @@ unknown outcome is safe.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import time
 
@@ -55,6 +57,16 @@ MAILBOX_RETRY_DEADLINE_S = 300.0  # then log and keep trying: the delivery is ne
 # for the largest group, 4,000.
 ANSWER_WAIT_S = 1.0
 PING_WAIT_S = 1.0
+# How often each ActorRef looks its name up again. A lookup asks Ray's
+# control store, on the head, and a handle got before the head is lost
+# reaches a live actor without it; so an actor made again under its name
+# (the supervisor's heal, a move) must be looked up while the head is there,
+# not at the first call to it, which may come only once the head is lost.
+HANDLE_REFRESH_S = 2.0
+# Lookups run here, off the event loop, one at a time per ActorRef: with the
+# head lost each waits for a new head, and in asyncio's default pool (six
+# threads on two cores) they would hold up its other users.
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="dailydoco-actor-lookup")
 log = logging.getLogger("dailydoco.refs")
 
 
@@ -64,6 +76,7 @@ class ActorRef:
         self.namespace = namespace
         self._handle = None
         self._lookup: asyncio.Future | None = None
+        self._refresh: asyncio.Task | None = None
 
     async def handle(self, within_s: float):
         """The actor's handle, its name looked up off the event loop, one
@@ -72,15 +85,43 @@ class ActorRef:
         `ray.get_actor` waits for it, and on the loop it stalled every
         request of the process, not only those for this actor (an API
         replica blocked so failed its health checks, and its ingress
-        answered 503 to every read; session 44, test_head_node_loss.py)."""
+        answered 503 to every read; session 44, test_head_node_loss.py).
+        From the first call on, the name is looked up again every
+        HANDLE_REFRESH_S (`_keep_fresh`)."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = start_shared_task(self._keep_fresh())
         if self._handle is None:
-            if self._lookup is None or self._lookup.done():
-                # Its failure is its waiters' to raise, and none may be left.
-                self._lookup = outcome_unread(asyncio.ensure_future(
-                    asyncio.to_thread(ray.get_actor, self.name, namespace=self.namespace)))
             # Shielded: a caller that gives up leaves the lookup to the others.
-            self._handle = await asyncio.wait_for(asyncio.shield(self._lookup), max(0.0, within_s))
+            self._handle = await asyncio.wait_for(asyncio.shield(self._looked_up()), max(0.0, within_s))
         return self._handle
+
+    def _looked_up(self) -> asyncio.Future:
+        """The lookup of the name under way, or a new one."""
+        if self._lookup is None or self._lookup.done():
+            # Its failure is its waiters' to raise, and none may be left.
+            self._lookup = outcome_unread(asyncio.get_running_loop().run_in_executor(
+                _LOOKUPS, functools.partial(ray.get_actor, self.name, namespace=self.namespace)))
+        return self._lookup
+
+    async def _keep_fresh(self) -> None:
+        """Take the handle of whichever actor holds the name now, every
+        HANDLE_REFRESH_S. Until session 55 a handle was looked up again
+        only after a call on it had failed, so a process that had not
+        called an actor since it was made again could not reach it once
+        the head was lost: one way to a registration of
+        test_head_node_loss.py that waited past the client's 15 s in a CI
+        run (README, "The head host lost")."""
+        while True:
+            await asyncio.sleep(HANDLE_REFRESH_S)
+            try:
+                found = await asyncio.shield(self._looked_up())
+            except ValueError:
+                continue  # no actor holds the name now: calls wait for the one made next
+            except Exception as exc:  # noqa: BLE001 - looked up again next time
+                log.debug("%s: lookup failed (%r)", self.name, exc)
+                continue
+            if self._handle is None or self._handle._actor_id != found._actor_id:
+                self._handle = found
 
     async def call(self, method: str, *args, deadline_s: float = ACTOR_RETRY_DEADLINE_S):
         deadline = time.monotonic() + deadline_s

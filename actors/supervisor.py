@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.priority import run_as_background
+from dailydoco.cluster.process_log import log_to_stderr
 from dailydoco.protocol import (
     ClockLocked,
     ClockView,
@@ -103,6 +104,7 @@ def dealt_node(position: int, chain_0_position: int, nodes: list[str], superviso
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
 class SupervisorActor:
     def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str, redis_url: str):
+        log_to_stderr()
         self.config = config
         self.postgres_url = postgres_url
         self.nats_url = nats_url

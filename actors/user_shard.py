@@ -9,6 +9,7 @@ import redis.asyncio as redis
 
 from dailydoco.cluster.config import EngineConfig
 from dailydoco.cluster.heap import freeze_startup_heap
+from dailydoco.cluster.process_log import log_to_stderr
 from dailydoco.protocol import BalanceView, NetworkStats, RegisterUserRequest, RegistrationResult, UserView
 from dailydoco.storage.balance_views import BalanceViewWriter
 from dailydoco.storage.deltas import ShardDelta
@@ -59,6 +60,7 @@ class UserShardActor(Watched):
     """
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str):
+        log_to_stderr()
         self.index = index
         self.config = config
         self.postgres_url = postgres_url

@@ -22,6 +22,7 @@ import ray
 
 from dailydoco.cluster import nats_io
 from dailydoco.cluster.config import EngineConfig
+from dailydoco.cluster.process_log import log_to_stderr
 from dailydoco.protocol.live import VideoProgress, video_subject
 from dailydoco.storage import video_jobs
 from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
@@ -161,6 +162,7 @@ class VideoProcessorActor(Watched):
     the cluster has a GPU, so the analysis runs on it."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
+        log_to_stderr()
         sys.setswitchinterval(ANALYSIS_GIL_SWITCH_INTERVAL_S)  # this process analyses, nothing else
         self.video_dir = config.video_dir
         self.postgres_url = postgres_url

@@ -3,12 +3,10 @@ live gateway's WebSockets in a deployment of their own (see EngineApi)."""
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from ray import serve
 
 from dailydoco.cluster.priority import LIVE_GATEWAY_NICENESS, run_ahead_of_requests
+from dailydoco.cluster.process_log import log_to_stderr
 
 from .app import EngineApi, log
 
@@ -28,27 +26,6 @@ REPLICA_HEALTH_CHECK_TIMEOUT_S = 5
 REPLICA_HEALTH_CHECK_PERIOD_S = 5
 
 
-def log_to_the_replicas_stderr() -> None:
-    """The engine's log records on the replica process's own stderr, which
-    Ray writes to the worker's .err file (and to a driver that asks), as it
-    does the actors'. Python's last resort wrote them there, but in the
-    throughput-optimised mode the HAProxy ingress runs in, Serve puts its own
-    logger in the place of a replica's sys.stderr, at INFO, below the WARNING
-    our replicas set it to: every warning of an API replica went nowhere
-    until session 46 (a shard or chain fallen silent, a dependency that
-    could not be reached at start, the live gateway's priority refused).
-    Serve's own log file would not do either: it keeps 1,000 records in
-    memory before it writes them, and a warning is not one of those it
-    writes at once."""
-    ours = logging.getLogger("dailydoco")
-    if not ours.handlers:
-        handler = logging.StreamHandler(sys.__stderr__)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
-        ours.addHandler(handler)
-        ours.setLevel(logging.INFO)  # the few INFO lines are turns of state (a silent actor answering again)
-        ours.propagate = False
-
-
 @serve.deployment(
     name="engine",
     ray_actor_options={"num_cpus": 0},
@@ -59,7 +36,7 @@ def log_to_the_replicas_stderr() -> None:
 @serve.ingress()
 class EngineIngress(EngineApi):
     def __init__(self, *args):
-        log_to_the_replicas_stderr()
+        log_to_stderr()
         super().__init__(*args)
         self.connect_in_background()  # Serve runs a constructor on the replica's event loop
 
@@ -77,7 +54,7 @@ class EngineIngress(EngineApi):
 @serve.ingress()
 class LiveIngress(EngineApi):
     def __init__(self, *args):
-        log_to_the_replicas_stderr()
+        log_to_stderr()
         super().__init__(*args, live_gateway=True)
         if not run_ahead_of_requests():
             log.warning(

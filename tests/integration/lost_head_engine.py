@@ -43,6 +43,7 @@ from .two_node_engine import (
     _hosts_config,
     _placement,
     _purchases_outcome,
+    _readiness,
     _ready_within,
     _register_chain,
     _service_client,
@@ -205,7 +206,7 @@ def main(args: dict) -> dict:
             "registered_while_lost": registered_while_lost, "paid_while_lost": paid_while_lost,
             "newcomer_read_after": None if newcomer is None else _answered(api, f"/v1/users/{newcomer}"),
             **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
-            "ready": api.get("/readyz").status_code, "head_ready": _answered(head_api, "/readyz"),
+            "ready": _readiness(api), "head_ready": _readiness(head_api),
             "chain_moves": ray.get(system.supervisor.chain_moves.remote()),
         }
     finally:

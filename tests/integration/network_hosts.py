@@ -232,7 +232,9 @@ def run_scenario_on_hosts(module: str, on: Host, timeout_s: float,
     (a driver joins a cluster from one of its nodes); returns the JSON of
     its last line. `scenario_args(state, replacement_head_start)` gives the
     arguments, beside ENGINE_URLS, and may start more on the hosts first;
-    the switch's namespace is `switch_netns` in them."""
+    the switch's namespace is `switch_netns` in them. The engine's log
+    records are printed at the end (pytest shows them beside a failed
+    assertion); with DD_TEST_KEEP_STATE set, the hosts' files are kept too."""
     # Short: Ray's socket paths, below its session folder, must fit in 107 bytes.
     state = pathlib.Path(tempfile.mkdtemp(prefix="ddnet", dir="/tmp"))
     remove_network()
@@ -247,6 +249,28 @@ def run_scenario_on_hosts(module: str, on: Host, timeout_s: float,
                              capture_output=True, text=True, timeout=timeout_s)
     finally:
         remove_network()
-        shutil.rmtree(state, ignore_errors=True)
+        _print_engine_log(state)
+        if not os.environ.get("DD_TEST_KEEP_STATE"):
+            shutil.rmtree(state, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-6000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+ENGINE_LOG_LINES_MAX = 60  # a process's last: a failed scenario's cause is near its end
+
+
+def _print_engine_log(state: pathlib.Path) -> None:
+    """What each host's Ray worker processes (the API replicas, the actors)
+    wrote to stderr, the engine's log records among it, which goes with the
+    hosts' files: of a failed CI run, nothing else is left to tell what the
+    engine saw."""
+    hosts = {HEAD.netns[-1]: "head", WORKER.netns[-1]: "worker", HEAD.netns[-1] + "2": "replacement head"}
+    for files, host in hosts.items():
+        # session_latest is a link to the one session of the host's Ray.
+        for err in sorted((state / files / "ray" / "session_latest" / "logs").glob("worker-*.err")):
+            text = err.read_text(errors="replace").splitlines()
+            written = [line for line in text if not line.startswith(":")]  # Ray's ":actor_name:" and the like
+            if written:
+                process = next((line.removeprefix(":actor_name:") for line in text if line.startswith(":actor_name:")),
+                               err.name)
+                print(f"== on the {host}, {process}:", *written[-ENGINE_LOG_LINES_MAX:], sep="\n")

@@ -33,6 +33,7 @@ from .two_node_engine import (
     _hosts_config,
     _placement,
     _purchases_outcome,
+    _readiness,
     _ready_within,
     _register_chain,
     _service_client,
@@ -79,7 +80,7 @@ def main(args: dict) -> dict:
             "alive_nodes_after": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
             "acknowledged_before_cut": acknowledged_before_cut, "acknowledged_while_cut": acknowledged_while_cut,
             **_purchases_outcome(buyers, _settled(api, config.postgres_url, users)),
-            "ready": api.get("/readyz").status_code,
+            "ready": _readiness(api),
         }
     finally:
         ray.shutdown()

@@ -88,7 +88,7 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
     assert seen["back_after_s"] is not None and seen["back_after_s"] < BACK_WITHIN_S, seen["placement_after"]
     assert set(seen["placement_after"].values()) <= {worker, new_head}
     assert sorted(seen["api_replicas_after"]) == sorted([worker, new_head])
-    assert seen["head_ready"] == 200
+    assert seen["head_ready"] == 200, seen["head_ready"]
     # The actors the worker held never stopped: the same process, no restart.
     # A supervisor that Ray restarts on the worker, beside the chain kept
     # there, puts the chain it makes again on the new head (_node_in_turn),
@@ -147,4 +147,4 @@ def test_a_lost_head_host_is_replaced_and_the_worker_its_actors_and_every_purcha
     assert set(seen["ledger_counts"].values()) == {1}
     assert seen["transactions_in_ledger"] == len(seen["acknowledged"])
     assert seen["served_balances"] == seen["ledger_balances"]
-    assert seen["ready"] == 200
+    assert seen["ready"] == 200, seen["ready"]

@@ -53,4 +53,4 @@ def test_a_host_cut_off_from_the_network_loses_nothing_and_its_actors_return_on_
     assert set(seen["ledger_counts"].values()) == {1}
     assert seen["transactions_in_ledger"] == len(seen["acknowledged"])
     assert seen["served_balances"] == seen["ledger_balances"]
-    assert seen["ready"] == 200
+    assert seen["ready"] == 200, seen["ready"]

@@ -79,4 +79,4 @@ def test_the_engine_spans_two_nodes_and_losing_one_loses_nothing(servers, tmp_pa
     assert set(seen["ledger_counts"].values()) == {1}
     assert seen["transactions_in_ledger"] == len(seen["acknowledged"])
     assert seen["served_balances"] == seen["ledger_balances"]
-    assert seen["ready"] == 200
+    assert seen["ready"] == 200, seen["ready"]

@@ -245,6 +245,16 @@ def _answered(client: httpx.Client, path: str) -> int | str:
         return type(exc).__name__
 
 
+def _readiness(client: httpx.Client) -> int | str | dict:
+    """/readyz's status; where it is not 200, with the body, which names
+    the checks that failed; or the transport error that stopped it."""
+    try:
+        r = client.get("/readyz")
+    except httpx.TransportError as exc:
+        return type(exc).__name__
+    return 200 if r.status_code == 200 else {"status": r.status_code, "body": r.text[:2000]}
+
+
 def _ready_within(client: httpx.Client) -> int | str:
     """`/readyz`'s answer once it is 200, or its last after
     INGRESS_LISTENING_WITHIN_S: Serve starts a host's ingress once a
@@ -359,7 +369,7 @@ def main(args: dict) -> dict:
             "longest_unacknowledged_after_join_s": _longest_gap(
                 [joined_at, *(at for at in list(buyers.acknowledged_at) if at > joined_at)]),
             "acknowledged_before_loss": acknowledged_before_loss, **_purchases_outcome(buyers, settled),
-            "ready": api.get("/readyz").status_code,
+            "ready": _readiness(api),
             "restarts": ray.get(system.supervisor.restart_counts.remote()),
             "chain_moves": ray.get(system.supervisor.chain_moves.remote()),
         }
