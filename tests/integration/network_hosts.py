@@ -232,9 +232,10 @@ def run_scenario_on_hosts(module: str, on: Host, timeout_s: float,
     (a driver joins a cluster from one of its nodes); returns the JSON of
     its last line. `scenario_args(state, replacement_head_start)` gives the
     arguments, beside ENGINE_URLS, and may start more on the hosts first;
-    the switch's namespace is `switch_netns` in them. The engine's log
-    records are printed at the end (pytest shows them beside a failed
-    assertion); with DD_TEST_KEEP_STATE set, the hosts' files are kept too."""
+    the switch's namespace is `switch_netns` in them. What the hosts' Ray
+    worker processes wrote to stderr is printed at the end (pytest shows
+    it beside a failed assertion); with DD_TEST_KEEP_STATE set, the hosts'
+    files are kept too."""
     # Short: Ray's socket paths, below its session folder, must fit in 107 bytes.
     state = pathlib.Path(tempfile.mkdtemp(prefix="ddnet", dir="/tmp"))
     remove_network()
