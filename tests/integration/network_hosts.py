@@ -250,17 +250,17 @@ def run_scenario_on_hosts(module: str, on: Host, timeout_s: float,
                              capture_output=True, text=True, timeout=timeout_s)
     finally:
         remove_network()
-        _print_engine_log(state)
+        _print_ray_workers_stderr(state)
         if not os.environ.get("DD_TEST_KEEP_STATE"):
             shutil.rmtree(state, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-6000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-ENGINE_LOG_LINES_MAX = 60  # a process's last: a failed scenario's cause is near its end
+STDERR_LINES_MAX = 60  # a process's last: a failed scenario's cause is near its end
 
 
-def _print_engine_log(state: pathlib.Path) -> None:
+def _print_ray_workers_stderr(state: pathlib.Path) -> None:
     """What each host's Ray worker processes (the API replicas, the actors)
     wrote to stderr, the engine's log records among it, which goes with the
     hosts' files: of a failed CI run, nothing else is left to tell what the
@@ -274,4 +274,4 @@ def _print_engine_log(state: pathlib.Path) -> None:
             if written:
                 process = next((line.removeprefix(":actor_name:") for line in text if line.startswith(":actor_name:")),
                                err.name)
-                print(f"== on the {host}, {process}:", *written[-ENGINE_LOG_LINES_MAX:], sep="\n")
+                print(f"== on the {host}, {process}:", *written[-STDERR_LINES_MAX:], sep="\n")
