@@ -25,7 +25,7 @@ from .commission_core import CommissionEngine
 from .lane import LaneAddress, LaneServer
 from .live_publisher import publishing_ledger
 from .refs import RayShardRouter
-from .watch import Watched
+from .watch import LIVENESS_GROUPS, Watched
 
 
 class PurchasesWire:
@@ -47,13 +47,14 @@ class PurchasesWire:
         ])
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000, concurrency_groups=LIVENESS_GROUPS)
 class CommissionChainActor(Watched):
     """Writes purchases for the transaction ids that hash to it (see
     storage/sharding.py), so concurrent deliveries of one id meet here."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
         log_to_stderr()
+        self.keep_loop_ticking()
         self.index = index
         self.config = config
         self.postgres_url = postgres_url
@@ -101,6 +102,3 @@ class CommissionChainActor(Watched):
     async def ready(self) -> bool:
         await self._engine()
         return True
-
-    def ping(self) -> int:
-        return self.index

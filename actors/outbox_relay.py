@@ -38,7 +38,7 @@ from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
 from .batching import wait_until_set
 from .live_publisher import PUBLISH_ACK_TIMEOUT_S, PublishedRound, StreamPublisher
-from .watch import Watched
+from .watch import LIVENESS_GROUPS, Watched
 
 RELAY_ROWS_MAX = 2_000  # per round: one SELECT, that many publishes
 RELAY_ROWS_IN_FLIGHT_MAX = 4_000  # published, awaiting acks and delete; the next read skips them
@@ -122,12 +122,13 @@ class OutboxRelay:
             await wait_until_set(self._wake, RELAY_POLL_S)
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10, concurrency_groups=LIVENESS_GROUPS)
 class OutboxRelayActor(Watched):
     """The Ray shell: one per deployment, watched by the supervisor."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
         log_to_stderr()
+        self.keep_loop_ticking()
         self.config = config
         self.postgres_url = postgres_url
         self.nats_url = nats_url
@@ -152,7 +153,6 @@ class OutboxRelayActor(Watched):
     def relayed_rows(self) -> int:
         return self.relay.relayed_rows if self.relay else 0
 
-    def ping(self) -> int:
+    def raise_if_broken(self) -> None:
         if self._task is not None and self._task.done():
             raise RuntimeError("relay loop ended") from self._task.exception()
-        return 0

@@ -51,10 +51,9 @@ MAILBOX_RETRY_DEADLINE_S = 300.0  # then log and keep trying: the delivery is ne
 # session 38), 4.1 s with two chains (session 46); a shard's delivery, up
 # to BALANCE_VIEW_WRITE_TIMEOUT_S (2 s) on a hung Redis, or until a shard
 # made again has rebuilt its memory; anyone's write, a Postgres stall. An
-# actor answers a ping from its event loop whatever those wait on, and a
-# chain's loop is held longest by computing a group's entries, about 25 µs
-# a purchase on a fast host (README, "Why (b) is far from 20,000/s"): 0.1 s
-# for the largest group, 4,000.
+# actor answers a ping on a thread of its own whatever those wait on, and
+# however busy its own loop is, while that loop still runs
+# (actors/watch.py).
 ANSWER_WAIT_S = 1.0
 PING_WAIT_S = 1.0
 # How often each ActorRef looks its name up again. A lookup asks Ray's

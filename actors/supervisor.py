@@ -55,6 +55,7 @@ from .refs import (
     shard_actor_name,
 )
 from .user_shard import UserShardActor
+from .watch import LIVENESS_GROUPS, Pinged
 
 # A death is seen at once (each actor's standing `watched` call fails); pings
 # find an actor that lives but no longer answers. With pings twice a second
@@ -101,10 +102,11 @@ def dealt_node(position: int, chain_0_position: int, nodes: list[str], superviso
     return ordered[(position - chain_0_position) % len(ordered)]
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100)
-class SupervisorActor:
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=100, concurrency_groups=LIVENESS_GROUPS)
+class SupervisorActor(Pinged):
     def __init__(self, config: EngineConfig, postgres_url: str, nats_url: str, redis_url: str):
         log_to_stderr()
+        self.keep_loop_ticking()
         self.config = config
         self.postgres_url = postgres_url
         self.nats_url = nats_url
@@ -431,9 +433,6 @@ class SupervisorActor:
 
     def chain_moves(self) -> int:
         return self.moves
-
-    def ping(self) -> bool:
-        return True
 
     async def ready(self) -> bool:
         """Once started, for a replica that found it silent (SilenceWatch)."""

@@ -21,7 +21,7 @@ from .recovery import recover_shard
 from .refs import RayShardRouter
 from .registration import register_user
 from .shard_core import ShardState
-from .watch import Watched
+from .watch import LIVENESS_GROUPS, Watched
 
 BALANCE_VIEW_WRITE_TIMEOUT_S = 2.0  # a hung Redis holds deliveries no longer than this
 
@@ -48,7 +48,7 @@ class LocalFirstRouter(RayShardRouter):
             await super().reload(shard_index)
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1_000, concurrency_groups=LIVENESS_GROUPS)
 class UserShardActor(Watched):
     """Owns the users of its virtual shards: records, statistics, balances.
 
@@ -61,6 +61,7 @@ class UserShardActor(Watched):
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, redis_url: str, nats_url: str):
         log_to_stderr()
+        self.keep_loop_ticking()
         self.index = index
         self.config = config
         self.postgres_url = postgres_url
@@ -155,6 +156,3 @@ class UserShardActor(Watched):
         """Every user's balances, for audits against the ledger."""
         state = await self._ensure_ready()
         return {u: {c: list(b) for c, b in s.balances.items()} for u, s in state.stats.items() if s.balances}
-
-    def ping(self) -> int:
-        return self.index

@@ -28,7 +28,7 @@ from dailydoco.storage import video_jobs
 from dailydoco.storage.pool import DATABASE_ERRORS, open_pool
 
 from .batching import wait_until_set
-from .watch import Watched
+from .watch import LIVENESS_GROUPS, Watched
 
 PROGRESS_STEP = 0.05  # progress is written at most every 5 % of a video
 QUEUE_IDLE_POLL_S = 1.0  # NOTIFY wakes the processor; this catches a notification lost while it reconnects
@@ -156,13 +156,14 @@ def _relative_outputs(result, outputs: Path):
         variants=[msgspec.structs.replace(v, path=relative(v.path)) for v in result.variants])
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4, concurrency_groups=LIVENESS_GROUPS)
 class VideoProcessorActor(Watched):
     """The Ray shell, watched by the supervisor; created with num_gpus=1 where
     the cluster has a GPU, so the analysis runs on it."""
 
     def __init__(self, index: int, config: EngineConfig, postgres_url: str, nats_url: str):
         log_to_stderr()
+        self.keep_loop_ticking()
         sys.setswitchinterval(ANALYSIS_GIL_SWITCH_INTERVAL_S)  # this process analyses, nothing else
         self.video_dir = config.video_dir
         self.postgres_url = postgres_url
@@ -212,8 +213,7 @@ class VideoProcessorActor(Watched):
     def jobs_done(self) -> int:
         return self.runner.jobs_done if self.runner else 0
 
-    def ping(self) -> int:
+    def raise_if_broken(self) -> None:
         for task, what in ((self._task, "video job loop"), (self._listening, "video queue's LISTEN loop")):
             if task is not None and task.done():
                 raise RuntimeError(f"{what} ended") from task.exception()
-        return 0

@@ -1,13 +1,68 @@
-"""What the supervisor asks of every actor it runs, besides its own work."""
+"""What the supervisor and the actors' callers ask of every actor, besides its own work."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import ray
 
+from .batching import start_shared_task
 
-class Watched:
+# Pings are answered on a thread and event loop of their own: a Ray
+# concurrency group, named in each actor class's @ray.remote
+# (`concurrency_groups=LIVENESS_GROUPS`). On the actor's own loop a ping
+# waited behind everything ready to run there, and on a host of half the
+# usual speed the ledger benchmark's batches held a chain's loop past
+# PING_WAIT_S (actors/refs.py): its callers took the busy chain for a
+# silent one and sent its purchases to the supervisor, which wrote them
+# again as replays (session 56). The supervisor's hang check, with 5 s,
+# would have replaced it for being busy.
+LIVENESS_GROUP = "liveness"
+LIVENESS_GROUPS = {LIVENESS_GROUP: 16}  # pings at once: every caller's, and the supervisor's
+# A ping still says whether the actor's own loop runs: that loop notes the
+# time every LOOP_TICK_S, and a ping waits while it has not for
+# LOOP_STALLED_AFTER_S (a loop blocked by a call that never returns, a
+# deadlock), so its callers time out as they would on a dead actor. Busy
+# is not stalled: the slowest tick seen under load was well under that
+# (README, "A silent chain's writes go to the next chain").
+LOOP_TICK_S = 0.1
+LOOP_STALLED_AFTER_S = 5.0
+
+
+class Pinged:
+    """Mixed into each actor class that is pinged. Its __init__, which Ray
+    runs on the actor's loop, calls `keep_loop_ticking`."""
+
+    _loop_ticked: float | None = None  # monotonic; written by the actor's loop, read by the ping's
+    loop_stalled_after_s = LOOP_STALLED_AFTER_S
+
+    def keep_loop_ticking(self) -> None:
+        self._loop_ticked = time.monotonic()
+        self._ticking = start_shared_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self._loop_ticked = time.monotonic()
+            await asyncio.sleep(LOOP_TICK_S)
+
+    @ray.method(concurrency_group=LIVENESS_GROUP)
+    async def ping(self) -> bool:
+        """True once the actor's own loop has run within `loop_stalled_after_s`;
+        raises what `raise_if_broken` finds."""
+        if self._loop_ticked is None:
+            raise RuntimeError(f"{type(self).__name__}.__init__ did not call keep_loop_ticking")
+        while time.monotonic() - self._loop_ticked > self.loop_stalled_after_s:
+            await asyncio.sleep(LOOP_TICK_S)
+        self.raise_if_broken()
+        return True
+
+    def raise_if_broken(self) -> None:
+        """Raise where the actor lives but work of its own has stopped (a loop
+        that ended); called from the ping's thread, so it only reads."""
+
+
+class Watched(Pinged):
     """Mixed into each actor class the supervisor runs (actors/supervisor.py)."""
 
     _watcher: asyncio.Event | None = None
