@@ -40,7 +40,7 @@ class Pinged:
 
     def keep_loop_ticking(self) -> None:
         self._loop_ticked = time.monotonic()
-        self._ticking = start_shared_task(self._tick())
+        self._ticking = start_shared_task(self._tick())  # held: the loop keeps only weak references to tasks
 
     async def _tick(self) -> None:
         while True:

@@ -16,7 +16,9 @@ from dailydoco.actors.watch import LIVENESS_GROUPS, Pinged
 
 from .conftest import unique
 
-PROMPT_ANSWER_S = 0.5  # a ping's answer while the loop is held: on its own thread, milliseconds
+# A ping's answer while the loop is held: on its own thread, milliseconds;
+# on the held loop, once the hold ends, 2 s later.
+PROMPT_ANSWER_S = 1.0
 # Past a caller's wait and its ping's (2 s), within the actor's
 # LOOP_STALLED_AFTER_S (5 s): busy, not stalled.
 BUSY_FOR_S = ANSWER_WAIT_S + PING_WAIT_S + 1.0
@@ -45,9 +47,7 @@ def test_a_busy_actor_answers_its_pings_and_its_callers_wait_for_it(engine):
 
     held = actor.hold_loop.remote(BUSY_FOR_S)
     time.sleep(1.0)
-    started = time.monotonic()
     assert ray.get(actor.ping.remote(), timeout=PROMPT_ANSWER_S) is True
-    assert time.monotonic() - started < PROMPT_ANSWER_S
     ray.get(held)
 
     async def waited_for() -> tuple[bool, bool]:
@@ -65,8 +65,10 @@ def test_an_actor_whose_loop_has_stopped_running_does_not_answer_its_pings(engin
     actor = LoopHolder.options(name=unique("stalled"), namespace=engine.config.namespace).remote(STALLED_AFTER_S)
     ray.get(actor.ready.remote())
 
-    held = actor.hold_loop.remote(STALLED_AFTER_S + 3.0)
-    time.sleep(STALLED_AFTER_S + 1.0)
+    # Held 5 s past its stall limit, and pinged from 2 s past it: a hold
+    # that starts late still leaves the ping within the stall.
+    held = actor.hold_loop.remote(STALLED_AFTER_S + 5.0)
+    time.sleep(STALLED_AFTER_S + 2.0)
     with pytest.raises(GetTimeoutError):
         ray.get(actor.ping.remote(), timeout=1.0)
     ray.get(held)
